@@ -1,0 +1,156 @@
+"""The one rule that picks the backend of every dsv3_kernels op.
+
+Backends: "cuda" (the CUDA kernels in _C), "triton", "cpu" (the C++ kernels in _C) and
+"torch" (the fp32 reference). Order of choice:
+  1. the explicit `backend=` argument of the op,
+  2. the environment variable DSV3_KERNELS_BACKEND ("auto" or unset: no choice),
+  3. automatic: CUDA tensors use the cuda kernel where it is built *and* listed in
+     verified.json for the GPU's architecture, else triton (else torch); CPU tensors use
+     the cpu kernel where it is built, else torch.
+An explicit choice that cannot run raises BackendUnavailableError naming what can.
+"""
+
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _native, verified
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+ENV_VAR = "DSV3_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these tensors."""
+
+
+class _Op:
+    def __init__(self, name, reference, triton_module=None, native=True, parts=()):
+        self.name = name
+        self.reference = reference
+        self.triton_module = triton_module
+        self.native = native
+        self.parts = parts  # composite ops: available where all of their parts are
+
+
+_OPS: dict[str, _Op] = {}
+
+
+def register_op(name, reference, triton_module=None, native=True, parts=()):
+    """Declare an op: its torch reference, the module holding its Triton version (a function
+    of the same name), whether _C has CPU/CUDA kernels, or the ops it is composed of."""
+    _OPS[name] = _Op(name, reference, triton_module, native, tuple(parts))
+
+
+def ops():
+    return sorted(_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(op: _Op, backend: str, device_type):
+    """None if `backend` can run `op` on `device_type` tensors (None: on some device), else why not."""
+    if op.parts:
+        for part in op.parts:
+            why = _why_not(_OPS[part], backend, device_type)
+            if why:
+                return why
+        return None
+    if backend == "torch":
+        return None
+    if backend in ("cuda", "cpu"):
+        key = backend.upper()
+        if not op.native or not _native.has_kernel(op.name, key):
+            return (f"the {backend} kernels were not built ({_native.status()})"
+                    if op.native else f"{op.name} has no {backend} kernel")
+        if device_type is not None and device_type != backend:
+            return f"the {backend} backend needs {backend.upper()} tensors, got {device_type} tensors"
+        return None
+    if backend == "triton":
+        if op.triton_module is None:
+            return f"{op.name} has no triton kernel"
+        if not _triton_importable():
+            return "triton is not installed"
+        if device_type == "cpu" and not _interpreting():
+            return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in (None, "cpu", "cuda"):
+            return f"triton does not run on {device_type} tensors"
+        return None
+    return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+
+
+def _get_op(name) -> _Op:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; ops are {ops()}") from None
+
+
+def available_backends(op: str, device=None) -> list:
+    """Backends that can run `op`, in dispatch order; with `device`, those that can run on it."""
+    spec = _get_op(op)
+    device_type = None if device is None else torch.device(device).type
+    return [b for b in BACKENDS if _why_not(spec, b, device_type) is None]
+
+
+def arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@torch.compiler.assume_constant_result
+def _env_choice():
+    return os.environ.get(ENV_VAR, "").strip().lower()
+
+
+def resolve(op: str, device: torch.device, backend=None) -> str:
+    """The backend that runs `op` on tensors of `device` (see the module docstring for the rule)."""
+    spec = _get_op(op)
+    source = "backend="
+    if backend is None:
+        backend, source = _env_choice(), ENV_VAR
+        if backend in ("", "auto"):
+            backend = None
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{source}{backend!r} is not a backend; choose one of {BACKENDS} "
+                             f"(or 'auto' in {ENV_VAR})")
+        why = _why_not(spec, backend, device.type)
+        if why:
+            raise BackendUnavailableError(
+                f"{op}: backend {backend!r} (from {source}) cannot run here: {why}. "
+                f"Available for {device.type} tensors: {available_backends(op, device)}")
+        return backend
+    if device.type == "cuda":
+        if _why_not(spec, "cuda", "cuda") is None and _verified(spec, arch(device)):
+            return "cuda"
+        return "triton" if _why_not(spec, "triton", "cuda") is None else "torch"
+    return "cpu" if _why_not(spec, "cpu", device.type) is None else "torch"
+
+
+def _verified(spec: _Op, arch_name: str) -> bool:
+    names = spec.parts or (spec.name,)
+    return all(verified.is_verified(n, "cuda", arch_name) for n in names)
+
+
+def implementation(op: str, backend: str):
+    """The callable that runs a non-composite `op` with `backend` (same arguments as the schema)."""
+    spec = _get_op(op)
+    if backend in ("cuda", "cpu"):
+        return getattr(torch.ops.dsv3_kernels, op)
+    if backend == "triton":
+        return getattr(importlib.import_module(spec.triton_module), op)
+    return spec.reference
