@@ -1,0 +1,132 @@
+"""pytest-benchmark harness shared by the benchmark suites.
+
+`bench(...)` times one call of an op (rotating through copies of its inputs so caches do not
+flatter memory-bound cases), stores time, TFLOP/s, GB/s and the roofline fraction in the
+result's extra_info, and at the end of the session the results are written to
+benchmarks/results/<hardware>-<date>.{json,csv} (or --results-dir) and printed as a table.
+On CUDA each timed round is a batch of launches followed by one synchronize; times are per call.
+"""
+
+import csv
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+
+import pytest
+import torch
+
+import roofline
+
+_ROWS = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"),
+                     help="where to write the results table (json + csv)")
+    parser.addoption("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+
+
+def device_of(config):
+    return config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return device_of(request.config)
+
+
+def _nbytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+@pytest.fixture
+def bench(benchmark, device):
+    def run(fn, make_args, *, op, shape, provider, flops, nbytes, precision="fp8", baseline=None):
+        """fn(*make_args()) is timed. `baseline` names the provider this one is compared with."""
+        args = make_args()
+        cache_bytes = (256 << 20) if device == "cuda" else (128 << 20)
+        copies = [args] + [make_args() for _ in range(min(15, cache_bytes // max(1, _nbytes(args))))]
+        cycle = itertools.cycle(copies)
+        if device == "cuda":
+            calls = 20
+
+            def target():
+                for _ in range(calls):
+                    fn(*next(cycle))
+                torch.cuda.synchronize()
+
+            benchmark.pedantic(target, rounds=10, warmup_rounds=2)
+        else:
+            calls = 1
+            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=5, warmup_rounds=1)
+        seconds = benchmark.stats.stats.median / calls
+        row = {
+            "op": op, "shape": shape, "provider": provider, "device": device, "us": seconds * 1e6,
+            "tflops": flops / seconds / 1e12, "gbps": nbytes / seconds / 1e9,
+            "roofline": roofline.roofline_fraction(seconds, flops, nbytes, device, precision),
+            "baseline": baseline,
+        }
+        benchmark.extra_info.update(row)
+        _ROWS.append(row)
+        return row
+
+    return run
+
+
+def _ratios(rows):
+    """time(baseline) / time(provider) for rows that name a baseline measured in the same run."""
+    times = {(r["op"], r["shape"], r["provider"]): r["us"] for r in rows}
+    for r in rows:
+        base = times.get((r["op"], r["shape"], r["baseline"])) if r["baseline"] else None
+        r["speedup_vs_baseline"] = base / r["us"] if base else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ROWS:
+        return
+    _ratios(_ROWS)
+    device = _ROWS[0]["device"]
+    hw = roofline.hardware(device)
+    meta = {"hardware": hw, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out_dir = session.config.getoption("--results-dir")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}-{meta['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump({**meta, "results": _ROWS}, f, indent=2)
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(_ROWS)
+    _print_table(meta, stem)
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _print_table(meta, stem):
+    hw = meta["hardware"]
+    lines = [f"\n{hw['name']}, torch {meta['torch']}, {meta['date']}; ceilings: {hw['peak_gbps']:.0f} GB/s, "
+             f"{hw['ceilings']}",
+             f"{'op':15s} {'shape':28s} {'provider':14s} {'time us':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} "
+             f"{'roofline':>8s} {'vs baseline':>14s}"]
+    for r in _ROWS:
+        vs = f"{r['speedup_vs_baseline']:.2f}x {r['baseline']}" if r["speedup_vs_baseline"] else "-"
+        lines.append(f"{r['op']:15s} {r['shape']:28s} {r['provider']:14s} {r['us']:10.1f} {r['tflops']:8.2f} "
+                     f"{r['gbps']:8.1f} {_fmt(r['roofline'], '8.1%')} {vs:>14s}")
+    lines.append(f"written to {stem}.json and .csv")
+    print("\n".join(lines))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with an NVIDIA GPU (made for the H200: torch 2.11, triton 3.6,
+# python 3.12, no network). Builds with all cores, runs the test suite on the GPU (recording
+# which kernels passed), compute-sanitizer memcheck on one small case, the GPU benchmarks, and
+# prints a short table last. Everything lands in OUTDIR. Must finish in < 8 minutes.
+#   bash benchmarks/gpu_check.sh OUTDIR
+# CUTLASS headers: the nvidia-cutlass wheel, or DSV3_KERNELS_CUTLASS_DIR, or ./.cutlass (made by
+# scripts/stage_cutlass.sh here and carried to a machine without network).
+set -uo pipefail
+OUT=$(mkdir -p "${1:?usage: gpu_check.sh OUTDIR}" && cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} DSV3_KERNELS_BUILD_CUDA=1
+[ -z "${DSV3_KERNELS_CUTLASS_DIR:-}" ] && [ -d .cutlass/include ] && export DSV3_KERNELS_CUTLASS_DIR=$PWD/.cutlass
+step() { echo "== $(date +%T) $*"; }
+
+step build
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+if ! /usr/bin/time -v $PY -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -n 60 "$OUT/build.log"; exit 1
+fi
+grep "dsv3_kernels build\|Elapsed" "$OUT/build.log"
+
+step "tests on the GPU"
+timeout 300 $PY -m pytest tests -q -rs --record-verified "$OUT/verified_run.json" \
+  --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+echo "pytest exit $?: $(tail -n 1 "$OUT/tests.log")"
+if [ -f "$OUT/verified_run.json" ]; then
+  $PY -m dsv3_kernels.verified record "$OUT/verified_run.json" && cp dsv3_kernels/verified.json "$OUT/"
+fi
+
+step "compute-sanitizer memcheck"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py \
+  > "$OUT/memcheck.log" 2>&1
+echo "memcheck exit $?: $(grep -c "Invalid" "$OUT/memcheck.log") invalid accesses; $(tail -n 1 "$OUT/memcheck.log")"
+
+step benchmarks
+timeout 240 $PY -m pytest benchmarks/bench_fp8.py -q --device cuda --results-dir "$OUT/bench" \
+  --benchmark-json "$OUT/bench/pytest-benchmark.json" > "$OUT/bench.log" 2>&1
+echo "benchmarks exit $?"
+step done
+sed -n '/ceilings:/,$p' "$OUT/bench.log" | grep -E "ceilings|^op|fp8_linear .*(M=64 N=2112|M=4096 N=7168 K=16384|M=64 N=7168 K=16384)|act_quant"

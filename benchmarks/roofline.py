@@ -1,0 +1,85 @@
+"""The ceilings each benchmark result is compared with, and the bytes/FLOPs of the FP8 ops.
+
+GPU: peak matrix rates from the vendor's datasheet (dense, no sparsity) and the copy
+bandwidth *measured* on the device (a device-to-device copy; achievable, unlike the datasheet's).
+CPU: both ceilings measured here: the copy bandwidth of a 256 MB tensor and the rate of a
+large fp32 matmul (the FP8 CPU kernels compute in fp32).
+"""
+
+import functools
+import time
+
+import torch
+
+# (fp8 dense TFLOP/s, bf16 dense TFLOP/s, memory TB/s) from NVIDIA datasheets, SXM parts.
+_DATASHEET = {"H200": (1979.0, 989.0, 4.8), "H100": (1979.0, 989.0, 3.35), "H800": (1979.0, 989.0, 3.35)}
+
+
+def _time(fn, reps):
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _copy_gbps(device, nbytes):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / min(_time(lambda: dst.copy_(src), 5) for _ in range(3)) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def hardware(device_type: str) -> dict:
+    """Name and ceilings of the device benchmarks run on: peak_gbps, peak_tflops_{fp8,bf16,fp32}."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(0)
+        fp8, bf16, _ = next((v for k, v in _DATASHEET.items() if k in name), (None, None, None))
+        return {"name": name, "peak_gbps": _copy_gbps("cuda", 2 << 30), "peak_tflops_fp8": fp8,
+                "peak_tflops_bf16": bf16, "peak_tflops_fp32": None,
+                "ceilings": "copy bandwidth measured; matrix rates from the datasheet"}
+    a = torch.randn(2048, 2048)
+    tflops = 2 * 2048**3 / min(_time(lambda: a @ a, 3) for _ in range(3)) / 1e12
+    return {"name": _cpu_name(), "peak_gbps": _copy_gbps("cpu", 256 << 20), "peak_tflops_fp8": None,
+            "peak_tflops_bf16": None, "peak_tflops_fp32": tflops,
+            "ceilings": f"measured: 256 MB copy, 2048^3 fp32 matmul, {torch.get_num_threads()} threads"}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def roofline_fraction(seconds, flops, nbytes, device_type, precision):
+    """Achieved fraction of the roofline: the time the op cannot beat over the time it took."""
+    hw = hardware(device_type)
+    peak = hw[f"peak_tflops_{precision}"] or hw["peak_tflops_fp32"]
+    floor = nbytes / (hw["peak_gbps"] * 1e9)
+    if peak:
+        floor = max(floor, flops / (peak * 1e12))
+    return floor / seconds
+
+
+# ---- bytes and FLOPs of the ops (inputs read once, outputs written once) ----
+
+def gemm_cost(m, n, k, out_bytes=2, a_bytes=1, b_bytes=1):
+    scales = 4 * (m * k // 128 + -(-n // 128) * k // 128) if a_bytes == 1 else 0
+    return 2 * m * n * k, m * k * a_bytes + n * k * b_bytes + scales + m * n * out_bytes
+
+
+def act_quant_cost(m, k, in_bytes=2):
+    return m * k, m * k * (in_bytes + 1) + 4 * m * -(-k // 128)
+
+
+def weight_dequant_cost(n, k, out_bytes=2):
+    return n * k, n * k * (1 + out_bytes) + 4 * -(-n // 128) * -(-k // 128)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with the pinned toolchain and builds dsv3_kernels into it.
+#   torch 2.14.1 (CUDA 13.0 build: nvcc compiles the CUDA kernels even without a GPU),
+#   CUTLASS headers from PyPI (nvidia-cutlass, headers only: --no-deps), test/bench tools.
+# Env: VENV (default .venv), DSV3_KERNELS_BUILD_CUDA=0 for a CPU-only build, MAX_JOBS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q "torch==2.14.1" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
+"${PIP[@]}" install -q --no-deps "nvidia-cutlass==4.2.0.0"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+LOG=$(mktemp)
+if ! "${PIP[@]}" install -v --no-build-isolation --no-deps -e . >"$LOG" 2>&1; then
+  tail -n 80 "$LOG"
+  echo "build failed; full log: $LOG" >&2
+  exit 1
+fi
+grep "\[dsv3_kernels build\]" "$LOG" || true
+"$VENV/bin/python" -c "import dsv3_kernels; print('dsv3_kernels:', dsv3_kernels._native.status())"

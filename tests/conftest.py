@@ -1,0 +1,97 @@
+"""Shared test machinery.
+
+- Tests that verify ops carry `@pytest.mark.ops("name", ...)` and take the `device` and
+  `backend` fixtures; they are parametrized over every device here and every backend that can
+  run those ops on it (dsv3_kernels.available_backends), minus the reference itself.
+- `--record-verified PATH` writes, for a run on a GPU, which (op, backend, arch) passed every
+  one of its tests; `python -m dsv3_kernels.verified record PATH` merges it into the package.
+"""
+
+import datetime
+import json
+import os
+import platform
+
+import pytest
+import torch
+
+import dsv3_kernels
+from dsv3_kernels import dispatch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-verified", metavar="PATH", default=None,
+                     help="write per-(op, backend, arch) GPU results to PATH (see dsv3_kernels/verified.py)")
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _kernel_backends(op_names, device):
+    sets = [set(dsv3_kernels.available_backends(op, device)) for op in op_names]
+    return [b for b in dispatch.BACKENDS if b != "torch" and all(b in s for s in sets)]
+
+
+def pytest_report_header(config):
+    lines = [f"dsv3_kernels: {dsv3_kernels._native.status()}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+    for device in _devices():
+        lines.append(f"  kernel backends tested on {device}: {_kernel_backends(dispatch.ops(), device)}")
+    return lines
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("ops")
+    if marker is None or "backend" not in metafunc.fixturenames:
+        return
+    devices = [d for d in _devices() if d == "cuda" or not metafunc.definition.get_closest_marker("gpu")]
+    combos = [(d, b) for d in devices for b in _kernel_backends(marker.args, d)]
+    metafunc.parametrize(("device", "backend"), combos, ids=[f"{d}-{b}" for d, b in combos])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def poison_allocator(device):
+    """Fill the next allocations' memory with NaN bytes, so a kernel that leaves part of its
+    output unwritten shows it (the CUDA caching allocator hands the freed block back)."""
+    if torch.device(device).type == "cuda":
+        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0xFF)
+        # 0xFF is NaN in fp32/bf16/fp16 and e4m3fn.
+
+
+# ---- recording which kernels passed on a GPU ----
+
+_RESULTS = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    callspec = getattr(item, "callspec", None)
+    marker = item.get_closest_marker("ops")
+    if callspec is None or marker is None or callspec.params.get("device") != "cuda":
+        return
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        if report.skipped:
+            return
+        arch = dispatch.arch(torch.device("cuda"))
+        for op in marker.args:
+            r = _RESULTS.setdefault((op, callspec.params["backend"], arch), {"passed": 0, "failed": 0})
+            r["passed" if report.passed else "failed"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--record-verified")
+    if not path or not _RESULTS:
+        return
+    doc = {
+        "hardware": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "results": [{"op": op, "backend": b, "arch": a, **r} for (op, b, a), r in sorted(_RESULTS.items())],
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)

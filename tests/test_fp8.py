@@ -1,0 +1,212 @@
+"""FP8 block-scaled family: every backend against the fp32 reference.
+
+Quantizers must agree with the reference bit for bit (same scale, same e4m3 bytes); GEMMs are
+compared tightly against the reference on the *same* quantized inputs, and loosely (DeepGEMM's
+calc_diff) against the unquantized fp32 product.
+"""
+
+import pytest
+import torch
+
+import dsv3_kernels as dk
+from dsv3_kernels.reference import fp8 as ref
+from conftest import poison_allocator
+
+FP8 = torch.float8_e4m3fn
+GPU_ACCUM_TOL = 2e-3  # Hopper's fp8 MMA accumulates each 128-K block with ~14 mantissa bits
+
+
+def calc_diff(x, y):
+    """1 - 2 sum(xy) / sum(x^2 + y^2): 0 for equal tensors, ~1 - cosine similarity otherwise."""
+    x, y = x.double(), y.double()
+    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
+
+
+def randn(*shape, device, dtype=torch.float32, spread=True):
+    """Random values whose magnitude varies by row and column (so blocks get different scales)."""
+    x = torch.randn(*shape, device=device)
+    if spread and x.dim() >= 2:
+        x = x * torch.exp(torch.randn(*shape[:-1], 1, device=device)) * torch.exp(0.5 * torch.randn(shape[-1], device=device))
+    return x.to(dtype)
+
+
+def assert_same_quant(got, want):
+    (q, s), (q_ref, s_ref) = got, want
+    assert q.dtype == FP8 and s.dtype == torch.float32
+    assert q.shape == q_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s.cpu(), s_ref.cpu(), rtol=0, atol=0)
+    mismatch = (q.cpu().view(torch.uint8) != q_ref.cpu().view(torch.uint8))
+    assert not mismatch.any(), f"{mismatch.sum().item()} of {q.numel()} e4m3 values differ from the reference"
+
+
+def quantized_operands(m, n, k, device):
+    x = randn(m, k, device=device)
+    w = randn(n, k, device=device) / k**0.5
+    a, a_s = ref.act_quant(x)
+    b, b_s = ref.weight_quant(w)
+    return x, w, a, a_s, b, b_s
+
+
+# ---------------------------------------------------------------- act_quant
+
+@pytest.mark.ops("act_quant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block_size", [((1, 128), 128), ((3, 7168), 128), ((67, 300), 128),
+                                              ((2, 5, 200), 64), ((33, 96), 32), ((4, 1000), 256)])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_act_quant_matches_reference(device, backend, dtype, shape, block_size, ue8m0):
+    x = randn(*shape, device=device, dtype=dtype)
+    x.view(-1, shape[-1])[0, :block_size // 2] = 0  # a (partly) zero block exercises the amax clamp
+    if shape[-1] > block_size:
+        x.view(-1, shape[-1])[-1, :block_size] = 0  # a fully zero block
+    poison_allocator(device)
+    got = dk.act_quant(x, block_size, "ue8m0" if ue8m0 else None, backend=backend)
+    assert_same_quant(got, ref.act_quant(x.cpu(), block_size, ue8m0))
+
+
+@pytest.mark.ops("act_quant")
+def test_act_quant_extremes(device, backend):
+    """Large and tiny magnitudes in one row: saturation must not produce NaN, tiny blocks keep sign."""
+    x = torch.tensor([[3e4, -3e4, 1.0, 1e-30] * 32 + [1e-6, -2e-7] * 64], device=device)
+    got = dk.act_quant(x, backend=backend)
+    assert not got[0].float().isnan().any()
+    assert_same_quant(got, ref.act_quant(x.cpu()))
+
+
+@pytest.mark.ops("act_quant")
+def test_act_quant_empty(device, backend):
+    q, s = dk.act_quant(torch.empty(0, 256, device=device), backend=backend)
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+
+
+def test_act_quant_ue8m0_scales_are_powers_of_two():
+    _, s = ref.act_quant(randn(8, 512, device="cpu"), ue8m0=True)
+    mantissa = s.view(torch.int32) & 0x7FFFFF
+    assert (mantissa == 0).all()
+    _, s_plain = ref.act_quant(randn(8, 512, device="cpu"), ue8m0=False)
+    assert (s_plain.view(torch.int32) & 0x7FFFFF).any()
+
+
+def test_reference_act_quant_roundtrip():
+    """The reference itself: dequantized values within half an e4m3 ulp (2^-4 relative) of x."""
+    x = randn(16, 640, device="cpu")
+    q, s = ref.act_quant(x)
+    deq = (q.float().view(16, 5, 128) * s[..., None]).view(16, 640)
+    assert ((deq - x).abs() <= x.abs() * 2**-4 + s.repeat_interleave(128, 1) * 2**-9).all()
+    assert q.float().abs().amax(-1).max() == 448  # each row's largest block maps to 448
+
+
+# ---------------------------------------------------------------- weight quant / dequant
+
+@pytest.mark.ops("weight_quant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block_size", [((128, 128), 128), ((2112 + 5, 300), 128),
+                                              ((129, 1000), 128), ((100, 70), 64), ((1, 33), 16)])
+def test_weight_quant_matches_reference(device, backend, dtype, shape, block_size):
+    w = randn(*shape, device=device, dtype=dtype)
+    poison_allocator(device)
+    assert_same_quant(dk.weight_quant(w, block_size, backend=backend), ref.weight_quant(w.cpu(), block_size))
+
+
+@pytest.mark.ops("weight_dequant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block_size", [((256, 384), 128), ((2112 + 5, 300), 128), ((7, 1000), 128),
+                                              ((100, 70), 64)])
+def test_weight_dequant_matches_reference(device, backend, dtype, shape, block_size):
+    w, s = ref.weight_quant(randn(*shape, device="cpu"), block_size)
+    s = s * torch.exp(torch.randn_like(s))  # independent per-block scales, as in checkpoints
+    poison_allocator(device)
+    got = dk.weight_dequant(w.to(device), s.to(device), dtype, block_size, backend=backend)
+    want = ref.weight_dequant(w, s, block_size, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- fp8_gemm
+
+GEMM_SHAPES = [  # (M, N, K): odd M, N not a multiple of 128, K from 128 to 7168
+    (1, 129, 128), (3, 200, 384), (67, 256, 1536), (1000, 129, 512), (16, 2112 + 5, 7168), (64, 77, 2048),
+]
+
+
+def _gemm_tol(device):
+    return 2e-5 if torch.device(device).type == "cpu" else GPU_ACCUM_TOL
+
+
+@pytest.mark.ops("fp8_gemm")
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+def test_fp8_gemm_fp32_matches_reference(device, backend, m, n, k):
+    _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    poison_allocator(device)
+    got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), torch.float32, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    err = (got.cpu() - want).abs().max() / want.abs().max()
+    assert err < _gemm_tol(device), f"max error {err:.2e} relative to max |out|"
+
+
+@pytest.mark.ops("fp8_gemm")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(3, 200, 384), (67, 2112 + 5, 1024), (128, 256, 7168)])
+def test_fp8_gemm_half_outputs(device, backend, out_dtype, m, n, k):
+    _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    poison_allocator(device)
+    got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), out_dtype, backend=backend)
+    assert got.dtype == out_dtype
+    scale = want.abs().max()
+    # within one rounding of the output dtype, plus the fp32 accumulation tolerance
+    torch.testing.assert_close(got.cpu().float(), want, rtol=2 * torch.finfo(out_dtype).eps,
+                               atol=_gemm_tol(device) * scale)
+
+
+@pytest.mark.ops("fp8_gemm")
+def test_fp8_gemm_empty_m(device, backend):
+    _, _, a, a_s, b, b_s = quantized_operands(0, 130, 256, device)
+    out = dk.fp8_gemm(a, a_s, b, b_s, backend=backend)
+    assert out.shape == (0, 130) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.ops("act_quant", "fp8_gemm")
+@pytest.mark.parametrize("shape,n,k", [((1, 7168), 2112, 7168), ((2, 5, 512), 300, 512), ((67, 1536), 129, 1536)])
+def test_fp8_linear_quantization_error(device, backend, shape, n, k):
+    """Against the unquantized fp32 product: the FP8 recipe's error, DeepGEMM's check."""
+    x = randn(*shape, device=device)
+    w = torch.randn(n, k, device=device) / k**0.5
+    b = torch.randn(n, device=device)
+    wq, ws = ref.weight_quant(w.cpu())
+    y = dk.fp8_linear(x, wq.to(device), ws.to(device), bias=b, out_dtype=torch.float32, backend=backend)
+    assert y.shape == (*shape[:-1], n)
+    assert calc_diff(y.cpu(), (x @ w.T + b).cpu()) < 1e-3
+
+
+@pytest.mark.ops("act_quant", "fp8_gemm")
+def test_fp8_linear_matches_reference_and_accepts_strided_x(device, backend):
+    x = randn(6, 512, device=device, dtype=torch.bfloat16)[::2]  # non-contiguous input
+    wq, ws = ref.weight_quant(randn(300, 512, device="cpu"))
+    got = dk.fp8_linear(x, wq.to(device), ws.to(device), backend=backend)
+    want = dk.fp8_linear(x.cpu(), wq, ws, backend="torch")
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 300)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=_gemm_tol(device) * want.abs().max().item())
+
+
+# ---------------------------------------------------------------- the reference itself
+
+def test_reference_gemm_equals_blockwise_promotion():
+    """The reference (dequantize, then fp32 matmul) equals the literal per-K-block formula."""
+    _, _, a, a_s, b, b_s = quantized_operands(5, 130, 384, "cpu")
+    out = torch.zeros(5, 130, dtype=torch.float64)
+    for kb in range(3):
+        blk = slice(kb * 128, (kb + 1) * 128)
+        partial = a[:, blk].double() @ b[:, blk].double().T
+        out += partial * a_s[:, kb, None].double() * b_s[:, kb].double().repeat_interleave(128)[None, :130]
+    torch.testing.assert_close(ref.fp8_gemm(a, a_s, b, b_s, torch.float32).double(), out, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_weight_quant_format():
+    """weight_scale_inv has the checkpoints' shape and dequantizing is a multiply."""
+    w = randn(300, 200, device="cpu")
+    q, s = ref.weight_quant(w)
+    assert s.shape == (3, 2)
+    assert calc_diff(ref.weight_dequant(q, s, dtype=torch.float32), w) < 1e-3
+    assert s[0, 0] == w[:128, :128].abs().max() / 448
