@@ -1,0 +1,493 @@
+// AVX-512 inner loops of the FP8 CPU ops (torch-free; the glue and the portable scalar
+// fallback are in fp8_cpu.cpp).
+//
+// The extension is compiled without -mavx512*, so every function here carries a target
+// attribute and is only called after avx512_supported() said yes. Lambdas do not inherit
+// target attributes, hence the entry points are plain (non-lambda) functions over ranges.
+//
+// FP8 here is e4m3fn. Conversions:
+// - fp32 -> e4m3: integer rounding of the fp32 bits (round-to-nearest-even), saturating to
+//   +-448 like c10::Float8_e4m3fn (finite overflow and inf give +-448, NaN gives 0x7F|sign).
+// - e4m3 -> fp32: the byte is sign-extended to 16 bits and shifted so that its exponent and
+//   mantissa land in the fp16 exponent/mantissa fields; the hardware fp16 -> fp32 conversion
+//   (which also handles the subnormals, whatever MXCSR.DAZ says) then yields value / 2^8.
+//   Callers fold the 2^8 into the block scale they multiply by anyway, which is exact.
+//   In that fast decode the NaN codes 0x7F/0xFF read as +-480; the gemm uses it (a NaN in
+//   a quantized operand is not propagated), weight_dequant patches NaN back in.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace dsv3::fp8::cpu {
+
+constexpr float kFp8Max = 448.0f;
+constexpr float kAmaxMin = 1e-4f;
+constexpr int64_t kGemmBlk = 128;  // K block of fp8_gemm's scales
+// The fast e4m3 decode returns value / 2^8 (see above); scales are multiplied by this.
+constexpr float kDecodeUnscale = 256.0f;
+
+enum class Dtype { kF32, kBF16, kF16 };
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// DeepSeek-V3's block scale; ue8m0 rounds it up to a power of two by carrying a non-zero
+// mantissa into the exponent. NaN amax stays NaN (std::max keeps its first argument).
+inline float block_scale(float amax, bool ue8m0) {
+  float s = std::max(amax, kAmaxMin) / kFp8Max;
+  return ue8m0 ? bits_f32((f32_bits(s) + 0x7FFFFFu) & ~0x7FFFFFu) : s;
+}
+
+bool avx512_supported();
+bool avx512_bf16_supported();  // and avx512_vbmi
+
+#if defined(__x86_64__)
+
+#define DSV3_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+// GCC 12's _mm512_reduce_* intrinsics trip its own -Wuninitialized; nothing of ours is.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// ---------------------------------------------------------------- conversions (16 lanes)
+
+DSV3_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+template <Dtype D>
+DSV3_AVX512 inline __m512 load_f32(const void* base, int64_t i, __mmask16 m) {
+  if constexpr (D == Dtype::kF32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+  } else {
+    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
+    if constexpr (D == Dtype::kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// Round-to-nearest-even on the bits; NaN -> 0xFFFF, as torch's vectorized CPU .to(bfloat16).
+DSV3_AVX512 inline __m256i f32_to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <Dtype D>
+DSV3_AVX512 inline void store_f32(void* base, int64_t i, __m512 v, __mmask16 m) {
+  if constexpr (D == Dtype::kF32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(base) + i, m, v);
+  } else {
+    __m256i h = D == Dtype::kBF16 ? f32_to_bf16(v)
+                                   : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, m, h);
+  }
+}
+
+// fp32 -> e4m3fn bytes, bit-identical to c10::Float8_e4m3fn(float).
+DSV3_AVX512 inline __m128i f32_to_e4m3(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+  // Normal range: round the mantissa to 3 bits (ties to even) and rebias the exponent 127 -> 7.
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  __m512i normal = _mm512_add_epi32(a, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFFF)));
+  normal = _mm512_sub_epi32(_mm512_srli_epi32(normal, 20), _mm512_set1_epi32(120 << 3));
+  // Below 2^-6 (e4m3 subnormals): adding 2^14 makes the fp32 ulp 2^-9, the subnormal step,
+  // so the FPU does the rounding and the low bits are the code.
+  const __m512 shifted = _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(16384.0f));
+  const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x46800000));
+  __m512i r = _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(121 << 23)), sub);
+  r = _mm512_min_epu32(r, _mm512_set1_epi32(0x7E));  // saturate (also catches rounding into 0x7F)
+  r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000)),
+                            _mm512_set1_epi32(0x7F));
+  return _mm512_cvtepi32_epi8(_mm512_or_si512(r, sign));
+}
+
+// 16 e4m3 bytes (already in a register) -> fp32 values / 2^8. NaN codes read as +-480.
+DSV3_AVX512 inline __m512 e4m3_to_f32_div256(__m128i bytes) {
+  // Sign-extension puts the sign in bits 8..15; after << 7 bit 15 is the sign, bits 10..13 the
+  // exponent, 7..9 the mantissa, and bit 14 (a sign copy) is cleared to keep the fp16 exponent < 16.
+  __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
+  return _mm512_cvtph_ps(_mm256_and_si256(h, _mm256_set1_epi16(static_cast<short>(0xBF80))));
+}
+
+DSV3_AVX512 inline __m512 load_e4m3_div256(const uint8_t* p) {
+  return e4m3_to_f32_div256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// ---------------------------------------------------------------- quantization
+
+// Quantizes the tile rows x cols (row stride ld) of x into q (same layout) with one scale,
+// which it returns. act_quant calls it with one row, weight_quant with a block of rows.
+template <Dtype D>
+DSV3_AVX512 float quantize_tile_avx512(const void* x, uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
+                                       bool ue8m0) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m512 v = load_f32<D>(x, r * ld + c, tail_mask(cols - c));
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // max_ps drops NaN; the reference keeps it
+    }
+  }
+  const float amax = nan ? bits_f32(0x7FC00000u) : _mm512_reduce_max_ps(vmax);
+  const float scale = block_scale(amax, ue8m0);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = tail_mask(cols - c);
+      // A true division, as the reference does: x * (1/scale) would round differently.
+      __m128i b = f32_to_e4m3(_mm512_div_ps(load_f32<D>(x, r * ld + c, m), vscale));
+      _mm_mask_storeu_epi8(q + r * ld + c, m, b);
+    }
+  }
+  return scale;
+}
+
+// out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included:
+// c10 decodes the NaN codes to sign | 0x7FF00000, a payload the multiply and the fp16
+// conversion carry through.
+template <Dtype D>
+DSV3_AVX512 void dequant_span_avx512(const uint8_t* w, void* out, int64_t len, float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale * kDecodeUnscale);
+  const __m128i low7 = _mm_set1_epi8(0x7F);
+  for (int64_t c = 0; c < len; c += 16) {
+    const __mmask16 m = tail_mask(len - c);
+    const __m128i b = _mm_maskz_loadu_epi8(m, w + c);
+    __m512 v = e4m3_to_f32_div256(b);
+    // The fast decode gives +-1.875 (0x3FF00000) for NaN codes; OR-ing 0x7FF00000 makes it the NaN.
+    const __mmask16 is_nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, low7), low7);
+    v = _mm512_castsi512_ps(_mm512_mask_or_epi32(_mm512_castps_si512(v), is_nan, _mm512_castps_si512(v),
+                                                 _mm512_set1_epi32(0x7FF00000)));
+    store_f32<D>(out, c, _mm512_mul_ps(v, vscale), m);
+  }
+}
+
+// ---------------------------------------------------------------- fp8_gemm
+//
+// Both operands are used dequantized in fp32, out = A' B'^T with A' = a * a_scale and
+// B' = b * b_scale_inv: the scales are folded into the conversions, so the inner loops are
+// plain fp32 dot products over K (rows of A and B are both K-contiguous). A micro-kernel
+// keeps MR x NR zmm accumulators (one per output), each summing 16 lanes of K, and reduces
+// them horizontally once at the end of its K range.
+
+constexpr int kMR = 4;  // rows of A per micro-kernel
+constexpr int kNR = 4;  // rows of B (columns of out) per micro-kernel
+
+// A' rows [0, rows) of a [rows, K] -> fp32, each 128-block multiplied by its a_scale.
+DSV3_AVX512 inline void dequant_a_avx512(const uint8_t* a, const float* a_scale, float* out, int64_t rows,
+                                         int64_t k) {
+  const int64_t kblocks = k / kGemmBlk;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const __m512 s = _mm512_set1_ps(a_scale[r * kblocks + kb] * kDecodeUnscale);
+      const int64_t base = r * k + kb * kGemmBlk;
+      for (int64_t i = 0; i < kGemmBlk; i += 16) {
+        _mm512_storeu_ps(out + base + i, _mm512_mul_ps(load_e4m3_div256(a + base + i), s));
+      }
+    }
+  }
+}
+
+template <int MR, int NR>
+DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc, bool accumulate) {
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float v = _mm512_reduce_add_ps(acc[i][j]);
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
+    }
+  }
+}
+
+// Decode micro-kernel (few rows of A): B is read as fp8 straight from memory and converted
+// on the fly, each of its 128-blocks scaled by b_scale_inv, so B is streamed exactly once.
+// a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride k), bscale[j]: row of
+// b_scale_inv for B row j. Writes c[i * ldc + j].
+template <int MR, int NR>
+DSV3_AVX512 void gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, const float* const* bscale,
+                                int64_t k, float* c, int64_t ldc) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < k / kGemmBlk; ++kb) {
+    __m512 s[NR];
+    for (int j = 0; j < NR; ++j) s[j] = _mm512_set1_ps(bscale[j][kb] * kDecodeUnscale);
+    for (int64_t kk = kb * kGemmBlk; kk < (kb + 1) * kGemmBlk; kk += 16) {
+      __m512 bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = _mm512_mul_ps(load_e4m3_div256(b + j * k + kk), s[j]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_loadu_ps(a + i * lda + kk);
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+      }
+    }
+  }
+  store_tile<MR, NR>(acc, c, ldc, false);
+}
+
+// Many-rows micro-kernel: B' already converted to fp32 (a cache-resident panel, stride ldb).
+// Covers K range [0, len) of the pointers given; accumulates into c when asked (K chunks).
+template <int MR, int NR>
+DSV3_AVX512 void gemm_tile_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t len,
+                               float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < len; kk += 16) {
+    __m512 bv[NR];
+    for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_ps(b + j * ldb + kk);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_loadu_ps(a + i * lda + kk);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  store_tile<MR, NR>(acc, c, ldc, accumulate);
+}
+
+// B' panel: rows [n0, n0 + rows) x K range [k0, k0 + len) of fp8 b [N, K] -> fp32 panel
+// with row stride ldp, each 128x128 block scaled by its b_scale_inv.
+DSV3_AVX512 inline void dequant_b_panel_avx512(const uint8_t* b, const float* b_scale, int64_t k, int64_t n0,
+                                               int64_t rows, int64_t k0, int64_t len, float* panel,
+                                               int64_t ldp) {
+  const int64_t kblocks = k / kGemmBlk;
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t n = n0 + j;
+    const float* srow = b_scale + (n / kGemmBlk) * kblocks;
+    for (int64_t kk = 0; kk < len; kk += kGemmBlk) {
+      const __m512 s = _mm512_set1_ps(srow[(k0 + kk) / kGemmBlk] * kDecodeUnscale);
+      for (int64_t i = 0; i < kGemmBlk; i += 16) {
+        __m512 v = _mm512_mul_ps(load_e4m3_div256(b + n * k + k0 + kk + i), s);
+        _mm512_storeu_ps(panel + j * ldp + kk + i, v);
+      }
+    }
+  }
+}
+
+// Runtime mr (edges of M) -> micro-kernel instantiation.
+template <int NR>
+DSV3_AVX512 inline void gemm_tile_fp8b_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
+                                          const float* const* bscale, int64_t k, float* c, int64_t ldc) {
+  static_assert(kMR == 4, "one case per row count");
+  switch (mr) {
+    case 1: return gemm_tile_fp8b<1, NR>(a, lda, b, bscale, k, c, ldc);
+    case 2: return gemm_tile_fp8b<2, NR>(a, lda, b, bscale, k, c, ldc);
+    case 3: return gemm_tile_fp8b<3, NR>(a, lda, b, bscale, k, c, ldc);
+    default: return gemm_tile_fp8b<4, NR>(a, lda, b, bscale, k, c, ldc);
+  }
+}
+
+template <int NR>
+DSV3_AVX512 inline void gemm_tile_f32_mr(int mr, const float* a, int64_t lda, const float* b, int64_t ldb,
+                                         int64_t len, float* c, int64_t ldc, bool accumulate) {
+  switch (mr) {
+    case 1: return gemm_tile_f32<1, NR>(a, lda, b, ldb, len, c, ldc, accumulate);
+    case 2: return gemm_tile_f32<2, NR>(a, lda, b, ldb, len, c, ldc, accumulate);
+    case 3: return gemm_tile_f32<3, NR>(a, lda, b, ldb, len, c, ldc, accumulate);
+    default: return gemm_tile_f32<4, NR>(a, lda, b, ldb, len, c, ldc, accumulate);
+  }
+}
+
+// Decode path: c[0..m) x columns [n_begin, n_end) of out = A' B'^T, B converted on the fly.
+// All rows of A' are swept per group of kNR rows of B, which stays in L1/L2 meanwhile.
+DSV3_AVX512 inline void gemm_decode_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_scale,
+                                           int64_t k, int64_t n, int64_t n_begin, int64_t n_end, float* c) {
+  const int64_t kblocks = k / kGemmBlk;
+  for (int64_t n0 = n_begin; n0 < n_end;) {
+    const int nr = n_end - n0 >= kNR ? kNR : 1;
+    const float* bscale[kNR];
+    for (int j = 0; j < nr; ++j) bscale[j] = b_scale + ((n0 + j) / kGemmBlk) * kblocks;
+    for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, m - m0));
+      if (nr == kNR) {
+        gemm_tile_fp8b_mr<kNR>(mr, a + m0 * k, k, b + n0 * k, bscale, k, c + m0 * n + n0, n);
+      } else {
+        gemm_tile_fp8b_mr<1>(mr, a + m0 * k, k, b + n0 * k, bscale, k, c + m0 * n + n0, n);
+      }
+    }
+    n0 += nr;
+  }
+}
+
+// Many-rows path, one task: rows [m0, m1) x a panel of kPanelN rows of B starting at n0.
+// Per chunk of kPanelK along K the B panel is converted once into `panel` (kPanelN x
+// kPanelK fp32, L2-resident) and reused by every row of A; chunk results are summed in c.
+constexpr int64_t kPanelN = 64;
+constexpr int64_t kPanelK = 512;
+
+DSV3_AVX512 inline void gemm_panel_avx512(const float* a, int64_t m0, int64_t m1, const uint8_t* b,
+                                          const float* b_scale, int64_t k, int64_t n, int64_t n0, float* c,
+                                          float* panel) {
+  const int64_t rows = std::min(kPanelN, n - n0);
+  for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
+    const int64_t len = std::min(kPanelK, k - k0);
+    dequant_b_panel_avx512(b, b_scale, k, n0, rows, k0, len, panel, kPanelK);
+    for (int64_t i = m0; i < m1; i += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - i));
+      for (int64_t j = 0; j < rows;) {
+        const float* pa = a + i * k + k0;
+        float* pc = c + i * n + n0 + j;
+        if (rows - j >= kNR) {
+          gemm_tile_f32_mr<kNR>(mr, pa, k, panel + j * kPanelK, kPanelK, len, pc, n, k0 > 0);
+          j += kNR;
+        } else {
+          gemm_tile_f32_mr<1>(mr, pa, k, panel + j * kPanelK, kPanelK, len, pc, n, k0 > 0);
+          j += 1;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- fp8_gemm with avx512_bf16
+//
+// For more than a few rows the fp32 FMA kernel is compute-bound; vdpbf16ps does twice the
+// multiply-adds per instruction. e4m3 values (/ 2^8) are exact in bf16 and their products
+// exact in fp32, so only the unscaled operands go through bf16: each micro-kernel sums a
+// 128-wide K block in `blk` accumulators, then adds blk * (a_scale * b_scale_inv) to `tot`.
+
+#define DSV3_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16,avx512vbmi")))
+
+constexpr int kMRbf16 = 4;  // 2 x 4 x 3 accumulators + 3 B + 1 A registers of 32
+constexpr int kNRbf16 = 3;
+// Longer K chunks than the fp32 path (the bf16 panel is half the bytes): fewer horizontal sums.
+constexpr int64_t kPanelKbf16 = 2048;
+constexpr float kDecodeUnscale2 = kDecodeUnscale * kDecodeUnscale;
+
+// e4m3 -> bf16 by table: byte-wise lookups of the low and high bf16 bytes of value / 2^8
+// (vpermi2b indexes 128 entries with the low 7 bits; the sign is OR-ed in), then the bytes are
+// interleaved. The interleave works per 128-bit lane, so each group of 64 values comes out
+// in a fixed permuted order; A and B go through the same routine, so their dot products
+// are unchanged (and a group never straddles a 128-block of scales).
+struct Bf16Lut {
+  uint8_t lo[128];
+  uint8_t hi[128];
+};
+
+inline const Bf16Lut& bf16_lut() {
+  static const Bf16Lut lut = [] {
+    Bf16Lut t{};
+    for (int m = 0; m < 128; ++m) {
+      const int e = m >> 3, mant = m & 7;
+      // value / 2^8; the NaN code reads as 480 / 2^8 as in the fp16-based decode.
+      const float v = e ? bits_f32(static_cast<uint32_t>((e + 127 - 7 - 8) << 23 | mant << 20))
+                        : static_cast<float>(mant) * 0x1p-17f;
+      t.lo[m] = static_cast<uint8_t>(f32_bits(v) >> 16);
+      t.hi[m] = static_cast<uint8_t>(f32_bits(v) >> 24);
+    }
+    return t;
+  }();
+  return lut;
+}
+
+// count (a multiple of 64) e4m3 bytes -> bf16 of value / 2^8, permuted per 64 as above.
+DSV3_AVX512BF16 inline void e4m3_to_bf16_avx512bf16(const uint8_t* src, uint16_t* dst, int64_t count) {
+  const Bf16Lut& t = bf16_lut();
+  const __m512i lo0 = _mm512_loadu_si512(t.lo), lo1 = _mm512_loadu_si512(t.lo + 64);
+  const __m512i hi0 = _mm512_loadu_si512(t.hi), hi1 = _mm512_loadu_si512(t.hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < count; i += 64) {
+    const __m512i x = _mm512_loadu_si512(src + i);
+    const __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
+    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, x, hi1), _mm512_and_si512(x, sign));
+    _mm512_storeu_si512(dst + i, _mm512_unpacklo_epi8(lo, hi));
+    _mm512_storeu_si512(dst + i + 32, _mm512_unpackhi_epi8(lo, hi));
+  }
+}
+
+// a: MR rows of raw bf16 A (stride lda), ascale: their a_scale rows (stride ldas), b: NR rows
+// of raw bf16 B (stride ldb) sharing the b_scale_inv row bscale; K range [0, len).
+template <int MR, int NR>
+DSV3_AVX512BF16 void gemm_tile_bf16(const uint16_t* a, int64_t lda, const float* ascale, int64_t ldas,
+                                    const uint16_t* b, int64_t ldb, const float* bscale, int64_t len, float* c,
+                                    int64_t ldc, bool accumulate) {
+  __m512 tot[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < len / kGemmBlk; ++kb) {
+    __m512 blk[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) blk[i][j] = _mm512_setzero_ps();
+    for (int64_t kk = kb * kGemmBlk; kk < (kb + 1) * kGemmBlk; kk += 32) {
+      __m512bh bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * ldb + kk);
+      for (int i = 0; i < MR; ++i) {
+        const __m512bh av = (__m512bh)_mm512_loadu_si512(a + i * lda + kk);
+        for (int j = 0; j < NR; ++j) blk[i][j] = _mm512_dpbf16_ps(blk[i][j], av, bv[j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 s = _mm512_set1_ps(ascale[i * ldas + kb] * bscale[kb] * kDecodeUnscale2);
+      for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_fmadd_ps(blk[i][j], s, tot[i][j]);
+    }
+  }
+  store_tile<MR, NR>(tot, c, ldc, accumulate);
+}
+
+template <int NR>
+DSV3_AVX512BF16 inline void gemm_tile_bf16_mr(int mr, const uint16_t* a, int64_t lda, const float* ascale,
+                                              int64_t ldas, const uint16_t* b, int64_t ldb, const float* bscale,
+                                              int64_t len, float* c, int64_t ldc, bool accumulate) {
+  static_assert(kMRbf16 == 4, "one case per row count");
+  switch (mr) {
+    case 1: return gemm_tile_bf16<1, NR>(a, lda, ascale, ldas, b, ldb, bscale, len, c, ldc, accumulate);
+    case 2: return gemm_tile_bf16<2, NR>(a, lda, ascale, ldas, b, ldb, bscale, len, c, ldc, accumulate);
+    case 3: return gemm_tile_bf16<3, NR>(a, lda, ascale, ldas, b, ldb, bscale, len, c, ldc, accumulate);
+    default: return gemm_tile_bf16<4, NR>(a, lda, ascale, ldas, b, ldb, bscale, len, c, ldc, accumulate);
+  }
+}
+
+// As gemm_panel_avx512, with A already in raw bf16 (a_bf16 [M, K]) and a bf16 B panel.
+// Panels start at multiples of kPanelN, which divides 128, so the rows of a tile (all inside
+// one panel) share one 128-row block of b_scale_inv.
+DSV3_AVX512BF16 inline void gemm_panel_avx512bf16(const uint16_t* a, const float* a_scale, int64_t m0, int64_t m1,
+                                                  const uint8_t* b, const float* b_scale, int64_t k, int64_t n,
+                                                  int64_t n0, float* c, uint16_t* panel) {
+  static_assert(kGemmBlk % kPanelN == 0, "a tile must not straddle a scale block");
+  const int64_t rows = std::min(kPanelN, n - n0), kblocks = k / kGemmBlk;
+  for (int64_t k0 = 0; k0 < k; k0 += kPanelKbf16) {
+    const int64_t len = std::min(kPanelKbf16, k - k0);
+    for (int64_t j = 0; j < rows; ++j) e4m3_to_bf16_avx512bf16(b + (n0 + j) * k + k0, panel + j * kPanelKbf16, len);
+    for (int64_t i = m0; i < m1; i += kMRbf16) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMRbf16, m1 - i));
+      const float* as = a_scale + i * kblocks + k0 / kGemmBlk;
+      for (int64_t j = 0; j < rows;) {
+        const float* bs = b_scale + ((n0 + j) / kGemmBlk) * kblocks + k0 / kGemmBlk;
+        const uint16_t* pa = a + i * k + k0;
+        float* pc = c + i * n + n0 + j;
+        const uint16_t* pb = panel + j * kPanelKbf16;
+        if (rows - j >= kNRbf16) {
+          gemm_tile_bf16_mr<kNRbf16>(mr, pa, k, as, kblocks, pb, kPanelKbf16, bs, len, pc, n, k0 > 0);
+          j += kNRbf16;
+        } else {
+          gemm_tile_bf16_mr<1>(mr, pa, k, as, kblocks, pb, kPanelKbf16, bs, len, pc, n, k0 > 0);
+          j += 1;
+        }
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif  // __x86_64__
+
+}  // namespace dsv3::fp8::cpu
