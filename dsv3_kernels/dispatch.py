@@ -111,17 +111,19 @@ def arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-@torch.compiler.assume_constant_result
-def _env_choice():
-    return os.environ.get(ENV_VAR, "").strip().lower()
-
-
 def resolve(op: str, device: torch.device, backend=None) -> str:
     """The backend that runs `op` on tensors of `device` (see the module docstring for the rule)."""
+    return _resolve(op, device.type, device.index, backend)
+
+
+# torch.compile evaluates the choice once, while tracing, and bakes the result into the graph.
+@torch.compiler.assume_constant_result
+def _resolve(op: str, device_type: str, device_index, backend) -> str:
     spec = _get_op(op)
+    device = torch.device(device_type, device_index)
     source = "backend="
     if backend is None:
-        backend, source = _env_choice(), ENV_VAR
+        backend, source = os.environ.get(ENV_VAR, "").strip().lower(), ENV_VAR
         if backend in ("", "auto"):
             backend = None
     if backend is not None:
