@@ -188,7 +188,15 @@ __global__ void weight_dequant_kernel(const uint8_t* __restrict__ q, const float
   Vec<TOut, kVec> res;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) res.v[i] = from_float<TOut>(fp8_to_float(in.v[i]) * s);
-  *reinterpret_cast<Vec<TOut, kVec>*>(out + row * k + col) = res;
+  if constexpr (sizeof(res) % 16 == 0) {
+    // Copy as 16-byte words: a struct copy of bf16/half members may be split into narrow stores.
+    const uint4* src = reinterpret_cast<const uint4*>(&res);
+    uint4* dst = reinterpret_cast<uint4*>(out + row * k + col);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(res) / 16); ++i) dst[i] = src[i];
+  } else {
+    *reinterpret_cast<Vec<TOut, kVec>*>(out + row * k + col) = res;
+  }
 }
 
 // ---- launch helpers ----
