@@ -109,7 +109,8 @@ def _extensions():
     if cu13:
         include_dirs.append(cu13)
     nvcc_flags = [
-        "-O3", "-g0", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+        # No -g0 here: nvcc rejects it, and it adds no debug info unless given -g/-G.
+        "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
         "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", "-Xptxas=-warn-spills",
     ]
     _log(f"building the C++ CPU kernels and the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({why}), "
