@@ -59,6 +59,7 @@ def test_unavailable_backend_names_what_is(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "triton" not in dk.available_backends("fp8_gemm", "cpu")
     with pytest.raises(dk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
