@@ -180,9 +180,11 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
 
 // ---------------------------------------------------------------- fp8_gemm
 
-// Up to this many rows of A, B is converted on the fly and read once (decode, memory-bound);
-// above it a converted B panel is reused across the rows (compute-bound; bf16 where the CPU
-// has avx512_bf16). See fp8_cpu_kernels.h.
+// With avx512_bf16, up to kSmallMaxRows rows of A each B block is converted in registers
+// and read from memory once (decode, memory-bound); above it a converted bf16 B panel is
+// reused across the rows (compute-bound). Without avx512_bf16 the same split is done in fp32
+// at kDecodeMaxRows. See fp8_cpu_kernels.h.
+constexpr int64_t kSmallMaxRows = 16;
 constexpr int64_t kDecodeMaxRows = 4;
 // Rows of A per task of the many-rows path (bounds the A' bytes swept per B panel).
 constexpr int64_t kPanelRows = 256;
@@ -240,14 +242,24 @@ void gemm_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_sca
   });
 }
 
-// Many rows with avx512_bf16: A goes to raw bf16 once, B panels per task; the
-// a_scale * b_scale_inv products are applied per 128-block inside the micro-kernel.
+// With avx512_bf16: A goes to raw bf16 once; then few rows take gemm_small_avx512bf16, many
+// rows B panels per task. The a_scale * b_scale_inv products are applied per 128-block
+// inside the micro-kernels.
 void gemm_avx512bf16(const uint8_t* a, const float* a_scale, int64_t m, const uint8_t* b, const float* b_scale,
                      int64_t k, int64_t n, float* c) {
   std::vector<uint16_t> a_bf16(m * k);
   at::parallel_for(0, m, grain_for(k), [&](int64_t begin, int64_t end) {
     e4m3_to_bf16_avx512bf16(a + begin * k, a_bf16.data() + begin * k, (end - begin) * k);
   });
+  if (m <= kSmallMaxRows) {
+    // Parallel over pairs of columns only: every thread streams its own part of B once.
+    at::parallel_for(0, cdiv(n, kNRsmall), grain_for(kNRsmall * k), [&](int64_t begin, int64_t end) {
+      std::vector<float> scales(m * (k / kGemmBlk));
+      gemm_small_avx512bf16(a_bf16.data(), a_scale, m, b, b_scale, k, n, begin * kNRsmall,
+                            std::min(n, end * kNRsmall), c, scales.data());
+    });
+    return;
+  }
   const int64_t panels = cdiv(n, kPanelN), mchunks = cdiv(m, kPanelRows);
   at::parallel_for(0, panels * mchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> panel(kPanelN * kPanelKbf16);
@@ -270,7 +282,7 @@ at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at
   const auto* pb = reinterpret_cast<const uint8_t*>(b.const_data_ptr());
   const float* ps = b_scale_inv.const_data_ptr<float>();
 #if defined(__x86_64__)
-  if (m > kDecodeMaxRows && avx512_bf16_supported()) {
+  if (avx512_bf16_supported()) {
     gemm_avx512bf16(reinterpret_cast<const uint8_t*>(a.const_data_ptr()), a_scale.const_data_ptr<float>(), m, pb, ps,
                     k, n, c.data_ptr<float>());
     return c.to(out_dtype);
