@@ -102,6 +102,17 @@ DSV3_AVX512 inline void store_f32(void* base, int64_t i, __m512 v, __mmask16 m) 
   }
 }
 
+// Columns [n0, n1) of the rows of c [rows, n] (fp32) stored to out [rows, n] of type D.
+template <Dtype D>
+DSV3_AVX512 void convert_cols_avx512(const float* c, void* out, int64_t rows, int64_t n, int64_t n0, int64_t n1) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = n0; j < n1; j += 16) {
+      const __mmask16 m = tail_mask(n1 - j);
+      store_f32<D>(out, r * n + j, _mm512_maskz_loadu_ps(m, c + r * n + j), m);
+    }
+  }
+}
+
 // fp32 -> e4m3fn bytes, bit-identical to c10::Float8_e4m3fn(float).
 DSV3_AVX512 inline __m128i f32_to_e4m3(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
