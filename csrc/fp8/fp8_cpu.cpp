@@ -165,6 +165,11 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
   check_weight_dequant(w, scale_inv, block_size, dtype);
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t kblocks = cdiv(k, block_size);
+  // The portable path goes through fp32 and ATen's conversion, as the reference does: a
+  // scalar static_cast to bf16/fp16 writes NaN with other bits than ATen's vectorized one.
+  if (!avx512_supported() && dtype != at::kFloat && w.numel() > 0) {
+    return weight_dequant_cpu(w, scale_inv, block_size, at::kFloat).to(dtype);
+  }
   auto out = at::empty({n, k}, w.options().dtype(dtype));
   if (out.numel() == 0) return out;
 
@@ -187,9 +192,11 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
 
 // With avx512_bf16, up to kSmallMaxRows rows of A each B block is converted in registers
 // and read from memory once (decode, memory-bound); above it a converted bf16 B panel is
-// reused across the rows (compute-bound). Without avx512_bf16 the same split is done in fp32
-// at kDecodeMaxRows. See fp8_cpu_kernels.h.
-constexpr int64_t kSmallMaxRows = 16;
+// reused across the rows (compute-bound). Converting B again per group of 8 rows still beats
+// the panel path up to about 48 rows (1 thread, N = 2112, K = 7168: 10.5 vs 12.4 ms at 48,
+// even at 64). Without avx512_bf16 the same split is done in fp32 at kDecodeMaxRows.
+// See fp8_cpu_kernels.h.
+constexpr int64_t kSmallMaxRows = 48;
 constexpr int64_t kDecodeMaxRows = 4;
 // Rows of A per task of the many-rows path (bounds the A' bytes swept per B panel).
 constexpr int64_t kPanelRows = 256;
