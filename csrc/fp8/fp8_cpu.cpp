@@ -114,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> act_quant_cpu(const at::Tensor& x, int64_t bl
   float* ps = scale.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "act_quant_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    // One item per (row, block): a single decode row of K = 7168 still splits across threads.
+    // One item per (row, block), so that a few long rows still split across threads once
+    // there is enough work for it (kLightGrainElems).
     at::parallel_for(0, rows * kblocks, grain_for(block_size, kLightGrainElems), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t off = (i / kblocks) * k + (i % kblocks) * block_size;

@@ -230,7 +230,7 @@ DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc,
   }
 }
 
-// Decode micro-kernel (few rows of A): B is read as fp8 straight from memory and converted
+// Decode micro-kernel (few rows of A, CPUs without avx512_bf16): B is read as fp8 straight from memory and converted
 // on the fly, each of its 128-blocks scaled by b_scale_inv, so B is streamed exactly once.
 // a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride k), bscale[j]: row of
 // b_scale_inv for B row j. Writes c[i * ldc + j].
