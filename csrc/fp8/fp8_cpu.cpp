@@ -51,8 +51,13 @@ namespace {
 
 // Work per parallel_for task, in elements, so small tensors do not pay for threads.
 constexpr int64_t kGrainElems = 32768;
+// The same for the cheap per-element passes before a gemm (act_quant, A conversion): waking
+// the pool costs more than such a pass over a decode batch (16 x 7168 take ~0.05 ms).
+constexpr int64_t kLightGrainElems = 1 << 18;
 
-int64_t grain_for(int64_t elems_per_item) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item)); }
+int64_t grain_for(int64_t elems_per_item, int64_t grain_elems = kGrainElems) {
+  return std::max<int64_t>(1, grain_elems / std::max<int64_t>(1, elems_per_item));
+}
 
 template <typename T>
 constexpr Dtype dtype_of() {
@@ -109,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor> act_quant_cpu(const at::Tensor& x, int64_t bl
   float* ps = scale.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "act_quant_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    // One item per (row, block): a single decode row of K = 7168 still splits across threads.
-    at::parallel_for(0, rows * kblocks, grain_for(block_size), [&](int64_t begin, int64_t end) {
+    // One item per (row, block), so that a few long rows still split across threads once
+    // there is enough work for it (kLightGrainElems).
+    at::parallel_for(0, rows * kblocks, grain_for(block_size, kLightGrainElems), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t off = (i / kblocks) * k + (i % kblocks) * block_size;
         ps[i] = quantize_tile(px + off, pq + off, k, 1, std::min(block_size, k - (i % kblocks) * block_size), ue8m0);
@@ -160,6 +166,11 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
   check_weight_dequant(w, scale_inv, block_size, dtype);
   const int64_t n = w.size(0), k = w.size(1);
   const int64_t kblocks = cdiv(k, block_size);
+  // The portable path goes through fp32 and ATen's conversion, as the reference does: a
+  // scalar static_cast to bf16/fp16 writes NaN with other bits than ATen's vectorized one.
+  if (!avx512_supported() && dtype != at::kFloat && w.numel() > 0) {
+    return weight_dequant_cpu(w, scale_inv, block_size, at::kFloat).to(dtype);
+  }
   auto out = at::empty({n, k}, w.options().dtype(dtype));
   if (out.numel() == 0) return out;
 
@@ -180,9 +191,13 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
 
 // ---------------------------------------------------------------- fp8_gemm
 
-// Up to this many rows of A, B is converted on the fly and read once (decode, memory-bound);
-// above it a converted B panel is reused across the rows (compute-bound; bf16 where the CPU
-// has avx512_bf16). See fp8_cpu_kernels.h.
+// With avx512_bf16, up to kSmallMaxRows rows of A each B block is converted in registers
+// and read from memory once (decode, memory-bound); above it a converted bf16 B panel is
+// reused across the rows (compute-bound). Converting B again per group of 8 rows still beats
+// the panel path up to about 48 rows (1 thread, N = 2112, K = 7168: 10.5 vs 12.4 ms at 48,
+// even at 64). Without avx512_bf16 the same split is done in fp32 at kDecodeMaxRows.
+// See fp8_cpu_kernels.h.
+constexpr int64_t kSmallMaxRows = 48;
 constexpr int64_t kDecodeMaxRows = 4;
 // Rows of A per task of the many-rows path (bounds the A' bytes swept per B panel).
 constexpr int64_t kPanelRows = 256;
@@ -194,7 +209,7 @@ at::Tensor dequant_a(const at::Tensor& a, const at::Tensor& a_scale) {
   const auto* pa = reinterpret_cast<const uint8_t*>(a.const_data_ptr());
   const float* ps = a_scale.const_data_ptr<float>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, m, grain_for(k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, grain_for(k, kLightGrainElems), [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__)
     if (avx512_supported()) return dequant_a_avx512(pa + begin * k, ps + begin * kblocks, po + begin * k, end - begin, k);
 #endif
@@ -240,23 +255,47 @@ void gemm_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_sca
   });
 }
 
-// Many rows with avx512_bf16: A goes to raw bf16 once, B panels per task; the
-// a_scale * b_scale_inv products are applied per 128-block inside the micro-kernel.
-void gemm_avx512bf16(const uint8_t* a, const float* a_scale, int64_t m, const uint8_t* b, const float* b_scale,
-                     int64_t k, int64_t n, float* c) {
+// Columns [n0, n1) of the fp32 result c [m, n] -> out (bf16 or fp16; nothing to do for fp32).
+void convert_cols(const float* c, void* out, at::ScalarType out_dtype, int64_t m, int64_t n, int64_t n0,
+                  int64_t n1) {
+  if (out_dtype == at::kBFloat16) convert_cols_avx512<Dtype::kBF16>(c, out, m, n, n0, n1);
+  if (out_dtype == at::kHalf) convert_cols_avx512<Dtype::kF16>(c, out, m, n, n0, n1);
+}
+
+// With avx512_bf16: A goes to raw bf16 once; then few rows take gemm_small_avx512bf16, many
+// rows B panels per task. The a_scale * b_scale_inv products are applied per 128-block
+// inside the micro-kernels. c: fp32 [m, n] scratch (the result when out_dtype is fp32).
+at::Tensor gemm_avx512bf16(const uint8_t* a, const float* a_scale, int64_t m, const uint8_t* b,
+                           const float* b_scale, int64_t k, int64_t n, const at::Tensor& c,
+                           at::ScalarType out_dtype) {
+  float* pc = c.data_ptr<float>();
   std::vector<uint16_t> a_bf16(m * k);
-  at::parallel_for(0, m, grain_for(k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, grain_for(k, kLightGrainElems), [&](int64_t begin, int64_t end) {
     e4m3_to_bf16_avx512bf16(a + begin * k, a_bf16.data() + begin * k, (end - begin) * k);
   });
+  if (m <= kSmallMaxRows) {
+    at::Tensor out = out_dtype == at::kFloat ? c : at::empty({m, n}, c.options().dtype(out_dtype));
+    void* po = out.data_ptr();
+    // Parallel over pairs of columns only: every thread streams its own part of B once, and
+    // converts its own columns to out_dtype (no separate pass, no second pool wake-up).
+    at::parallel_for(0, cdiv(n, kNRsmall), grain_for(kNRsmall * k), [&](int64_t begin, int64_t end) {
+      std::vector<float> scales(m * (k / kGemmBlk));
+      const int64_t n0 = begin * kNRsmall, n1 = std::min(n, end * kNRsmall);
+      gemm_small_avx512bf16(a_bf16.data(), a_scale, m, b, b_scale, k, n, n0, n1, pc, scales.data());
+      convert_cols(pc, po, out_dtype, m, n, n0, n1);
+    });
+    return out;
+  }
   const int64_t panels = cdiv(n, kPanelN), mchunks = cdiv(m, kPanelRows);
   at::parallel_for(0, panels * mchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> panel(kPanelN * kPanelKbf16);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = (t / panels) * kPanelRows;
       gemm_panel_avx512bf16(a_bf16.data(), a_scale, m0, std::min(m, m0 + kPanelRows), b, b_scale, k, n,
-                            (t % panels) * kPanelN, c, panel.data());
+                            (t % panels) * kPanelN, pc, panel.data());
     }
   });
+  return c.to(out_dtype);
 }
 #endif
 
@@ -270,10 +309,9 @@ at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at
   const auto* pb = reinterpret_cast<const uint8_t*>(b.const_data_ptr());
   const float* ps = b_scale_inv.const_data_ptr<float>();
 #if defined(__x86_64__)
-  if (m > kDecodeMaxRows && avx512_bf16_supported()) {
-    gemm_avx512bf16(reinterpret_cast<const uint8_t*>(a.const_data_ptr()), a_scale.const_data_ptr<float>(), m, pb, ps,
-                    k, n, c.data_ptr<float>());
-    return c.to(out_dtype);
+  if (avx512_bf16_supported()) {
+    return gemm_avx512bf16(reinterpret_cast<const uint8_t*>(a.const_data_ptr()), a_scale.const_data_ptr<float>(), m,
+                           pb, ps, k, n, c, out_dtype);
   }
 #endif
   const at::Tensor a_f32 = dequant_a(a, a_scale);

@@ -102,6 +102,17 @@ DSV3_AVX512 inline void store_f32(void* base, int64_t i, __m512 v, __mmask16 m) 
   }
 }
 
+// Columns [n0, n1) of the rows of c [rows, n] (fp32) stored to out [rows, n] of type D.
+template <Dtype D>
+DSV3_AVX512 void convert_cols_avx512(const float* c, void* out, int64_t rows, int64_t n, int64_t n0, int64_t n1) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = n0; j < n1; j += 16) {
+      const __mmask16 m = tail_mask(n1 - j);
+      store_f32<D>(out, r * n + j, _mm512_maskz_loadu_ps(m, c + r * n + j), m);
+    }
+  }
+}
+
 // fp32 -> e4m3fn bytes, bit-identical to c10::Float8_e4m3fn(float).
 DSV3_AVX512 inline __m128i f32_to_e4m3(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -219,7 +230,7 @@ DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc,
   }
 }
 
-// Decode micro-kernel (few rows of A): B is read as fp8 straight from memory and converted
+// Decode micro-kernel (few rows of A, CPUs without avx512_bf16): B is read as fp8 straight from memory and converted
 // on the fly, each of its 128-blocks scaled by b_scale_inv, so B is streamed exactly once.
 // a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride k), bscale[j]: row of
 // b_scale_inv for B row j. Writes c[i * ldc + j].
@@ -483,6 +494,105 @@ DSV3_AVX512BF16 inline void gemm_panel_avx512bf16(const uint16_t* a, const float
           j += 1;
         }
       }
+    }
+  }
+}
+
+// Few rows (decode) with avx512_bf16: every 128-K block of a pair of B rows is converted
+// to bf16 in registers (same LUT and order as e4m3_to_bf16_avx512bf16) and applied to all
+// MR rows of A at once, so B is read from memory once and converted once per MR rows.
+// Per row and block the two dot products are summed in a short dpbf16 chain, then scaled
+// into `tot`; the register budget (8 B + 1 A + 2 chain + 2 * MR tot + LUT) sets kMRsmall = 8.
+constexpr int kMRsmall = 8;
+constexpr int kNRsmall = 2;
+// Software prefetch distance along B (its rows are contiguous, so near a row's end this runs
+// into the next rows): measured faster than 512 B - 2 KiB, notably for short rows (K = 2048).
+constexpr int64_t kPrefetchBytes = 4096;
+
+// a: MR rows of raw bf16 A (stride k); s[kb * lds + i]: a_scale * b_scale_inv * 2^16 for row
+// i and block kb; b: NR rows of fp8 B (stride k), inside one 128-row block of b_scale_inv.
+template <int MR, int NR>
+DSV3_AVX512BF16 void gemm_small_bf16(const uint16_t* a, const float* s, int64_t lds, const uint8_t* b, int64_t k,
+                                     float* c, int64_t ldc) {
+  const Bf16Lut& t = bf16_lut();
+  const __m512i lo0 = _mm512_loadu_si512(t.lo), lo1 = _mm512_loadu_si512(t.lo + 64);
+  const __m512i hi0 = _mm512_loadu_si512(t.hi), hi1 = _mm512_loadu_si512(t.hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 tot[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < k / kGemmBlk; ++kb) {
+    const int64_t k0 = kb * kGemmBlk;
+    __m512bh bv[NR][4];
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes + 64), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i x = _mm512_loadu_si512(b + j * k + k0 + 64 * h);
+        const __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
+        const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, x, hi1), _mm512_and_si512(x, sign));
+        bv[j][2 * h] = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+        bv[j][2 * h + 1] = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      __m512 blk[NR];
+      for (int j = 0; j < NR; ++j) blk[j] = _mm512_setzero_ps();
+      for (int q = 0; q < 4; ++q) {
+        const __m512bh av = (__m512bh)_mm512_loadu_si512(a + i * k + k0 + 32 * q);
+        for (int j = 0; j < NR; ++j) blk[j] = _mm512_dpbf16_ps(blk[j], av, bv[j][q]);
+      }
+      const __m512 si = _mm512_set1_ps(s[kb * lds + i]);
+      for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_fmadd_ps(blk[j], si, tot[i][j]);
+    }
+  }
+  store_tile<MR, NR>(tot, c, ldc, false);
+}
+
+template <int NR>
+DSV3_AVX512BF16 inline void gemm_small_bf16_mr(int mr, const uint16_t* a, const float* s, int64_t lds,
+                                               const uint8_t* b, int64_t k, float* c, int64_t ldc) {
+  static_assert(kMRsmall == 8, "one case per row count");
+  switch (mr) {
+    case 1: return gemm_small_bf16<1, NR>(a, s, lds, b, k, c, ldc);
+    case 2: return gemm_small_bf16<2, NR>(a, s, lds, b, k, c, ldc);
+    case 3: return gemm_small_bf16<3, NR>(a, s, lds, b, k, c, ldc);
+    case 4: return gemm_small_bf16<4, NR>(a, s, lds, b, k, c, ldc);
+    case 5: return gemm_small_bf16<5, NR>(a, s, lds, b, k, c, ldc);
+    case 6: return gemm_small_bf16<6, NR>(a, s, lds, b, k, c, ldc);
+    case 7: return gemm_small_bf16<7, NR>(a, s, lds, b, k, c, ldc);
+    default: return gemm_small_bf16<8, NR>(a, s, lds, b, k, c, ldc);
+  }
+}
+
+// Columns [n_begin, n_end) (n_begin even) of c[m, n] = A' B'^T for all m rows, A in raw bf16.
+// Rows go in balanced groups of at most kMRsmall (9 rows: 5 + 4, not 8 + 1). `scales`
+// (m * kblocks floats) caches a_scale * b_scale_inv for the current 128-row block of B.
+DSV3_AVX512BF16 inline void gemm_small_avx512bf16(const uint16_t* a, const float* a_scale, int64_t m,
+                                                  const uint8_t* b, const float* b_scale, int64_t k, int64_t n,
+                                                  int64_t n_begin, int64_t n_end, float* c, float* scales) {
+  const int64_t kblocks = k / kGemmBlk, groups = (m + kMRsmall - 1) / kMRsmall;
+  int64_t cached_nb = -1;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNRsmall) {
+    const int64_t nb = n0 / kGemmBlk;
+    if (nb != cached_nb) {
+      // Layout [kb][row], so a row group reads its scales of one block contiguously.
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        for (int64_t i = 0; i < m; ++i)
+          scales[kb * m + i] = a_scale[i * kblocks + kb] * b_scale[nb * kblocks + kb] * kDecodeUnscale2;
+      cached_nb = nb;
+    }
+    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+      const int mr = static_cast<int>((m - m0) / (groups - g));
+      const uint16_t* pa = a + m0 * k;
+      const uint8_t* pb = b + n0 * k;
+      float* pc = c + m0 * n + n0;
+      if (n_end - n0 >= kNRsmall) {
+        gemm_small_bf16_mr<kNRsmall>(mr, pa, scales + m0, m, pb, k, pc, n);
+      } else {
+        gemm_small_bf16_mr<1>(mr, pa, scales + m0, m, pb, k, pc, n);
+      }
+      m0 += mr;
     }
   }
 }
