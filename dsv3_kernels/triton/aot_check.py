@@ -1,0 +1,170 @@
+"""Ahead-of-time compilation of the FP8 Triton kernels for Hopper (sm_90), without a GPU.
+
+`compile_for_sm90()` compiles every kernel in every configuration the ops can launch (each
+fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype) and returns their asm dicts
+("ttir", "ttgir", "llir", "ptx", "cubin") plus the register/spill counts ptxas reports.
+`check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma in every fp8_gemm
+kernel, in-kernel saturating fp8 conversion in the quantize kernels, and no register spills.
+
+Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
+AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
+interpreter's kernels are plain Python and cannot be compiled).
+"""
+
+import itertools
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+
+from . import fp8
+
+SM90 = 90
+HOPPER_WARP_SIZE = 32
+_POINTER_ALIGNMENT = 16  # torch allocations are 16-byte aligned; the JIT specializes on it
+
+_TRITON_TYPE = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+    torch.float8_e4m3fn: "fp8e4nv",
+}
+
+
+class AotCompileError(RuntimeError):
+    """Ahead-of-time compilation is not possible or produced something unexpected."""
+
+
+def _compile(kernel, args, constexprs, num_warps, num_stages=3, multiples_of_16=()):
+    """Compile `kernel` for sm_90. args: ordered {name: triton type string} of the runtime
+    arguments (pointers "*<type>", integers "i32"). Like the JIT, which specializes on the
+    actual arguments, pointers get a 16-byte alignment hint, and so do the integer arguments
+    named in multiples_of_16 (it decides whether rows can be loaded with vector loads)."""
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise AotCompileError("kernels are not JIT functions (is TRITON_INTERPRET=1 set?); "
+                              "ahead-of-time compilation needs the real compiler")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        raise AotCompileError(f"this triton ({triton.__version__}) lacks the AOT API used here: {e}") from e
+    signature = dict(args)
+    signature.update({name: "constexpr" for name in constexprs})
+    names = kernel.arg_names
+    if sorted(names) != sorted(signature):
+        raise AotCompileError(f"{kernel.__name__}: signature {sorted(signature)} != arguments {names}")
+    attrs = {(names.index(name),): [["tt.divisibility", _POINTER_ALIGNMENT]]
+             for name, ty in args.items() if ty.startswith("*") or name in multiples_of_16}
+    try:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", SM90, HOPPER_WARP_SIZE),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as e:
+        raise AotCompileError(f"{kernel.__name__} {constexprs} failed to compile for sm_{SM90} "
+                              f"with triton {triton.__version__}: {type(e).__name__}: {e}") from e
+    asm = dict(compiled.asm)
+    for key in ("ptx", "cubin"):
+        if not asm.get(key):
+            raise AotCompileError(f"{kernel.__name__}: no {key} in the compiled kernel")
+    return asm
+
+
+def _ptxas_usage(ptx):
+    """(registers, spill store bytes, spill load bytes) that ptxas -v reports for `ptx` on sm_90a."""
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except AttributeError as e:
+        raise AotCompileError(f"cannot locate ptxas in triton {triton.__version__}: {e}") from e
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{SM90}a", f.name, "-o", "/dev/null"],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode:
+        raise AotCompileError(f"ptxas failed: {log}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not (regs and spills):
+        raise AotCompileError(f"unexpected ptxas -v output: {log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def _kernel_variants():
+    """(label, kernel, args, constexprs, num_warps, num_stages, multiples_of_16) for every launch
+    the ops can make. The quantize kernels are compiled with and without K % 16 == 0 (vector
+    and scalar row loads); fp8_gemm always has K % 128 == 0, and N aligned or not."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    block_sizes = [2 ** p for p in range(4, 11)]  # every power of two in 16..1024
+    alignments = ((), ("K",))
+    for dtype, bs, ue8m0, aligned in itertools.product(dtypes, block_sizes, (False, True), alignments):
+        yield (f"act_quant {_TRITON_TYPE[dtype]} bs={bs} ue8m0={ue8m0} {_label(aligned)}",
+               fp8._act_quant_kernel,
+               {"x_ptr": f"*{_TRITON_TYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                "R": "i32", "K": "i32", "NB": "i32"},
+               {"ROWS": max(1, fp8.ACT_QUANT_TILE // bs), "BS": bs, "UE8M0": ue8m0},
+               fp8.ELEMENTWISE_WARPS, 1, aligned)
+    for dtype, bs, aligned in itertools.product(dtypes, block_sizes, alignments):
+        yield (f"weight_quant {_TRITON_TYPE[dtype]} bs={bs} {_label(aligned)}",
+               fp8._weight_quant_kernel,
+               {"w_ptr": f"*{_TRITON_TYPE[dtype]}", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                "N": "i32", "K": "i32", "NBK": "i32"},
+               {"BS": bs, "CHUNK": max(1, min(bs, fp8.WEIGHT_QUANT_CHUNK // bs))},
+               fp8.ELEMENTWISE_WARPS, 1, aligned)
+    tile_n, tile_k = fp8.DEQUANT_TILE
+    for dtype, bs, aligned in itertools.product(dtypes, block_sizes, alignments):
+        yield (f"weight_dequant {_TRITON_TYPE[dtype]} bs={bs} {_label(aligned)}",
+               fp8._weight_dequant_kernel,
+               {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": f"*{_TRITON_TYPE[dtype]}",
+                "N": "i32", "K": "i32", "NBK": "i32"},
+               {"BS": bs, "TILE_N": tile_n, "TILE_K": tile_k}, fp8.ELEMENTWISE_WARPS, 1, aligned)
+    gemm_alignments = (("K",), ("K", "N"))
+    for (_, block_m, block_n, warps, stages), dtype, aligned in itertools.product(
+            fp8.GEMM_CONFIGS, dtypes, gemm_alignments):
+        # split-K launches are the same kernel storing fp32
+        yield (f"fp8_gemm {_TRITON_TYPE[dtype]} {block_m}x{block_n} w{warps} s{stages} {_label(aligned)}",
+               fp8._fp8_gemm_kernel,
+               {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
+                "c_ptr": f"*{_TRITON_TYPE[dtype]}", "M": "i32", "N": "i32", "K": "i32",
+                "KB_PER_SPLIT": "i32"},
+               {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": fp8.GEMM_BLOCK_K,
+                "GROUP_M": fp8.GROUP_M},
+               warps, stages, aligned)
+
+
+def _label(multiples_of_16):
+    return "%16:" + (",".join(multiples_of_16) or "-")
+
+
+def compile_for_sm90(only=None):
+    """Compile every kernel variant for sm_90. only: a substring of the labels to keep (e.g.
+    "fp8_gemm"). Returns {label: asm dict}, each asm dict extended with "n_regs",
+    "spill_stores" and "spill_loads" (bytes) from ptxas -v."""
+    results = {}
+    for label, kernel, args, constexprs, warps, stages, aligned in _kernel_variants():
+        if only is not None and only not in label:
+            continue
+        asm = _compile(kernel, args, constexprs, warps, stages, aligned)
+        asm["n_regs"], asm["spill_stores"], asm["spill_loads"] = _ptxas_usage(asm["ptx"])
+        results[label] = asm
+    return results
+
+
+def check_sm90(results=None):
+    """Assert what the kernels must compile to on Hopper; returns the compile_for_sm90() results."""
+    results = compile_for_sm90() if results is None else results
+    if not results:
+        raise AotCompileError("nothing was compiled")
+    for label, asm in results.items():
+        if asm["spill_stores"] or asm["spill_loads"]:
+            raise AotCompileError(f"{label}: register spills ({asm['spill_stores']} B stored, "
+                                  f"{asm['spill_loads']} B loaded, {asm['n_regs']} registers)")
+        ptx = asm["ptx"]
+        if label.startswith("fp8_gemm") and not re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx):
+            raise AotCompileError(f"{label}: no fp8 (e4m3) wgmma in the PTX")
+        if "quant" in label and "dequant" not in label and "cvt.rn.satfinite.e4m3x2.f32" not in ptx:
+            raise AotCompileError(f"{label}: no in-kernel saturating fp32 -> e4m3 conversion")
+        if "div.full.f32" in ptx or "div.approx" in ptx:
+            raise AotCompileError(f"{label}: approximate fp32 division in the PTX")
+    return results
