@@ -39,8 +39,9 @@ _OPS: dict[str, _Op] = {}
 
 
 def register_op(name, reference, triton_module=None, native=True, parts=()):
-    """Declare an op: its torch reference, the module holding its Triton version (a function
-    of the same name), whether _C has CPU/CUDA kernels, or the ops it is composed of."""
+    """Declare an op: its torch reference, the module that registers its Triton version as the
+    custom op dsv3_kernels::<name>_triton, whether _C has CPU/CUDA kernels, or the ops it is
+    composed of."""
     _OPS[name] = _Op(name, reference, triton_module, native, tuple(parts))
 
 
@@ -135,17 +136,28 @@ def _resolve(op: str, device_type: str, device_index, backend) -> str:
             raise BackendUnavailableError(
                 f"{op}: backend {backend!r} (from {source}) cannot run here: {why}. "
                 f"Available for {device.type} tensors: {available_backends(op, device)}")
-        return backend
-    if device.type == "cuda":
+    elif device.type == "cuda":
         if _why_not(spec, "cuda", "cuda") is None and _verified(spec, arch(device)):
-            return "cuda"
-        return "triton" if _why_not(spec, "triton", "cuda") is None else "torch"
-    return "cpu" if _why_not(spec, "cpu", device.type) is None else "torch"
+            backend = "cuda"
+        else:
+            backend = "triton" if _why_not(spec, "triton", "cuda") is None else "torch"
+    else:
+        backend = "cpu" if _why_not(spec, "cpu", device.type) is None else "torch"
+    if backend == "triton":
+        for name in spec.parts or (op,):
+            _load_triton(_OPS[name])
+    return backend
 
 
 def _verified(spec: _Op, arch_name: str) -> bool:
     names = spec.parts or (spec.name,)
     return all(verified.is_verified(n, "cuda", arch_name) for n in names)
+
+
+def _load_triton(spec: _Op):
+    """Import the module that registers dsv3_kernels::<op>_triton (imports triton: done lazily)."""
+    if not torch.compiler.is_compiling():  # while tracing, _resolve already imported it
+        importlib.import_module(spec.triton_module)
 
 
 def implementation(op: str, backend: str):
@@ -154,5 +166,6 @@ def implementation(op: str, backend: str):
     if backend in ("cuda", "cpu"):
         return getattr(torch.ops.dsv3_kernels, op)
     if backend == "triton":
-        return getattr(importlib.import_module(spec.triton_module), op)
+        _load_triton(spec)
+        return getattr(torch.ops.dsv3_kernels, f"{op}_triton")
     return spec.reference
