@@ -9,7 +9,8 @@ kernel, in-kernel saturating fp8 conversion in the quantize kernels, and no regi
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled).
+interpreter's kernels are plain Python and cannot be compiled). All 186 variants take a few
+minutes on a cold Triton cache (seconds when cached); `only=` selects a subset.
 """
 
 import itertools

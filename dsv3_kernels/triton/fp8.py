@@ -74,13 +74,13 @@ def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NBK,
     cols = pid_k * BS + tl.arange(0, BS)
     col_mask = (cols < K)[None, :]
     amax = tl.zeros((CHUNK, BS), dtype=tl.float32)
-    for r in tl.static_range(0, BS, CHUNK):
+    for r in range(0, BS, CHUNK):
         rows = pid_n * BS + r + tl.arange(0, CHUNK)
         offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
         w = tl.load(w_ptr + offs, mask=(rows < N)[:, None] & col_mask, other=0.0).to(tl.float32)
         amax = _max_nan(amax, tl.abs(w))
     scale = _block_scale(tl.reduce(tl.reduce(amax, 1, _max_nan), 0, _max_nan), False)
-    for r in tl.static_range(0, BS, CHUNK):
+    for r in range(0, BS, CHUNK):
         rows = pid_n * BS + r + tl.arange(0, CHUNK)
         offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
         mask = (rows < N)[:, None] & col_mask
