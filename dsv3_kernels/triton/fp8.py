@@ -1,8 +1,8 @@
 """Triton kernels of the FP8 block-scaled family (DeepSeek-V3's recipe).
 
 Semantics are exactly those of dsv3_kernels/reference/fp8.py (bit-identical quantized values and
-scales). Each op is a custom op `dsv3_kernels::<name>_triton`; the public function of the same
-name (what dispatch.implementation calls) takes the schema arguments of csrc/registration.cpp.
+scales). Each op is a custom op `dsv3_kernels::<name>_triton` taking the schema arguments of
+csrc/registration.cpp; importing this module registers them (dispatch does it when triton is chosen).
 
 On a GPU the ops are `torch.library.triton_op`s, so torch.compile traces into them and sees the
 kernels. Under TRITON_INTERPRET=1 (CPU tests) see `_INTERPRETED` for what differs and why.
@@ -318,33 +318,3 @@ def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK_K, GROUP_M=GROUP_M,
         num_warps=num_warps, num_stages=num_stages)
     return (c.sum(0) if split_k > 1 else c).to(out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points for dispatch.implementation(op, "triton"): the schema arguments of csrc/registration.cpp
-# ---------------------------------------------------------------------------------------------
-
-def act_quant(x: torch.Tensor, block_size: int, ue8m0: bool):
-    """x [..., K] fp32/bf16/fp16 contiguous -> (x_fp8 float8_e4m3fn [..., K],
-    scale fp32 [..., ceil(K / block_size)]) per row and block_size-wide block (last one partial)."""
-    return torch.ops.dsv3_kernels.act_quant_triton(x, block_size, ue8m0)
-
-
-def weight_quant(w: torch.Tensor, block_size: int):
-    """w [N, K] fp32/bf16/fp16 contiguous -> (w_fp8 float8_e4m3fn [N, K],
-    scale_inv fp32 [ceil(N / bs), ceil(K / bs)]) per block_size x block_size block."""
-    return torch.ops.dsv3_kernels.weight_quant_triton(w, block_size)
-
-
-def weight_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int, dtype: torch.dtype):
-    """w [N, K] float8_e4m3fn, scale_inv fp32 [ceil(N / bs), ceil(K / bs)] -> [N, K] of dtype
-    (fp32/bf16/fp16) = float(w) * scale_inv of its block."""
-    return torch.ops.dsv3_kernels.weight_dequant_triton(w, scale_inv, block_size, dtype)
-
-
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype: torch.dtype):
-    """a [M, K] e4m3, a_scale [M, K/128] fp32, b [N, K] e4m3, b_scale_inv [ceil(N/128), K/128]
-    fp32, K % 128 == 0 -> a @ b.T [M, N] of out_dtype (bf16/fp16/fp32), fp32 accumulation
-    promoted per 128-wide K block."""
-    return torch.ops.dsv3_kernels.fp8_gemm_triton(a, a_scale, b, b_scale_inv, out_dtype)
