@@ -2,8 +2,9 @@
 
 GPU: peak matrix rates from the vendor's datasheet (dense, no sparsity) and the copy
 bandwidth *measured* on the device (a device-to-device copy; achievable, unlike the datasheet's).
-CPU: both ceilings measured here: the copy bandwidth of a 256 MB tensor and the rate of a
-large fp32 matmul (the FP8 CPU kernels compute in fp32).
+CPU: every ceiling measured here: the copy bandwidth of a 256 MB tensor and the rates of large
+fp32 and bf16 matmuls. The CPU has no fp8 arithmetic: the FP8 CPU kernels widen e4m3 exactly to
+bf16 and use bf16 dot products, so their compute ceiling is the bf16 rate.
 """
 
 import functools
@@ -42,11 +43,14 @@ def hardware(device_type: str) -> dict:
         return {"name": name, "peak_gbps": _copy_gbps("cuda", 2 << 30), "peak_tflops_fp8": fp8,
                 "peak_tflops_bf16": bf16, "peak_tflops_fp32": None,
                 "ceilings": "copy bandwidth measured; matrix rates from the datasheet"}
-    a = torch.randn(2048, 2048)
-    tflops = 2 * 2048**3 / min(_time(lambda: a @ a, 3) for _ in range(3)) / 1e12
-    return {"name": _cpu_name(), "peak_gbps": _copy_gbps("cpu", 256 << 20), "peak_tflops_fp8": None,
-            "peak_tflops_bf16": None, "peak_tflops_fp32": tflops,
-            "ceilings": f"measured: 256 MB copy, 2048^3 fp32 matmul, {torch.get_num_threads()} threads"}
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048).to(dtype)
+        rates[dtype] = 2 * 2048**3 / min(_time(lambda: a @ a, 3) for _ in range(3)) / 1e12
+    bf16 = max(rates.values())  # a CPU without fast bf16 computes it no faster than fp32
+    return {"name": _cpu_name(), "peak_gbps": _copy_gbps("cpu", 256 << 20), "peak_tflops_fp8": bf16,
+            "peak_tflops_bf16": bf16, "peak_tflops_fp32": rates[torch.float32],
+            "ceilings": f"measured: 256 MB copy, 2048^3 fp32/bf16 matmuls, {torch.get_num_threads()} threads"}
 
 
 def _cpu_name():

@@ -35,11 +35,13 @@ def is_verified(op: str, backend: str, arch: str) -> bool:
 def record(results_path: str, path: str = _PATH):
     """Merge a GPU run's per-(op, backend, arch) results into verified.json.
 
-    A triple is added only if every one of its tests passed (none failed, none skipped for a
-    reason other than the backend not being requested); a triple that failed is removed.
+    A triple is added only if the run completed and every one of its tests that ran passed; a
+    triple with a failure is removed.
     """
     with open(results_path) as f:
         run = json.load(f)
+    if not run.get("complete"):
+        raise ValueError(f"{results_path} is from an interrupted test run; nothing recorded")
     with open(path) as f:
         doc = json.load(f)
     table = {(e["op"], e["backend"], e["arch"]): e for e in doc["entries"]}

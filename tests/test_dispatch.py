@@ -97,13 +97,17 @@ def test_verified_record_merges_gpu_results(tmp_path):
         {"op": "act_quant", "backend": "cuda", "arch": "sm_90", "hardware": "old", "date": "2026-01-01",
          "torch": "2.11", "tests": 3}]}))
     run = tmp_path / "run.json"
-    run.write_text(json.dumps({"hardware": "NVIDIA H200", "date": "2026-11-28", "torch": "2.11.0", "results": [
+    run.write_text(json.dumps({"complete": True, "hardware": "NVIDIA H200", "date": "2026-11-28", "torch": "2.11.0", "results": [
         {"op": "fp8_gemm", "backend": "cuda", "arch": "sm_90", "passed": 12, "failed": 0},
         {"op": "act_quant", "backend": "cuda", "arch": "sm_90", "passed": 10, "failed": 1},
         {"op": "weight_quant", "backend": "triton", "arch": "sm_90", "passed": 0, "failed": 0},
     ]}))
     entries = verified.record(str(run), str(table))
     assert [(e["op"], e["backend"], e["hardware"]) for e in entries] == [("fp8_gemm", "cuda", "NVIDIA H200")]
+    interrupted = tmp_path / "interrupted.json"
+    interrupted.write_text(json.dumps({**json.loads(run.read_text()), "complete": False}))
+    with pytest.raises(ValueError, match="interrupted"):
+        verified.record(str(interrupted), str(table))
 
 
 def test_shipped_verified_table_is_well_formed():
