@@ -39,7 +39,7 @@ def _cases(device):
             providers += ["bf16_linear", "dequant_linear"] + (["scaled_mm"] if device == "cuda" else [])
             cases += [(m, n, k, p) for p in providers]
     if device == "cpu":
-        cases += [(m, *CPU_DECODE_SHAPE, p) for m in (4, 8) for p in _backends(device, "fp8_gemm")[:1] + ["bf16_linear"]]
+        cases += [(m, *CPU_DECODE_SHAPE, p) for m in (4, 8, 12) for p in _backends(device, "fp8_gemm")[:1] + ["bf16_linear"]]
     return cases
 
 
