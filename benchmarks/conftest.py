@@ -65,7 +65,7 @@ def bench(benchmark, device):
             benchmark.pedantic(target, rounds=10, warmup_rounds=2)
         else:
             calls = 1
-            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=5, warmup_rounds=1)
+            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=10, warmup_rounds=2)
         seconds = benchmark.stats.stats.median / calls
         row = {
             "op": op, "shape": shape, "provider": provider, "device": device, "us": seconds * 1e6,
