@@ -410,18 +410,34 @@ inline const Bf16Lut& bf16_lut() {
   return lut;
 }
 
+// The lookup tables in registers.
+struct Bf16Tables {
+  __m512i lo0, lo1, hi0, hi1, sign;
+};
+
+DSV3_AVX512BF16 inline Bf16Tables bf16_tables() {
+  const Bf16Lut& t = bf16_lut();
+  return {_mm512_loadu_si512(t.lo), _mm512_loadu_si512(t.lo + 64), _mm512_loadu_si512(t.hi),
+          _mm512_loadu_si512(t.hi + 64), _mm512_set1_epi8(static_cast<char>(0x80))};
+}
+
+// 64 e4m3 bytes at src -> 2 x 32 bf16 of value / 2^8, permuted as above.
+DSV3_AVX512BF16 inline void widen64_bf16(const Bf16Tables& t, const uint8_t* src, __m512i& first, __m512i& second) {
+  const __m512i x = _mm512_loadu_si512(src);
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, x, t.lo1);
+  const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(t.hi0, x, t.hi1), _mm512_and_si512(x, t.sign));
+  first = _mm512_unpacklo_epi8(lo, hi);
+  second = _mm512_unpackhi_epi8(lo, hi);
+}
+
 // count (a multiple of 64) e4m3 bytes -> bf16 of value / 2^8, permuted per 64 as above.
 DSV3_AVX512BF16 inline void e4m3_to_bf16_avx512bf16(const uint8_t* src, uint16_t* dst, int64_t count) {
-  const Bf16Lut& t = bf16_lut();
-  const __m512i lo0 = _mm512_loadu_si512(t.lo), lo1 = _mm512_loadu_si512(t.lo + 64);
-  const __m512i hi0 = _mm512_loadu_si512(t.hi), hi1 = _mm512_loadu_si512(t.hi + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Bf16Tables t = bf16_tables();
   for (int64_t i = 0; i < count; i += 64) {
-    const __m512i x = _mm512_loadu_si512(src + i);
-    const __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
-    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, x, hi1), _mm512_and_si512(x, sign));
-    _mm512_storeu_si512(dst + i, _mm512_unpacklo_epi8(lo, hi));
-    _mm512_storeu_si512(dst + i + 32, _mm512_unpackhi_epi8(lo, hi));
+    __m512i first, second;
+    widen64_bf16(t, src + i, first, second);
+    _mm512_storeu_si512(dst + i, first);
+    _mm512_storeu_si512(dst + i + 32, second);
   }
 }
 
@@ -510,32 +526,31 @@ constexpr int kMRfold = 12;
 // into the next rows): measured faster than 512 B - 2 KiB, notably for short rows (K = 2048).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// One B row's 128-wide K slice at src -> 4 x 32 bf16, prefetching the row kPrefetchBytes ahead.
+DSV3_AVX512BF16 inline void widen_b_slice(const Bf16Tables& t, const uint8_t* src, __m512bh out[4]) {
+  _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64), _MM_HINT_T0);
+  for (int h = 0; h < 2; ++h) {
+    __m512i first, second;
+    widen64_bf16(t, src + 64 * h, first, second);
+    out[2 * h] = (__m512bh)first;
+    out[2 * h + 1] = (__m512bh)second;
+  }
+}
+
 // a: MR rows of raw bf16 A (stride k); s[kb * lds + i]: a_scale * b_scale_inv * 2^16 for row
 // i and block kb; b: NR rows of fp8 B (stride k), inside one 128-row block of b_scale_inv.
 template <int MR, int NR>
 DSV3_AVX512BF16 void gemm_small_bf16(const uint16_t* a, const float* s, int64_t lds, const uint8_t* b, int64_t k,
                                      float* c, int64_t ldc) {
-  const Bf16Lut& t = bf16_lut();
-  const __m512i lo0 = _mm512_loadu_si512(t.lo), lo1 = _mm512_loadu_si512(t.lo + 64);
-  const __m512i hi0 = _mm512_loadu_si512(t.hi), hi1 = _mm512_loadu_si512(t.hi + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Bf16Tables t = bf16_tables();
   __m512 tot[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < k / kGemmBlk; ++kb) {
     const int64_t k0 = kb * kGemmBlk;
     __m512bh bv[NR][4];
-    for (int j = 0; j < NR; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes + 64), _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {
-        const __m512i x = _mm512_loadu_si512(b + j * k + k0 + 64 * h);
-        const __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
-        const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, x, hi1), _mm512_and_si512(x, sign));
-        bv[j][2 * h] = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
-        bv[j][2 * h + 1] = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
-      }
-    }
+    for (int j = 0; j < NR; ++j) widen_b_slice(t, b + j * k + k0, bv[j]);
     for (int i = 0; i < MR; ++i) {
       __m512 blk[NR];
       for (int j = 0; j < NR; ++j) blk[j] = _mm512_setzero_ps();
@@ -559,26 +574,13 @@ DSV3_AVX512BF16 void gemm_small_bf16(const uint16_t* a, const float* s, int64_t 
 template <int MR>
 DSV3_AVX512BF16 void gemm_small_bf16_fold(const uint16_t* a, const float* s, int64_t lds, const uint8_t* b,
                                           int64_t k, float* c, int64_t ldc) {
-  const Bf16Lut& t = bf16_lut();
-  const __m512i lo0 = _mm512_loadu_si512(t.lo), lo1 = _mm512_loadu_si512(t.lo + 64);
-  const __m512i hi0 = _mm512_loadu_si512(t.hi), hi1 = _mm512_loadu_si512(t.hi + 64);
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Bf16Tables t = bf16_tables();
   __m512 tot[MR];
   for (int i = 0; i < MR; ++i) tot[i] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < k / kGemmBlk; ++kb) {
     const int64_t k0 = kb * kGemmBlk;
     __m512bh bv[2][4];
-    for (int j = 0; j < 2; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k0 + kPrefetchBytes + 64), _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {
-        const __m512i x = _mm512_loadu_si512(b + j * k + k0 + 64 * h);
-        const __m512i lo = _mm512_permutex2var_epi8(lo0, x, lo1);
-        const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, x, hi1), _mm512_and_si512(x, sign));
-        bv[j][2 * h] = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
-        bv[j][2 * h + 1] = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
-      }
-    }
+    for (int j = 0; j < 2; ++j) widen_b_slice(t, b + j * k + k0, bv[j]);
     // Unrolled so that tot[] stays in registers (GCC keeps a 9+ trip loop rolled).
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
