@@ -47,7 +47,8 @@ def main(argv=None):
     print(f"weight {n}x{k}: e4m3 + 128x128 scales {wq.numel() / 1e6 + ws.numel() * 4e-6:.1f} MB "
           f"(bf16 {w_bf16.numel() * 2e-6:.1f} MB)")
     backends = [b for b in dk.available_backends("fp8_linear", dev) if not (b == "triton" and dev == "cpu")]
-    print(f"backends: {backends} (auto picks {dk.dispatch.resolve('fp8_linear', torch.device(dev))!r})\n")
+    print(f"backends: {backends} (auto picks {dk.dispatch.resolve('fp8_linear', torch.device(dev))!r})")
+    print("best of 5 calls on one weight, which may stay in cache; benchmarks/bench_fp8.py reads it from memory\n")
     print(f"{'provider':>14s} {'M':>4s} {'time ms':>9s} {'weight GB/s':>12s} {'calc_diff vs fp32':>18s} {'vs bf16 F.linear':>17s}")
     for m in (1, 16):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
