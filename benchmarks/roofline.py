@@ -77,7 +77,8 @@ def roofline_fraction(seconds, flops, nbytes, device_type, precision):
 # ---- bytes and FLOPs of the ops (inputs read once, outputs written once) ----
 
 def gemm_cost(m, n, k, out_bytes=2, a_bytes=1, b_bytes=1):
-    scales = 4 * (m * k // 128 + -(-n // 128) * k // 128) if a_bytes == 1 else 0
+    """An fp8 (1-byte) operand also reads its fp32 block scales: 1x128 for A, 128x128 for B."""
+    scales = 4 * (m * k // 128 if a_bytes == 1 else 0) + 4 * (-(-n // 128) * k // 128 if b_bytes == 1 else 0)
     return 2 * m * n * k, m * k * a_bytes + n * k * b_bytes + scales + m * n * out_bytes
 
 
