@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
+from dsv3_kernels.reference.fp8 import calc_diff
 
 
 def _time(fn, device, reps):
@@ -24,11 +25,6 @@ def _time(fn, device, reps):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def calc_diff(x, y):
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
 def main(argv=None):

@@ -16,12 +16,6 @@ FP8 = torch.float8_e4m3fn
 GPU_ACCUM_TOL = 2e-3  # Hopper's fp8 MMA accumulates each 128-K block with ~14 mantissa bits
 
 
-def calc_diff(x, y):
-    """1 - 2 sum(xy) / sum(x^2 + y^2): 0 for equal tensors, ~1 - cosine similarity otherwise."""
-    x, y = x.double(), y.double()
-    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
-
-
 def randn(*shape, device, dtype=torch.float32, spread=True):
     """Random values whose magnitude varies by row and column (so blocks get different scales)."""
     x = torch.randn(*shape, device=device)
@@ -177,7 +171,7 @@ def test_fp8_linear_quantization_error(device, backend, shape, n, k):
     wq, ws = ref.weight_quant(w.cpu())
     y = dk.fp8_linear(x, wq.to(device), ws.to(device), bias=b, out_dtype=torch.float32, backend=backend)
     assert y.shape == (*shape[:-1], n)
-    assert calc_diff(y.cpu(), (x @ w.T + b).cpu()) < 1e-3
+    assert ref.calc_diff(y.cpu(), (x @ w.T + b).cpu()) < 1e-3
 
 
 @pytest.mark.ops("act_quant", "fp8_gemm")
@@ -208,5 +202,5 @@ def test_reference_weight_quant_format():
     w = randn(300, 200, device="cpu")
     q, s = ref.weight_quant(w)
     assert s.shape == (3, 2)
-    assert calc_diff(ref.weight_dequant(q, s, dtype=torch.float32), w) < 1e-3
+    assert ref.calc_diff(ref.weight_dequant(q, s, dtype=torch.float32), w) < 1e-3
     assert s[0, 0] == w[:128, :128].abs().max() / 448

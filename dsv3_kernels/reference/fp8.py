@@ -66,3 +66,10 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_in
     a_deq = a.float() * a_scale.float().repeat_interleave(128, 1)[:, :k]
     b_deq = weight_dequant(b, b_scale_inv, 128, torch.float32)
     return (a_deq @ b_deq.T).to(out_dtype)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - 2 sum(xy) / sum(x^2 + y^2): 0 for equal tensors, ~1 - cosine similarity otherwise
+    (DeepGEMM's check of an FP8 result against the unquantized product; < 1e-3 passes)."""
+    x, y = x.double(), y.double()
+    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
