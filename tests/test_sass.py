@@ -122,8 +122,13 @@ def _run(*args):
     return subprocess.run([_cuobjdump(), *args], check=True, capture_output=True, text=True).stdout
 
 
-def test_gemm_kernels_use_qgmma(module_so):
-    gemms = gemm_functions(parse_sass(_run("-sass", module_so)))
+@pytest.fixture(scope="module")
+def sass(module_so):
+    return parse_sass(_run("-sass", module_so))
+
+
+def test_gemm_kernels_use_qgmma(sass):
+    gemms = gemm_functions(sass)
     assert len(gemms) == GEMM_INSTANTIATIONS, f"expected {GEMM_INSTANTIATIONS} sm_90a GEMM kernels, got {sorted(gemms)}"
     without = [fn for (_, fn), n in gemms.items() if n == 0]
     assert not without, f"GEMM kernels without QGMMA in their sm_90a SASS: {without}"
@@ -135,7 +140,7 @@ def test_no_kernel_spills(module_so):
     assert not spilling(usage), "kernels with local memory or a stack frame:\n" + "\n".join(spilling(usage))
 
 
-def test_quant_kernels_present(module_so):
-    functions = [fn for (_, fn) in parse_sass(_run("-sass", module_so))]
+def test_quant_kernels_present(sass):
+    functions = [fn for (_, fn) in sass]
     missing = [k for k in QUANT_KERNELS if not any(k in fn for fn in functions)]
     assert not missing, f"kernels missing from _C.so: {missing}"
