@@ -23,4 +23,18 @@ TORCH_LIBRARY(dsv3_kernels, m) {
   // a [M, K] e4m3, a_scale [M, K/128] fp32, b [N, K] e4m3, b_scale_inv [ceil(N/128), K/128] fp32
   //   -> a @ b.T [M, N] of out_dtype, fp32 accumulation promoted per 128-wide K block
   m.def("fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale_inv, ScalarType out_dtype) -> Tensor");
+
+  // ---- MLA absorbed-attention decode over a paged latent KV cache ----
+  // q [B, s_q, H, 576] (absorbed q_nope 512 | q_pe 64), kv_cache [num_blocks, block_size, 576]
+  // (c_kv 512 | k_pe 64) of q's dtype, block_table int32 [B, max_blocks], cache_seqlens int32 [B]
+  // (counting the s_q new tokens, the last s_q of each sequence); num_splits 0 = the kernel's choice
+  //   -> (out [B, s_q, H, 512] of q's dtype, lse fp32 [B, H, s_q], natural log)
+  m.def("mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, float softmax_scale, "
+        "bool causal, int num_splits) -> (Tensor, Tensor)");
+  // kv_c [T, 512], k_pe [T, 64] written to kv_cache [num_blocks, block_size, 576] at slot_mapping
+  // int64 [T] (slot = block * block_size + offset; < 0 skips the token). Optional fusions:
+  // RMSNorm of kv_c with kv_norm_weight [512] and eps (kv_a_layernorm), interleaved RoPE of k_pe
+  // with rope_cos/rope_sin fp32 [T, 32].
+  m.def("mla_cache_write(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
+        "Tensor? kv_norm_weight, float eps, Tensor? rope_cos, Tensor? rope_sin) -> ()");
 }

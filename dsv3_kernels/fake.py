@@ -29,3 +29,12 @@ if _native.loaded():
     @torch.library.register_fake("dsv3_kernels::fp8_gemm")
     def _(a, a_scale, b, b_scale_inv, out_dtype):
         return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("dsv3_kernels::mla_decode")
+    def _(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, num_splits):
+        b, s_q, h, _ = q.shape
+        return q.new_empty((b, s_q, h, 512)), q.new_empty((b, h, s_q), dtype=torch.float32)
+
+    @torch.library.register_fake("dsv3_kernels::mla_cache_write")
+    def _(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, eps, rope_cos, rope_sin):
+        return None

@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch
 from .reference import fp8 as _ref_fp8
+from .reference import mla as _ref_mla
 
 FP8_DTYPE = torch.float8_e4m3fn
 GEMM_BLOCK = 128  # the fp8_gemm scale format: 1x128 activation blocks, 128x128 weight blocks
@@ -20,6 +21,8 @@ dispatch.register_op("weight_quant", _ref_fp8.weight_quant, "dsv3_kernels.triton
 dispatch.register_op("weight_dequant", _ref_fp8.weight_dequant, "dsv3_kernels.triton.fp8")
 dispatch.register_op("fp8_gemm", _ref_fp8.fp8_gemm, "dsv3_kernels.triton.fp8")
 dispatch.register_op("fp8_linear", None, parts=("act_quant", "fp8_gemm"))
+dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla")
+dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
 
 available_backends = dispatch.available_backends
 
@@ -165,3 +168,143 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- MLA absorbed-attention decode ----
+
+MLA_HEAD_DIM = _ref_mla.HEAD_DIM  # 576 = c_kv 512 | k_pe 64
+MLA_LORA_RANK = _ref_mla.KV_LORA_RANK
+MLA_ROPE_DIM = _ref_mla.ROPE_DIM
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _as_3d_cache(kv_cache):
+    """FlashMLA's [num_blocks, block_size, 1, 576] cache is accepted as the 3-D one."""
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4 and kv_cache.shape[2] == 1:
+        return kv_cache.squeeze(2)
+    return kv_cache
+
+
+def _check_cache(kv_cache, dtypes):
+    _check_tensor("kv_cache", kv_cache, dtypes, ndim=3)
+    if kv_cache.shape[2] != MLA_HEAD_DIM:
+        raise ValueError(f"kv_cache must be [num_blocks, block_size, {MLA_HEAD_DIM}] "
+                         f"(c_kv {MLA_LORA_RANK} | k_pe {MLA_ROPE_DIM}), got {tuple(kv_cache.shape)}")
+    bs = kv_cache.shape[1]
+    if bs < 1 or bs & (bs - 1):
+        raise ValueError(f"kv_cache's block_size (dim 1) must be a power of two, got {bs}")
+
+
+def _check_decode_metadata(block_table, cache_seqlens, num_blocks, block_size):
+    """Value checks of the paging metadata; only where it is on the CPU (free, no device sync)."""
+    lens = cache_seqlens.long()
+    limit = block_table.shape[1] * block_size
+    bad = ((lens < 0) | (lens > limit)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"cache_seqlens[{i}] = {int(lens[i])} is outside [0, {limit}] "
+                         f"(block_table has {block_table.shape[1]} blocks of {block_size} tokens per request)")
+    needed = torch.arange(block_table.shape[1])[None, :] < (-(-lens // block_size))[:, None]
+    used = block_table[needed]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+        rows, cols = (needed & ((block_table < 0) | (block_table >= num_blocks))).nonzero()[0].tolist()
+        raise ValueError(f"block_table[{rows}, {cols}] = {int(block_table[rows, cols])} is outside the cache's "
+                         f"{num_blocks} blocks (and request {rows} reads it)")
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+               softmax_scale: float, causal: bool = False, num_splits: int = 0, *, backend=None):
+    """Absorbed Multi-head Latent Attention decode over a paged latent KV cache (FlashMLA's formats).
+
+    q: [B, s_q, H, 576] bfloat16/float16/float32: the absorbed query (q_nope @ W_UK: 512 | q_pe: 64).
+    kv_cache: [num_blocks, block_size, 576] (or FlashMLA's [num_blocks, block_size, 1, 576]) of q's
+      dtype: per token the normalized latent c_kv (512, also the value) | the RoPE'd k_pe (64).
+    block_table: int32 [B, max_blocks]: the cache blocks of each request, in order.
+    cache_seqlens: int32 [B]: each request's length, counting its s_q new tokens (the last s_q).
+    softmax_scale: always explicit (DeepSeek-V3: 192**-0.5 * mscale**2, not 576**-0.5).
+    causal: new token i sees keys 0 .. seqlen - s_q + i (multi-token-prediction drafts).
+    num_splits: how many parts each sequence's keys are split into (0: the backend's choice; the
+      result is the same up to rounding).
+    Returns (out [B, s_q, H, 512] of q's dtype, lse float32 [B, H, s_q], natural log). A request of
+    length 0 gets out = 0 and lse = -inf.
+
+    Metadata values are checked here when they are on the CPU. On a GPU they are not (that would
+    cost a device sync per call): a request with an out-of-range length or block index is never
+    read out of bounds and gets out = lse = NaN instead.
+    The CUDA kernel takes bfloat16/float16; float32 on a GPU goes to triton unless backend= says so.
+    """
+    kv_cache = _as_3d_cache(kv_cache)
+    _check_tensor("q", q, _FLOAT_DTYPES, ndim=4)
+    if q.shape[3] != MLA_HEAD_DIM:
+        raise ValueError(f"q must be [B, s_q, H, {MLA_HEAD_DIM}] (absorbed q_nope {MLA_LORA_RANK} | q_pe "
+                         f"{MLA_ROPE_DIM}), got {tuple(q.shape)}")
+    _check_cache(kv_cache, _FLOAT_DTYPES)
+    if kv_cache.dtype != q.dtype:
+        raise TypeError(f"kv_cache must have q's dtype {q.dtype}, got {kv_cache.dtype}")
+    _check_tensor("block_table", block_table, (torch.int32,), ndim=2)
+    _check_tensor("cache_seqlens", cache_seqlens, (torch.int32,), ndim=1)
+    _check_same_device(q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+    b, s_q, h, _ = q.shape
+    if block_table.shape[0] != b or cache_seqlens.shape[0] != b:
+        raise ValueError(f"block_table [B, max_blocks] and cache_seqlens [B] must have q's batch size B = {b}, "
+                         f"got {tuple(block_table.shape)} and {tuple(cache_seqlens.shape)}")
+    if s_q < 1 or h < 1:
+        raise ValueError(f"q must have s_q >= 1 and H >= 1, got shape {tuple(q.shape)}")
+    if not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < float("inf"):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+    if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
+    chosen = dispatch.resolve("mla_decode", q.device, backend)
+    if chosen == "cuda" and backend is None and q.dtype == torch.float32:
+        chosen = dispatch.resolve("mla_decode", q.device, "triton")
+    return dispatch.implementation("mla_decode", chosen)(
+        q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal), num_splits)
+
+
+def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    kv_norm_weight=None, eps: float = 1e-6, rope_cos=None, rope_sin=None, *, backend=None):
+    """Write new tokens into the paged latent cache, in place, optionally fusing kv_a_layernorm and RoPE.
+
+    kv_c: [T, 512], k_pe: [T, 64] (bfloat16/float16/float32, one dtype); kv_cache: [num_blocks,
+    block_size, 576] (or [.., 1, 576]); slot_mapping: int64 [T], slot = block * block_size + offset,
+    a negative slot skips that token (padding).
+    kv_norm_weight: [512] or None: store RMSNorm(kv_c) * kv_norm_weight (Hugging Face's
+      DeepseekV3RMSNorm with `eps`) instead of kv_c.
+    rope_cos, rope_sin: float32 [T, 32] or None: store k_pe rotated in interleaved pairs
+      (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), DeepSeek-V3's RoPE.
+    Slots past the cache raise an error where slot_mapping is on the CPU; on a GPU they are skipped.
+    """
+    kv_cache = _as_3d_cache(kv_cache)
+    _check_tensor("kv_c", kv_c, _FLOAT_DTYPES, ndim=2)
+    _check_tensor("k_pe", k_pe, (kv_c.dtype,), ndim=2)
+    _check_cache(kv_cache, _FLOAT_DTYPES)
+    _check_tensor("slot_mapping", slot_mapping, (torch.int64,), ndim=1)
+    t = kv_c.shape[0]
+    if kv_c.shape[1] != MLA_LORA_RANK or tuple(k_pe.shape) != (t, MLA_ROPE_DIM) or slot_mapping.shape[0] != t:
+        raise ValueError(f"expected kv_c [T, {MLA_LORA_RANK}], k_pe [T, {MLA_ROPE_DIM}], slot_mapping [T]; got "
+                         f"{tuple(kv_c.shape)}, {tuple(k_pe.shape)}, {tuple(slot_mapping.shape)}")
+    tensors = {"kv_c": kv_c, "k_pe": k_pe, "kv_cache": kv_cache, "slot_mapping": slot_mapping}
+    if kv_norm_weight is not None:
+        _check_tensor("kv_norm_weight", kv_norm_weight, _FLOAT_DTYPES, ndim=1)
+        if kv_norm_weight.shape[0] != MLA_LORA_RANK:
+            raise ValueError(f"kv_norm_weight must be [{MLA_LORA_RANK}], got {tuple(kv_norm_weight.shape)}")
+        tensors["kv_norm_weight"] = kv_norm_weight
+    if (rope_cos is None) != (rope_sin is None):
+        raise ValueError("rope_cos and rope_sin must be given together")
+    if rope_cos is not None:
+        for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+            _check_tensor(name, r, (torch.float32,), ndim=2)
+            if tuple(r.shape) != (t, MLA_ROPE_DIM // 2):
+                raise ValueError(f"{name} must be [T, {MLA_ROPE_DIM // 2}] = [{t}, {MLA_ROPE_DIM // 2}], "
+                                 f"got {tuple(r.shape)}")
+            tensors[name] = r
+    _check_same_device(**tensors)
+    if slot_mapping.device.type == "cpu" and t and not torch.compiler.is_compiling():
+        capacity = kv_cache.shape[0] * kv_cache.shape[1]
+        if int(slot_mapping.max()) >= capacity:
+            i = int(slot_mapping.argmax())
+            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
+    dispatch.implementation("mla_cache_write", dispatch.resolve("mla_cache_write", kv_c.device, backend))(
+        kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps), rope_cos, rope_sin)

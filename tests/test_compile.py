@@ -72,3 +72,61 @@ def test_cuda_graph_capture(device, backend):
     graph.replay()
     torch.testing.assert_close(y_graph, dk.fp8_linear(x, wq, ws, backend=backend), rtol=0, atol=0)
     assert not torch.equal(y_graph, y)
+
+
+# ---- MLA ----
+
+def _mla_samples(device):
+    from test_mla import make_cache, _write_case
+    decode = make_cache([70, 0, 130], 64, torch.bfloat16, device, s_q=2, h=16)
+    return {
+        "mla_decode": [(tuple(decode) + (0.1, True, 0), ALL_UTILS), (tuple(decode) + (0.1, False, 3), ALL_UTILS)],
+        "mla_cache_write": [(tuple(_write_case(9, torch.bfloat16, device, fused)), ALL_UTILS) for fused in (False, True)],
+    }
+
+
+@pytest.mark.ops("mla_decode", "mla_cache_write")
+def test_opcheck_mla(device, backend):
+    for name, cases in _mla_samples(device).items():
+        for args, utils in cases:
+            torch.library.opcheck(_op(name, backend), args, test_utils=utils)
+
+
+@pytest.mark.ops("mla_decode", "mla_cache_write")
+def test_compile_fullgraph_mla(device, backend):
+    from test_mla import SCALE, make_cache
+    torch._dynamo.reset()
+    q, kv_cache, block_table, seqlens = make_cache([70, 5], 64, torch.bfloat16, device, s_q=1, h=16)
+    kv_cache = kv_cache.nan_to_num()
+    kv_c, k_pe = torch.randn(2, 512, device=device).bfloat16(), torch.randn(2, 64, device=device).bfloat16()
+    slots = (block_table[:, 1].long() * 64 + 3).to(device)
+
+    def f(q, kv_cache, kv_c, k_pe):
+        dk.mla_cache_write(kv_c, k_pe, kv_cache, slots, backend=backend)
+        return dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)
+
+    compiler = "aot_eager" if device == "cpu" else "inductor"
+    cache_compiled = kv_cache.clone()
+    got = torch.compile(f, fullgraph=True, backend=compiler)(q, cache_compiled, kv_c, k_pe)
+    want = f(q, kv_cache, kv_c, k_pe)
+    torch.testing.assert_close(cache_compiled, kv_cache, rtol=0, atol=0, equal_nan=True)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.ops("mla_decode")
+def test_cuda_graph_capture_mla(device, backend):
+    """Capture once, replay on new lengths and queries: no host sync, no data-dependent shapes."""
+    from test_mla import SCALE, make_cache
+    q, kv_cache, block_table, seqlens = make_cache([700, 3000, 64, 1], 64, torch.bfloat16, device, h=128)
+    out, lse = dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)
+    q.copy_(torch.randn_like(q))
+    seqlens.copy_(torch.tensor([3000, 5, 0, 64], dtype=torch.int32))
+    graph.replay()
+    want = dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)
+    torch.testing.assert_close(out_g, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse_g, want[1], rtol=0, atol=0)
