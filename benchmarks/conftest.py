@@ -3,7 +3,7 @@
 `bench(...)` times one call of an op (rotating through copies of its inputs so caches do not
 flatter memory-bound cases), stores time, TFLOP/s, GB/s and the roofline fraction in the
 result's extra_info, and at the end of the session the results are written to
-benchmarks/results/<hardware>-<date>.{json,csv} (or --results-dir) and printed as a table.
+benchmarks/results/<hardware>-<date>-<suite>.{json,csv} (or --results-dir) and printed as a table.
 On CUDA each timed round is a batch of launches followed by one synchronize; times are per call.
 """
 
@@ -104,7 +104,9 @@ def pytest_sessionfinish(session, exitstatus):
         pass
     out_dir = session.config.getoption("--results-dir")
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}-{meta['date']}")
+    # One file per suite, so running bench_mla.py does not overwrite bench_fp8.py's results.
+    suites = "+".join(sorted({item.module.__name__.removeprefix("bench_") for item in session.items}))
+    stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}-{meta['date']}-{suites}")
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "results": _ROWS}, f, indent=2)
     with open(stem + ".csv", "w", newline="") as f:

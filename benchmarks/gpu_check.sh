@@ -25,7 +25,7 @@ fi
 echo "built in $((SECONDS - start)) s: $(grep -m1 "dsv3_kernels build" "$OUT/build.log")"
 
 step "tests on the GPU"
-timeout -s INT 170 $PY -m pytest tests -q -rs --ignore tests/test_triton_sm90.py --record-verified "$OUT/verified_run.json" \
+timeout -s INT 200 $PY -m pytest tests -q -rs --ignore tests/test_triton_sm90.py --record-verified "$OUT/verified_run.json" \
   --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 echo "pytest exit $?: $(tail -n 1 "$OUT/tests.log")"
 if [ -f "$OUT/verified_run.json" ]; then
@@ -39,8 +39,11 @@ echo "memcheck exit $?: $(grep -c "Invalid" "$OUT/memcheck.log") invalid accesse
 
 step benchmarks
 mkdir -p "$OUT/bench"
-timeout -s INT 150 $PY -m pytest benchmarks/bench_fp8.py -q --device cuda --results-dir "$OUT/bench" \
-  --benchmark-json "$OUT/bench/pytest-benchmark.json" > "$OUT/bench.log" 2>&1
-echo "benchmarks exit $?"
+for suite in fp8 mla; do
+  timeout -s INT 120 $PY -m pytest benchmarks/bench_$suite.py -q --device cuda --results-dir "$OUT/bench" \
+    --benchmark-json "$OUT/bench/pytest-benchmark-$suite.json" > "$OUT/bench_$suite.log" 2>&1
+  echo "benchmarks $suite exit $?"
+done
 step done
-sed -n '/ceilings:/,$p' "$OUT/bench.log" | grep -E "ceilings|^op|fp8_linear .*(M=64 N=2112|M=4096 N=7168 K=16384|M=64 N=7168 K=16384)|act_quant"
+sed -n '/ceilings:/,$p' "$OUT/bench_fp8.log" | grep -E "ceilings|^op|fp8_linear .*(M=64 N=2112|M=4096 N=7168 K=16384|M=64 N=7168 K=16384)|act_quant"
+sed -n '/ceilings:/,$p' "$OUT/bench_mla.log" | grep -E "^mla_decode .*(cuda|triton)"

@@ -88,3 +88,11 @@ def act_quant_cost(m, k, in_bytes=2):
 
 def weight_dequant_cost(n, k, out_bytes=2):
     return n * k, n * k * (1 + out_bytes) + 4 * -(-n // 128) * -(-k // 128)
+
+
+def mla_decode_cost(batch, s_q, heads, seqlen, elt=2, head_dim=576, dv=512):
+    """Absorbed MLA decode: scores (576 wide) and P @ V (512 wide) for every query row and key;
+    bytes as FlashMLA counts them: the cache of every key once + q + out."""
+    flops = 2 * batch * s_q * heads * seqlen * (head_dim + dv)
+    nbytes = elt * (batch * seqlen * head_dim + batch * s_q * heads * (head_dim + dv))
+    return flops, nbytes

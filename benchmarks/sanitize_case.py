@@ -16,3 +16,21 @@ for backend in dk.available_backends("fp8_gemm", "cuda"):
         dk.fp8_gemm(a[:m].contiguous(), a_s[:m].contiguous(), b, b_s, backend=backend)
     torch.cuda.synchronize()
     print(f"{backend}: ok")
+
+# MLA decode: varlen with empty and partial blocks, causal s_q = 2, several splits.
+import math  # noqa: E402
+
+seqlens = torch.tensor([0, 1, 65, 700], dtype=torch.int32, device="cuda")
+block_table = torch.randperm(4 * 11, dtype=torch.int32, device="cuda").view(4, 11)
+kv_cache = torch.randn(4 * 11, 64, 576, device="cuda", dtype=torch.bfloat16)
+q = torch.randn(4, 2, 16, 576, device="cuda", dtype=torch.bfloat16)
+for backend in dk.available_backends("mla_decode", "cuda"):
+    if backend == "torch":
+        continue
+    for splits in (0, 1, 5):
+        dk.mla_decode(q, kv_cache, block_table, seqlens, 192 ** -0.5, True, splits, backend=backend)
+    slots = torch.tensor([3, -1, 64 * 43 + 63], device="cuda")
+    dk.mla_cache_write(q[0, 0, :3, :512].contiguous(), q[0, 0, :3, 512:].contiguous(), kv_cache, slots,
+                       backend=backend)
+    torch.cuda.synchronize()
+    print(f"mla {backend}: ok")
