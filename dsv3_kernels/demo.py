@@ -1,7 +1,12 @@
-"""A short FP8 GEMM demo: DeepSeek-V3's fused q_a/kv_a projection (2112 x 7168) in FP8 on every
-backend that runs natively here, its error against the fp32 product, and its speed against bf16
-F.linear on the same weight.  Run: python -m dsv3_kernels.demo [--device cpu|cuda]
+"""A short demo of the kernels on DeepSeek-V3's shapes, on every backend that runs natively here:
+- FP8: the fused q_a/kv_a projection (2112 x 7168), its error against the fp32 product, and its
+  speed against bf16 F.linear on the same weight;
+- MLA decode: 16 heads (a tensor-parallel shard of 128) over a paged latent cache of requests of
+  different lengths, its error against the fp32 reference and its speed against plain PyTorch.
+Run: python -m dsv3_kernels.demo [--device cpu|cuda]
 """
+
+import math
 
 import argparse
 import time
@@ -10,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
+from dsv3_kernels.reference import mla as ref_mla
 from dsv3_kernels.reference.fp8 import calc_diff
 
 
@@ -58,6 +64,37 @@ def main(argv=None):
         for name, t, y, nbytes in rows:
             print(f"{name:>14s} {m:4d} {t * 1e3:9.2f} {nbytes / t / 1e9:12.1f} {calc_diff(y, exact):18.2e} "
                   f"{t_bf16 / t:16.2f}x")
+
+    mla_demo(dev)
+
+
+def mla_demo(dev, heads=16, seqlens=(4096, 1000, 3000, 37, 2048, 4096, 1, 512), block_size=64):
+    b = len(seqlens)
+    scale = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2  # DeepSeek-V3: 192^-0.5 * mscale^2
+    nblk = [-(-n // block_size) for n in seqlens]
+    kv_cache = torch.randn(sum(nblk), block_size, ref_mla.HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    block_table = torch.zeros(b, max(nblk), dtype=torch.int32, device=dev)
+    perm = torch.randperm(sum(nblk), dtype=torch.int32, device=dev).split(nblk)
+    for i, ids in enumerate(perm):
+        block_table[i, : len(ids)] = ids
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=dev)
+    q = torch.randn(b, 1, heads, ref_mla.HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    print(f"\nMLA decode: {b} requests of lengths {list(seqlens)}, {heads} heads, pages of {block_size}; "
+          f"cache {ref_mla.HEAD_DIM * 2} B/token/layer in bf16 (per-head K and V would be {128 * 320 * 2})")
+    exact, _ = ref_mla.mla_decode(q.float(), kv_cache.float(), block_table, lens, scale)
+    rows = [("naive bf16", lambda: ref_mla.naive_absorbed_decode(q, kv_cache, block_table, lens, scale)[0], 3)]
+    for backend in dk.available_backends("mla_decode", dev):
+        if backend in ("torch", "triton") and dev == "cpu":
+            continue
+        rows.append((backend, lambda b=backend: dk.mla_decode(q, kv_cache, block_table, lens, scale, backend=b)[0], 5))
+    nbytes = sum(seqlens) * ref_mla.HEAD_DIM * 2
+    t_naive = None
+    print(f"{'provider':>14s} {'time ms':>9s} {'cache GB/s':>11s} {'max err vs fp32':>16s} {'vs naive':>9s}")
+    for name, fn, reps in rows:
+        t = _time(fn, dev, reps)
+        t_naive = t_naive or t
+        err = (fn().float() - exact).abs().max().item()
+        print(f"{name:>14s} {t * 1e3:9.2f} {nbytes / t / 1e9:11.1f} {err:16.2e} {t_naive / t:8.2f}x")
 
 
 if __name__ == "__main__":
