@@ -7,12 +7,12 @@ arguments of csrc/registration.cpp, the same way as triton/fp8.py (triton_op on 
 custom op under TRITON_INTERPRET=1: see `_INTERPRETED`).
 
 mla_decode runs in two stages (split-KV, like FlashMLA and the Triton MLA decodes of vLLM/SGLang):
-1. `_mla_decode_split_kernel`, grid (B, row blocks, splits): the s_q * H query rows of a request
+1. `_mla_decode_split_kernel`, grid (row blocks, splits, B): the s_q * H query rows of a request
    are the M rows of the tile (one latent key serves every head: MQA), BLOCK_R of them per
    program; each program walks one split of the request's key tiles, gathering every key's page
    through block_table, with an fp32 online softmax in base 2, and writes its normalized partial
    output and log2-sum-exp to an fp32 workspace.
-2. `_mla_decode_merge_kernel`, grid (B, row blocks): merges the splits by their LSE and writes
+2. `_mla_decode_merge_kernel`, grid (row blocks, B): merges the splits by their LSE and writes
    out (q's dtype) and lse ([B, H, s_q], natural log).
 """
 
@@ -62,11 +62,13 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse_part_ptr,
-                             qk_scale, S_Q, H, NUM_BLOCKS, MAX_BLOCKS, NUM_SPLITS,
-                             BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                             CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr):
+                             qk_scale, S_Q, H, NUM_BLOCKS, MAX_BLOCKS, NUM_SPLITS, BLOCK_SIZE,
+                             CAUSAL, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                             FP32_DOT: tl.constexpr):
     """Partial attention of BLOCK_R query rows (row = s * H + h) of request b over split `split`
-    of its keys. qk_scale = softmax_scale * log2(e).
+    of its keys. qk_scale = softmax_scale * log2(e). The page size and `causal` are runtime
+    arguments (a division and a select per key tile), so one compiled kernel per dtype serves them
+    all.
 
     Writes o_part [B, NUM_SPLITS, S_Q * H, 512] (the split's softmax-normalized output, 0 where
     the rows see none of its keys) and lse_part [B, NUM_SPLITS, S_Q * H] (log2-sum-exp, -inf for
@@ -75,10 +77,11 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
     DV: tl.constexpr = 512
     DR: tl.constexpr = 64
     D: tl.constexpr = DV + DR
-    b = tl.program_id(0)
-    split = tl.program_id(2)
+    # Grid (row blocks, splits, B): the row blocks that read the same key tiles run together.
+    b = tl.program_id(2)
+    split = tl.program_id(1)
     n_rows = S_Q * H
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     dv = tl.arange(0, DV)
     dr = tl.arange(0, DR)
@@ -90,10 +93,8 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
     seqlen = tl.load(seqlens_ptr + b)
     len_ok = (seqlen >= 0) & (seqlen <= MAX_BLOCKS * BLOCK_SIZE)
     kv_len = tl.where(len_ok, seqlen, 0)  # an invalid length reads nothing
-    if CAUSAL:
-        last_key = kv_len - S_Q + rows // H  # new token s sees keys 0 .. seqlen - s_q + s
-    else:
-        last_key = tl.zeros([BLOCK_R], dtype=tl.int32) + kv_len - 1
+    # causal: new token s sees keys 0 .. seqlen - s_q + s; else all of them
+    last_key = tl.where(CAUSAL, kv_len - S_Q + rows // H, kv_len - 1)
 
     # Split `split` takes an equal share of the request's own key tiles (its length is read
     # here, so the host never needs it).
@@ -132,7 +133,7 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
         m = m_new
 
     seen = l > 0
-    o = acc / tl.where(seen, l, 1.0)[:, None]
+    o = tl.div_rn(acc, tl.where(seen, l, 1.0)[:, None])
     lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf"))
     # A needed block outside the cache is caught by the split holding it; the merge spreads
     # the NaN to the whole request.
@@ -148,9 +149,9 @@ def _mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, S_Q, H,
     """out [B, S_Q, H, 512] and lse [B, H, S_Q] of BLOCK_R rows of request b from the splits'
     partials: weights 2^(lse_i - lse), NaN if any split saw invalid metadata."""
     DV: tl.constexpr = 512
-    b = tl.program_id(0)
+    b = tl.program_id(1)
     n_rows = S_Q * H
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     dv = tl.arange(0, DV)
 
@@ -175,7 +176,7 @@ def _mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, S_Q, H,
 
     seen = l > 0
     bad = n_bad > 0
-    o = tl.where(bad[:, None], float("nan"), acc / tl.where(seen, l, 1.0)[:, None])
+    o = tl.where(bad[:, None], float("nan"), tl.div_rn(acc, tl.where(seen, l, 1.0)[:, None]))
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) * 0.6931471805599453, float("-inf"))
     lse = tl.where(bad, float("nan"), lse)
     out_row = (b * n_rows + rows).to(tl.int64) * DV
@@ -203,7 +204,7 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
     dv = tl.arange(0, DV)
     x = tl.load(kv_c_ptr + t * DV + dv).to(tl.float32)
     if NORM:
-        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) / DV + eps)
+        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / DV) + eps)
         y = _to(x * inv_rms, kv_c_ptr.dtype.element_ty, INTERPRET).to(tl.float32) * tl.load(w_ptr + dv).to(tl.float32)
         if w_ptr.dtype.element_ty == kv_c_ptr.dtype.element_ty:  # else torch promotes the product to fp32
             y = _to(y, kv_c_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
@@ -225,31 +226,42 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
 
-# Decode configs by dtype: (BLOCK_R, BLOCK_N, num_warps, num_stages). Why:
-# - BLOCK_R = 16 query rows: the smallest M of a tensor-core tile. DeepSeek-V3 has 128 heads (16
-#   per GPU at TP 8) and s_q 1..2, so 16 rows waste nothing at TP 8 and the [16, 512] fp32
-#   accumulator is 64 registers per thread on 4 warps. Triton picks mma.sync (m16n8k16) for a
-#   16-row dot on sm_90 (wgmma needs 64-row tiles, whose 64 x 512 accumulator would spill).
-#   More rows (more heads) make more programs over the same keys, served from L2.
-# - BLOCK_N = 64 keys per tile for 16-bit caches (a 64 x 576 tile is 72 KiB; 2 stages of
-#   asynchronous loads fit Hopper's shared memory) whatever the page size: each key's page is
-#   gathered through block_table.
-# - fp32 (no tensor cores: exact fp32 dots) takes 16-key tiles, 36 KiB each.
+# Decode configs by dtype and number of query rows (s_q * H):
+# (max rows, BLOCK_R, BLOCK_N, num_warps, num_stages). Why:
+# - The query rows of a request are the M rows of the tile. Up to 16 rows (DeepSeek-V3's 128
+#   heads at TP 8, s_q 1): 16-row tiles. More rows: 32-row tiles (128 heads read each key tile
+#   4 times, the row blocks of a split running side by side so that the repeats come from L2).
+#   Triton emits mma.sync (m16n8k16) for both. 64-row tiles would get Hopper's wgmma, but q
+#   (64 x 576) and the 64 x 512 fp32 accumulator leave no room: they spill (fp16, 8 or 16 warps)
+#   or sit at 248 of 255 registers (bf16), so that is left to the CUDA kernel.
+# - 64-key tiles, 8 warps (4 spill at 16 rows), 3 stages of asynchronous loads: 128 registers at
+#   16 rows, 173-188 at 32, 95-115 KiB of shared memory; no spills.
+# - fp32 has no tensor-core path with fp32 accuracy (no tf32): exact fp32 dots on 16-key tiles.
+# Every key is gathered through block_table, so one tile size serves every page size.
+_HALF_CONFIGS = ((16, 16, 64, 8, 3), (None, 32, 64, 8, 3))
 DECODE_CONFIGS = {
-    torch.bfloat16: (16, 64, 4, 2),
-    torch.float16: (16, 64, 4, 2),
-    torch.float32: (16, 16, 4, 2),
+    torch.bfloat16: _HALF_CONFIGS,
+    torch.float16: _HALF_CONFIGS,
+    torch.float32: ((None, 16, 16, 4, 2),),
 }
 MERGE_BLOCK_R = 16
 MERGE_WARPS = 4
 CACHE_WRITE_WARPS = 4
-# num_splits = 0: enough splits for about one wave of programs on an H100/H200 (132 SMs; one
-# stage-1 program per SM fits its shared memory), but at least MIN_TILES_PER_SPLIT key tiles
+# num_splits = 0: enough splits for about one wave of programs on an H100/H200 (132 SMs; about
+# one stage-1 program per SM fits its registers and shared memory), but at least MIN_TILES_PER_SPLIT key tiles
 # of the longest possible request (the block table's capacity: a shape, never device data,
 # so the choice is graph-capturable) per split and at most MAX_SPLITS.
 TARGET_PROGRAMS = 132
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
+
+
+def decode_config(dtype, n_rows):
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of the split kernel."""
+    for max_rows, *config in DECODE_CONFIGS[dtype]:
+        if max_rows is None or n_rows <= max_rows:
+            return tuple(config)
+    raise AssertionError("the last config of each dtype takes any number of rows")
 
 
 def decode_splits(batch, row_blocks, max_keys, block_n):
@@ -309,7 +321,7 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     b, s_q, h, _ = q.shape
     num_blocks, block_size, _ = kv_cache.shape
     n_rows = s_q * h
-    block_r, block_n, num_warps, num_stages = DECODE_CONFIGS[q.dtype]
+    block_r, block_n, num_warps, num_stages = decode_config(q.dtype, n_rows)
     row_blocks = _cdiv(n_rows, block_r)
     max_blocks = block_table.shape[1]
     splits = num_splits or decode_splits(b, row_blocks, max_blocks * block_size, block_n)
@@ -319,12 +331,12 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if b > 0:
         fp32_dot = _INTERPRETED or q.dtype == torch.float32
-        wrap_triton(_mla_decode_split_kernel)[(b, row_blocks, splits)](
+        wrap_triton(_mla_decode_split_kernel)[(row_blocks, splits, b)](
             q, kv_cache, block_table, cache_seqlens, o_part, lse_part, softmax_scale * LOG2E,
-            s_q, h, num_blocks, max_blocks, splits, BLOCK_SIZE=block_size, BLOCK_R=block_r,
-            BLOCK_N=block_n, CAUSAL=causal, FP32_DOT=fp32_dot, num_warps=num_warps,
+            s_q, h, num_blocks, max_blocks, splits, block_size, causal,
+            BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=num_warps,
             num_stages=num_stages)
-        wrap_triton(_mla_decode_merge_kernel)[(b, _cdiv(n_rows, MERGE_BLOCK_R))](
+        wrap_triton(_mla_decode_merge_kernel)[(_cdiv(n_rows, MERGE_BLOCK_R), b)](
             o_part, lse_part, out, lse, s_q, h, splits, BLOCK_R=MERGE_BLOCK_R,
             INTERPRET=_INTERPRETED, num_warps=MERGE_WARPS)
     return out, lse
