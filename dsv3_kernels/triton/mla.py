@@ -201,15 +201,17 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
     ok = (slot >= 0) & (slot < CAPACITY)
     row = cache_ptr + tl.where(ok, slot, 0) * D
 
+    kv_ty = kv_c_ptr.dtype.element_ty
+    cache_ty = cache_ptr.dtype.element_ty
     dv = tl.arange(0, DV)
     x = tl.load(kv_c_ptr + t * DV + dv).to(tl.float32)
     if NORM:
-        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / DV) + eps)
-        y = _to(x * inv_rms, kv_c_ptr.dtype.element_ty, INTERPRET).to(tl.float32) * tl.load(w_ptr + dv).to(tl.float32)
-        if w_ptr.dtype.element_ty == kv_c_ptr.dtype.element_ty:  # else torch promotes the product to fp32
-            y = _to(y, kv_c_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-        x = y
-    tl.store(row + dv, _to(x, cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
+        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / DV) + eps)  # / 512 is exact
+        normed = _to(x * inv_rms, kv_ty, INTERPRET).to(tl.float32)
+        x = normed * tl.load(w_ptr + dv).to(tl.float32)
+        if w_ptr.dtype.element_ty == kv_ty:  # else torch promotes the product to fp32
+            x = _to(x, kv_ty, INTERPRET).to(tl.float32)
+    tl.store(row + dv, _to(x, cache_ty, INTERPRET), mask=ok)
 
     i = tl.arange(0, HALF_R)
     x0 = tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i).to(tl.float32)
@@ -218,8 +220,8 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
         c = tl.load(cos_ptr + t * HALF_R + i)
         s = tl.load(sin_ptr + t * HALF_R + i)
         x0, x1 = x0 * c - x1 * s, x0 * s + x1 * c
-    tl.store(row + DV + 2 * i, _to(x0, cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
-    tl.store(row + DV + 2 * i + 1, _to(x1, cache_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    tl.store(row + DV + 2 * i, _to(x0, cache_ty, INTERPRET), mask=ok)
+    tl.store(row + DV + 2 * i + 1, _to(x1, cache_ty, INTERPRET), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +249,10 @@ DECODE_CONFIGS = {
 MERGE_BLOCK_R = 16
 MERGE_WARPS = 4
 CACHE_WRITE_WARPS = 4
-# num_splits = 0: enough splits for about one wave of programs on an H100/H200 (132 SMs; about
-# one stage-1 program per SM fits its registers and shared memory), but at least MIN_TILES_PER_SPLIT key tiles
-# of the longest possible request (the block table's capacity: a shape, never device data,
-# so the choice is graph-capturable) per split and at most MAX_SPLITS.
+# num_splits = 0: enough splits for about one wave of programs on an H100/H200 (132 SMs, each
+# holding one or two stage-1 programs by registers and shared memory), but at least
+# MIN_TILES_PER_SPLIT key tiles of the longest possible request per split (the block table's
+# capacity: a shape, never device data, so the choice is graph-capturable), at most MAX_SPLITS.
 TARGET_PROGRAMS = 132
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
