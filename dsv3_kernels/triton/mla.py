@@ -236,15 +236,17 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
 #   Triton emits mma.sync (m16n8k16) for both. 64-row tiles would get Hopper's wgmma, but q
 #   (64 x 576) and the 64 x 512 fp32 accumulator leave no room: they spill (fp16, 8 or 16 warps)
 #   or sit at 248 of 255 registers (bf16), so that is left to the CUDA kernel.
-# - 64-key tiles, 8 warps (4 spill at 16 rows), 3 stages of asynchronous loads: 128 registers at
-#   16 rows, 173-188 at 32, 95-115 KiB of shared memory; no spills.
-# - fp32 has no tensor-core path with fp32 accuracy (no tf32): exact fp32 dots on 16-key tiles.
+# - 64-key tiles, 8 warps (4 spill at 16 rows), 3 stages of asynchronous loads, 95-115 KiB of
+#   shared memory; no spills: 128 registers at 16 rows and 173-188 at 32 with triton 3.8, 194 and
+#   225 with triton 3.6.
+# - fp32 has no tensor-core path with fp32 accuracy (no tf32): exact fp32 dots on 16-key tiles,
+#   8 warps (128 registers; 4 warps take 220-250).
 # Every key is gathered through block_table, so one tile size serves every page size.
 _HALF_CONFIGS = ((16, 16, 64, 8, 3), (None, 32, 64, 8, 3))
 DECODE_CONFIGS = {
     torch.bfloat16: _HALF_CONFIGS,
     torch.float16: _HALF_CONFIGS,
-    torch.float32: ((None, 16, 16, 4, 2),),
+    torch.float32: ((None, 16, 16, 8, 2),),
 }
 MERGE_BLOCK_R = 16
 MERGE_WARPS = 4
