@@ -268,10 +268,10 @@ def decode_config(dtype, n_rows):
     raise AssertionError("the last config of each dtype takes any number of rows")
 
 
-def decode_splits(batch, row_blocks, max_keys, block_n):
+def decode_splits(batch, row_blocks, max_tiles):
     """The split count that num_splits = 0 means, from shapes only."""
     want = _cdiv(TARGET_PROGRAMS, max(1, batch * row_blocks))
-    return max(1, min(want, _cdiv(_cdiv(max_keys, block_n), MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(want, _cdiv(max_tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +328,9 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     block_r, block_n, num_warps, num_stages = decode_config(q.dtype, n_rows)
     row_blocks = _cdiv(n_rows, block_r)
     max_blocks = block_table.shape[1]
-    splits = num_splits or decode_splits(b, row_blocks, max_blocks * block_size, block_n)
+    max_tiles = max(1, _cdiv(max_blocks * block_size, block_n))  # of the longest possible request
+    # More splits than max_tiles give the same partition (one tile per split) plus empty splits.
+    splits = min(num_splits, max_tiles) if num_splits else decode_splits(b, row_blocks, max_tiles)
     o_part = torch.empty((b, splits, n_rows, KV_LORA_RANK), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, splits, n_rows), dtype=torch.float32, device=q.device)
     out = torch.empty((b, s_q, h, KV_LORA_RANK), dtype=q.dtype, device=q.device)
