@@ -1,17 +1,19 @@
-"""Ahead-of-time compilation of the FP8 Triton kernels for Hopper (sm_90), without a GPU.
+"""Ahead-of-time compilation of the Triton kernels for Hopper (sm_90), without a GPU.
 
 `compile_for_sm90()` compiles every kernel in every configuration the ops can launch (each
-fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype) and returns their asm dicts
-("ttir", "ttgir", "llir", "ptx", "cubin") plus the register/spill counts ptxas reports.
+fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype; each MLA decode config of
+mla.DECODE_CONFIGS, each cache-write fusion) and returns their asm dicts ("ttir", "ttgir",
+"llir", "ptx", "cubin") plus the register/spill counts ptxas reports and the shared memory.
 `check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma in every fp8_gemm
-kernel, in-kernel saturating fp8 conversion in the quantize kernels, and no register spills.
+kernel, in-kernel saturating fp8 conversion in the quantize kernels, tensor-core mma.sync in the
+16-bit MLA decode kernels, exact fp32 division, shared memory within sm_90's limit, and no
+register spills.
 
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled). All 186 variants take a few
-minutes on a cold Triton cache (seconds when cached); `only=` selects a subset.
-"""
+interpreter's kernels are plain Python and cannot be compiled). All 206 variants take a few
+minutes on a cold Triton cache (seconds when cached); `only=` selects a subset."""
 
 import itertools
 import re
@@ -21,10 +23,11 @@ import tempfile
 import torch
 import triton
 
-from . import fp8
+from . import fp8, mla
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 _POINTER_ALIGNMENT = 16  # torch allocations are 16-byte aligned; the JIT specializes on it
 
 _TRITON_TYPE = {
@@ -65,6 +68,7 @@ def _compile(kernel, args, constexprs, num_warps, num_stages=3, multiples_of_16=
         raise AotCompileError(f"{kernel.__name__} {constexprs} failed to compile for sm_{SM90} "
                               f"with triton {triton.__version__}: {type(e).__name__}: {e}") from e
     asm = dict(compiled.asm)
+    asm["shared"] = compiled.metadata.shared  # bytes of shared memory per program
     for key in ("ptx", "cubin"):
         if not asm.get(key):
             raise AotCompileError(f"{kernel.__name__}: no {key} in the compiled kernel")
@@ -132,6 +136,36 @@ def _kernel_variants():
                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": fp8.GEMM_BLOCK_K,
                 "GROUP_M": fp8.GROUP_M},
                warps, stages, aligned)
+    yield from _mla_variants()
+
+
+def _mla_variants():
+    """MLA: one split kernel and one merge kernel per dtype (page size, causal, lengths and split
+    counts are runtime arguments); the cache write with each of its fusions, cache and weight of
+    kv_c's dtype (other dtype mixes differ only in their load/store conversions)."""
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for dtype in dtypes:
+        ty = _TRITON_TYPE[dtype]
+        for _, block_r, block_n, warps, stages in mla.DECODE_CONFIGS[dtype]:
+            yield (f"mla_decode_split {ty} r{block_r} n{block_n} w{warps} s{stages}",
+                   mla._mla_decode_split_kernel,
+                   {"q_ptr": f"*{ty}", "kv_ptr": f"*{ty}", "bt_ptr": "*i32", "seqlens_ptr": "*i32",
+                    "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "qk_scale": "fp32", "S_Q": "i32",
+                    "H": "i32", "NUM_BLOCKS": "i32", "MAX_BLOCKS": "i32", "NUM_SPLITS": "i32",
+                    "BLOCK_SIZE": "i32", "CAUSAL": "i1"},
+                   {"BLOCK_R": block_r, "BLOCK_N": block_n, "FP32_DOT": dtype == torch.float32},
+                   warps, stages, ("BLOCK_SIZE",))
+        yield (f"mla_decode_merge {ty}", mla._mla_decode_merge_kernel,
+               {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
+                "S_Q": "i32", "H": "i32", "NUM_SPLITS": "i32"},
+               {"BLOCK_R": mla.MERGE_BLOCK_R, "INTERPRET": False}, mla.MERGE_WARPS, 1, ())
+    for dtype, norm, rope in itertools.product(dtypes, (False, True), (False, True)):
+        ty = _TRITON_TYPE[dtype]
+        yield (f"mla_cache_write {ty} norm={norm} rope={rope}", mla._mla_cache_write_kernel,
+               {"kv_c_ptr": f"*{ty}", "k_pe_ptr": f"*{ty}", "cache_ptr": f"*{ty}", "slot_ptr": "*i64",
+                "w_ptr": f"*{ty}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32",
+                "CAPACITY": "i32"},
+               {"NORM": norm, "ROPE": rope, "INTERPRET": False}, mla.CACHE_WRITE_WARPS, 1, ())
 
 
 def _label(multiples_of_16):
@@ -166,6 +200,12 @@ def check_sm90(results=None):
             raise AotCompileError(f"{label}: no fp8 (e4m3) wgmma in the PTX")
         if "quant" in label and "dequant" not in label and "cvt.rn.satfinite.e4m3x2.f32" not in ptx:
             raise AotCompileError(f"{label}: no in-kernel saturating fp32 -> e4m3 conversion")
+        if label.startswith("mla_decode_split") and "fp32" not in label and not re.search(
+                r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)", ptx):
+            raise AotCompileError(f"{label}: no tensor-core mma.sync in the PTX")
+        if asm["shared"] > SM90_MAX_SHARED:
+            raise AotCompileError(f"{label}: {asm['shared']} B of shared memory, more than sm_90's "
+                                  f"{SM90_MAX_SHARED} B per block")
         if "div.full.f32" in ptx or "div.approx" in ptx:
             raise AotCompileError(f"{label}: approximate fp32 division in the PTX")
     return results
