@@ -144,8 +144,10 @@ def _resolve(op: str, device_type: str, device_index, backend) -> str:
     else:
         backend = "cpu" if _why_not(spec, "cpu", device.type) is None else "torch"
     if backend == "triton":
+        # assume_constant_result runs this function for real even while tracing: import here, so
+        # implementation() (which is traced) finds the op registered.
         for name in spec.parts or (op,):
-            _load_triton(_OPS[name])
+            importlib.import_module(_OPS[name].triton_module)
     return backend
 
 

@@ -99,7 +99,7 @@ def test_compile_fullgraph_mla(device, backend):
     q, kv_cache, block_table, seqlens = make_cache([70, 5], 64, torch.bfloat16, device, s_q=1, h=16)
     kv_cache = kv_cache.nan_to_num()
     kv_c, k_pe = torch.randn(2, 512, device=device).bfloat16(), torch.randn(2, 64, device=device).bfloat16()
-    slots = (block_table[:, 1].long() * 64 + 3).to(device)
+    slots = (block_table[:, 0].long() * 64 + 3).to(device)  # position 3 of each request
 
     def f(q, kv_cache, kv_c, k_pe):
         dk.mla_cache_write(kv_c, k_pe, kv_cache, slots, backend=backend)
