@@ -1,0 +1,199 @@
+// AVX-512 inner loop of the CPU mla_decode (torch-free; the glue, the split-KV combine and the
+// portable fallback are in mla_cpu.cpp).
+//
+// One call attends one group of up to kGroupRows query rows of a request (all s_q * H rows of a
+// request share the single latent key head) to a contiguous range of its keys. The rows live in
+// the 16 lanes of a vector, so the query is held transposed (qt[d][row], fp32): a key is streamed
+// once per group, its scores for all rows come out of 576 FMAs with the key's values broadcast,
+// and the online softmax runs lane-wise with no horizontal reduction. Keys go in tiles of kTile,
+// converted to fp32 once, then O[row][512] += p[row][key] * V[key] in 4-row x 64-column
+// register blocks.
+//
+// As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
+// attribute and run only after avx512_supported() said yes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace dsv3::fp8::cpu {
+bool avx512_supported();  // fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
+}
+
+namespace dsv3::mla::cpu {
+
+constexpr int kGroupRows = 16;  // query rows per work item: one vector of lanes
+constexpr int kTile = 8;        // keys per online-softmax step
+constexpr int kDim = 576;       // c_kv 512 | k_pe 64
+constexpr int kValueDim = 512;
+constexpr int kDotBlock = 32;  // dims per partial sum of a score
+
+enum class Dtype { kF32, kBF16, kF16 };
+
+// Where key j of a request lives: block_row[j >> log2_block] is its block in cache.
+struct KeyRange {
+  const void* cache;          // [num_blocks, block_size, 576] of the dtype
+  const int32_t* block_row;   // the request's block_table row (already checked)
+  int log2_block;
+  int64_t begin, end;         // [begin, end) of the request's keys
+};
+
+// The group's queries and visibility. Lanes past `rows` have q = 0 and last = -1.
+struct RowGroup {
+  const float* qt;       // [576][kGroupRows]
+  const int32_t* last;   // [kGroupRows]: the last key each row sees (-1: none)
+  int rows;
+  float scale;
+};
+
+template <Dtype D>
+inline const void* key_ptr(const KeyRange& k, int64_t j) {
+  constexpr int64_t elem = D == Dtype::kF32 ? 4 : 2;
+  const int64_t bs_mask = (int64_t{1} << k.log2_block) - 1;
+  const int64_t slot = static_cast<int64_t>(k.block_row[j >> k.log2_block]) * (bs_mask + 1) + (j & bs_mask);
+  return static_cast<const char*>(k.cache) + slot * kDim * elem;
+}
+
+#if defined(__x86_64__)
+
+#define DSV3_MLA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// exp(x) for x <= 0 (the softmax only takes differences to the running max), ~1 ulp (Cephes'
+// polynomial on [-ln2/2, ln2/2], 2^n applied by scalef). Below -110 the result is exactly 0, so
+// a masked key (-inf) weighs nothing.
+DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <Dtype D>
+DSV3_MLA_AVX512 inline __m512 load16(const void* base, int64_t i) {
+  if constexpr (D == Dtype::kF32) {
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (D == Dtype::kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// o[i][0..512) = o[i] * alpha[i] + sum_t p[t][i] * v[t], for R rows starting at row 0 of o, p, alpha.
+template <int R>
+DSV3_MLA_AVX512 inline void accumulate_rows(float* o, const float* p, const float* alpha, const float* const* v) {
+  for (int c0 = 0; c0 < kValueDim; c0 += 64) {
+    __m512 acc[R][4];
+    for (int i = 0; i < R; ++i) {
+      const __m512 a = _mm512_set1_ps(alpha[i]);
+      for (int u = 0; u < 4; ++u) acc[i][u] = _mm512_mul_ps(_mm512_loadu_ps(o + i * kValueDim + c0 + 16 * u), a);
+    }
+    for (int t = 0; t < kTile; ++t) {
+      __m512 vv[4];
+      for (int u = 0; u < 4; ++u) vv[u] = _mm512_loadu_ps(v[t] + c0 + 16 * u);
+      for (int i = 0; i < R; ++i) {
+        const __m512 pb = _mm512_set1_ps(p[t * kGroupRows + i]);
+        for (int u = 0; u < 4; ++u) acc[i][u] = _mm512_fmadd_ps(pb, vv[u], acc[i][u]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o + i * kValueDim + c0 + 16 * u, acc[i][u]);
+  }
+}
+
+// Attends the group to keys [k.begin, k.end): o [kGroupRows][512] gets the unnormalized output,
+// m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key).
+// tile: kTile * 576 floats of scratch; zero_key: 576 zero floats, standing in for the keys past
+// the end of the last tile (never read from the cache).
+template <Dtype D>
+DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* tile,
+                                   const float* zero_key) {
+  std::fill(o, o + kGroupRows * kValueDim, 0.0f);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(g.scale);
+  const __m512i vlast = _mm512_loadu_si512(g.last);
+  __m512 vm = neg_inf, vl = _mm512_setzero_ps();
+  alignas(64) float p[kTile * kGroupRows];
+  alignas(64) float alpha[kGroupRows];
+  for (int64_t j0 = k.begin; j0 < k.end; j0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, k.end - j0));
+    const float* key[kTile];
+    for (int t = 0; t < kTile; ++t) {
+      if (t >= n) {
+        key[t] = zero_key;
+      } else if constexpr (D == Dtype::kF32) {
+        key[t] = static_cast<const float*>(key_ptr<D>(k, j0 + t));
+      } else {
+        const void* src = key_ptr<D>(k, j0 + t);
+        float* dst = tile + t * kDim;
+        for (int d = 0; d < kDim; d += 16) _mm512_storeu_ps(dst + d, load16<D>(src, d));
+        key[t] = dst;
+      }
+    }
+    // Summed in blocks of kDotBlock: one chain of 576 FMAs loses ~sqrt(576) roundings of the full
+    // sum, more than an fp32 lse tolerance of 1e-5 allows.
+    __m512 s[kTile], blk[kTile];
+    for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
+    for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
+      for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
+      for (int d = d0; d < d0 + kDotBlock; ++d) {
+        const __m512 qv = _mm512_loadu_ps(g.qt + d * kGroupRows);
+        for (int t = 0; t < kTile; ++t) blk[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(key[t][d]), blk[t]);
+      }
+      for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
+    }
+    __m512 mx = neg_inf;
+    for (int t = 0; t < kTile; ++t) {
+      const __mmask16 seen = t < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + t)), vlast)
+                                   : __mmask16(0);
+      s[t] = _mm512_mask_mul_ps(neg_inf, seen, s[t], vscale);
+      mx = _mm512_max_ps(mx, s[t]);
+    }
+    const __m512 m_new = _mm512_max_ps(vm, mx);
+    // Rows that have seen no key yet keep m = -inf; subtracting 0 instead keeps exp's input -inf, not NaN.
+    const __m512 m_sub = _mm512_mask_mov_ps(m_new, _mm512_cmpeq_ps_mask(m_new, neg_inf), _mm512_setzero_ps());
+    const __m512 a = exp_nonpos(_mm512_sub_ps(vm, m_sub));
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < kTile; ++t) {
+      const __m512 pt = exp_nonpos(_mm512_sub_ps(s[t], m_sub));
+      sum = _mm512_add_ps(sum, pt);
+      _mm512_store_ps(p + t * kGroupRows, pt);
+    }
+    vl = _mm512_fmadd_ps(vl, a, sum);
+    vm = m_new;
+    _mm512_store_ps(alpha, a);
+    int i = 0;
+    for (; i + 4 <= g.rows; i += 4) accumulate_rows<4>(o + i * kValueDim, p + i, alpha + i, key);
+    switch (g.rows - i) {
+      case 3: accumulate_rows<3>(o + i * kValueDim, p + i, alpha + i, key); break;
+      case 2: accumulate_rows<2>(o + i * kValueDim, p + i, alpha + i, key); break;
+      case 1: accumulate_rows<1>(o + i * kValueDim, p + i, alpha + i, key); break;
+      default: break;
+    }
+  }
+  _mm512_storeu_ps(m, vm);
+  _mm512_storeu_ps(l, vl);
+}
+
+#pragma GCC diagnostic pop
+#endif  // __x86_64__
+
+}  // namespace dsv3::mla::cpu
