@@ -45,6 +45,7 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   std::fill(m, m + kGroupRows, -kInf);
   std::fill(l, l + kGroupRows, 0.0f);
+  const float* qt = static_cast<const float*>(g.q);
   for (int64_t j = k.begin; j < k.end; ++j) {
     const T* src = static_cast<const T*>(key_ptr<dtype_of<T>()>(k, j));
     for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
@@ -52,7 +53,7 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
     for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
       float blk[kGroupRows] = {};
       for (int d = d0; d < d0 + kDotBlock; ++d)
-        for (int r = 0; r < kGroupRows; ++r) blk[r] += g.qt[d * kGroupRows + r] * key[d];
+        for (int r = 0; r < kGroupRows; ++r) blk[r] += qt[d * kGroupRows + r] * key[d];
       for (int r = 0; r < kGroupRows; ++r) s[r] += blk[r];
     }
     for (int r = 0; r < g.rows; ++r) {
@@ -72,14 +73,31 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
   }
 }
 
-using AttendFn = void (*)(const RowGroup&, const KeyRange&, float*, float*, float*, float*, const float*);
+// A kernel and the layout of the queries it takes (see RowGroup::q); buffers of kDim * kGroupRows floats.
+template <typename T>
+struct Attend {
+  void (*layout)(const T* q, int rows, void* dst);
+  void (*attend)(const RowGroup&, const KeyRange&, float*, float*, float*, float*, const float*);
+};
 
 template <typename T>
-AttendFn pick_attend() {
+void layout_f32(const T* q, int rows, void* dst) {
+  transpose_f32(q, rows, static_cast<float*>(dst));
+}
+
+void layout_bf16_pairs(const c10::BFloat16* q, int rows, void* dst) {
+  transpose_bf16_pairs(reinterpret_cast<const uint16_t*>(q), rows, static_cast<uint16_t*>(dst));
+}
+
+template <typename T>
+Attend<T> pick_attend() {
 #if defined(__x86_64__)
-  if (dsv3::fp8::cpu::avx512_supported()) return &attend_avx512<dtype_of<T>()>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (dsv3::fp8::cpu::avx512_bf16_supported()) return {&layout_bf16_pairs, &attend_avx512<Dtype::kBF16, true>};
+  }
+  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<dtype_of<T>(), false>};
 #endif
-  return &attend_portable<T>;
+  return {&layout_f32<T>, &attend_portable<T>};
 }
 
 // out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf.
@@ -141,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
     const scalar_t* pq = q.const_data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    const AttendFn attend = pick_attend<scalar_t>();
+    const Attend<scalar_t> kernel = pick_attend<scalar_t>();
     const float scale = static_cast<float>(softmax_scale);
 
     // Row r = s * H + hd of request i: out row i * rows + r, lse at (i * H + hd) * s_q + s.
@@ -159,11 +177,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         const int n_rows = static_cast<int>(std::min<int64_t>(kGroupRows, rows - r0));
         const int64_t n = lens[i];
         if (loaded != it / splits) {
-          std::fill(qt.begin(), qt.end(), 0.0f);
-          for (int r = 0; r < n_rows; ++r) {
-            const scalar_t* src = pq + (i * rows + r0 + r) * kDim;
-            for (int d = 0; d < kDim; ++d) qt[d * kGroupRows + r] = static_cast<float>(src[d]);
-          }
+          kernel.layout(pq + (i * rows + r0) * kDim, n_rows, qt.data());
           loaded = it / splits;
         }
         int64_t group_end = 0;  // one past the last key any row of the group sees
@@ -176,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         const KeyRange keys{kv_cache.const_data_ptr(), table + i * max_blocks, log2_block,
                             std::min(n, sp * share), std::min({n, (sp + 1) * share, group_end})};
         const RowGroup group{qt.data(), last, n_rows, scale};
-        attend(group, keys, o.data(), m, l, tile.data(), zero_key.data());
+        kernel.attend(group, keys, o.data(), m, l, tile.data(), zero_key.data());
         for (int r = 0; r < n_rows; ++r) {
           if (splits == 1) {
             finalize_row(o.data() + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim, lse_at(i, r0 + r));

@@ -1,4 +1,4 @@
-// AVX-512 inner loop of the CPU mla_decode (torch-free; the glue, the split-KV combine and the
+// Inner loops of the CPU mla_decode (torch-free; the glue, the split-KV combine and the
 // portable fallback are in mla_cpu.cpp).
 //
 // One call attends one group of up to kGroupRows query rows of a request (all s_q * H rows of a
@@ -7,7 +7,8 @@
 // once per group, its scores for all rows come out of 576 FMAs with the key's values broadcast,
 // and the online softmax runs lane-wise with no horizontal reduction. Keys go in tiles of kTile,
 // converted to fp32 once, then O[row][512] += p[row][key] * V[key] in 4-row x 64-column
-// register blocks.
+// register blocks. With avx512_bf16, bf16 scores take vdpbf16ps on adjacent dim pairs straight
+// from the cache (half the instructions, exact products, fp32 sums); only V is converted.
 //
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after avx512_supported() said yes.
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__x86_64__)
@@ -22,7 +24,9 @@
 #endif
 
 namespace dsv3::fp8::cpu {
-bool avx512_supported();  // fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
+// fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
+bool avx512_supported();
+bool avx512_bf16_supported();
 }
 
 namespace dsv3::mla::cpu {
@@ -45,7 +49,8 @@ struct KeyRange {
 
 // The group's queries and visibility. Lanes past `rows` have q = 0 and last = -1.
 struct RowGroup {
-  const float* qt;       // [576][kGroupRows]
+  // [576][kGroupRows] fp32, or for the avx512_bf16 kernel [288][kGroupRows][2] bf16 (dim pairs)
+  const void* q;
   const int32_t* last;   // [kGroupRows]: the last key each row sees (-1: none)
   int rows;
   float scale;
@@ -62,6 +67,8 @@ inline const void* key_ptr(const KeyRange& k, int64_t j) {
 #if defined(__x86_64__)
 
 #define DSV3_MLA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define DSV3_MLA_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")))
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -119,13 +126,52 @@ DSV3_MLA_AVX512 inline void accumulate_rows(float* o, const float* p, const floa
   }
 }
 
+// The queries of a group, laid out for the kernels: `rows` rows of q (stride 576) -> dst.
+template <typename T>
+inline void transpose_f32(const T* q, int rows, float* dst) {
+  std::fill(dst, dst + kDim * kGroupRows, 0.0f);
+  for (int r = 0; r < rows; ++r)
+    for (int d = 0; d < kDim; ++d) dst[d * kGroupRows + r] = static_cast<float>(q[r * kDim + d]);
+}
+
+inline void transpose_bf16_pairs(const uint16_t* q, int rows, uint16_t* dst) {
+  std::fill(dst, dst + kDim * kGroupRows, uint16_t{0});
+  for (int r = 0; r < rows; ++r)
+    for (int d = 0; d < kDim; ++d) dst[(d / 2 * kGroupRows + r) * 2 + d % 2] = q[r * kDim + d];
+}
+
 // Attends the group to keys [k.begin, k.end): o [kGroupRows][512] gets the unnormalized output,
 // m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key).
 // tile: kTile * 576 floats of scratch; zero_key: 576 zero floats, standing in for the keys past
 // the end of the last tile (never read from the cache).
-template <Dtype D>
-DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* tile,
-                                   const float* zero_key) {
+// scores[t][row] = q[row] . key t (unscaled) for kTile bf16 keys, q in dim pairs. Summed in blocks
+// of kDotBlock, as in attend_avx512: one chain of 576 products loses ~sqrt(576) roundings of the
+// full sum, more than the fp32 lse tolerance of 1e-5 allows.
+DSV3_MLA_AVX512BF16 inline void scores_bf16_pairs(const uint16_t* q, const void* const* raw, float* scores) {
+  __m512 s[kTile];
+  for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
+  for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
+    __m512 blk[kTile];
+    for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
+    for (int d = d0; d < d0 + kDotBlock; d += 2) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d * kGroupRows);
+      for (int t = 0; t < kTile; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, static_cast<const uint16_t*>(raw[t]) + d, 4);
+        blk[t] = _mm512_dpbf16_ps(blk[t], qv, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+    for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
+  }
+  for (int t = 0; t < kTile; ++t) _mm512_store_ps(scores + t * kGroupRows, s[t]);
+}
+
+// Pairs: bf16 scores by scores_bf16_pairs (g.q in dim pairs; the caller checked avx512_bf16).
+// Otherwise the scores are summed in blocks of kDotBlock (see there).
+template <Dtype D, bool Pairs>
+DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l,
+                                       float* tile, const float* zero_key) {
+  static_assert(!Pairs || D == Dtype::kBF16, "dim pairs are bf16");
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 vscale = _mm512_set1_ps(g.scale);
@@ -135,30 +181,39 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
   alignas(64) float alpha[kGroupRows];
   for (int64_t j0 = k.begin; j0 < k.end; j0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, k.end - j0));
+    // key: the fp32 rows (V, and K unless Pairs); raw: the cache rows (zeros past the end).
     const float* key[kTile];
+    const void* raw[kTile];
     for (int t = 0; t < kTile; ++t) {
       if (t >= n) {
         key[t] = zero_key;
+        raw[t] = zero_key;
       } else if constexpr (D == Dtype::kF32) {
         key[t] = static_cast<const float*>(key_ptr<D>(k, j0 + t));
       } else {
-        const void* src = key_ptr<D>(k, j0 + t);
+        raw[t] = key_ptr<D>(k, j0 + t);
         float* dst = tile + t * kDim;
-        for (int d = 0; d < kDim; d += 16) _mm512_storeu_ps(dst + d, load16<D>(src, d));
+        for (int d = 0; d < (Pairs ? kValueDim : kDim); d += 16) _mm512_storeu_ps(dst + d, load16<D>(raw[t], d));
         key[t] = dst;
       }
     }
-    // Summed in blocks of kDotBlock: one chain of 576 FMAs loses ~sqrt(576) roundings of the full
-    // sum, more than an fp32 lse tolerance of 1e-5 allows.
-    __m512 s[kTile], blk[kTile];
-    for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
-    for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
-      for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
-      for (int d = d0; d < d0 + kDotBlock; ++d) {
-        const __m512 qv = _mm512_loadu_ps(g.qt + d * kGroupRows);
-        for (int t = 0; t < kTile; ++t) blk[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(key[t][d]), blk[t]);
+    __m512 s[kTile];
+    if constexpr (Pairs) {
+      alignas(64) float scores[kTile * kGroupRows];
+      scores_bf16_pairs(static_cast<const uint16_t*>(g.q), raw, scores);
+      for (int t = 0; t < kTile; ++t) s[t] = _mm512_load_ps(scores + t * kGroupRows);
+    } else {
+      const float* qt = static_cast<const float*>(g.q);
+      for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
+      for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
+        __m512 blk[kTile];
+        for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
+        for (int d = d0; d < d0 + kDotBlock; ++d) {
+          const __m512 qv = _mm512_loadu_ps(qt + d * kGroupRows);
+          for (int t = 0; t < kTile; ++t) blk[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(key[t][d]), blk[t]);
+        }
+        for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
       }
-      for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
     }
     __m512 mx = neg_inf;
     for (int t = 0; t < kTile; ++t) {
