@@ -149,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
   }
 
   const int64_t groups = (rows + kGroupRows - 1) / kGroupRows;
-  const int64_t splits = num_splits > 0 ? num_splits : auto_splits(b * groups, max_len);
+  // Past one tile per split the extra splits would all be empty: they are not made.
+  const int64_t splits = std::min(num_splits > 0 ? num_splits : auto_splits(b * groups, max_len),
+                                  std::max<int64_t>(1, (max_len + kTile - 1) / kTile));
   const int64_t items = b * groups * splits;
   // Per item and row: o (512), m, l.
   constexpr int64_t kPartStride = kValueDim + 2;
@@ -166,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
     auto lse_at = [&](int64_t i, int64_t r) { return lse_ptr + (i * h + r % h) * s_q + r / h; };
 
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qt(kDim * kGroupRows), tile(kTile * kDim), zero_key(kDim, 0.0f), o(kGroupRows * kValueDim);
+      std::vector<float> qt(kDim * kGroupRows), tile(kTile * kDim), zero_key(kDim, 0.0f);
+      std::vector<float> o(kGroupRows * kValueDim);
       alignas(64) int32_t last[kGroupRows];
       alignas(64) float m[kGroupRows], l[kGroupRows];
       int64_t loaded = -1;  // the (request, group) whose queries are in qt
@@ -193,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         kernel.attend(group, keys, o.data(), m, l, tile.data(), zero_key.data());
         for (int r = 0; r < n_rows; ++r) {
           if (splits == 1) {
-            finalize_row(o.data() + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim, lse_at(i, r0 + r));
+            finalize_row(o.data() + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim,
+                         lse_at(i, r0 + r));
           } else {
             float* dst = part.data() + (it * kGroupRows + r) * kPartStride;
             std::copy(o.data() + r * kValueDim, o.data() + (r + 1) * kValueDim, dst);
@@ -210,16 +214,16 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         for (int64_t x = begin; x < end; ++x) {
           const int64_t i = x / rows, r = x % rows;
           if (!valid[i]) continue;
-          const float* first = part.data() + (((i * groups + r / kGroupRows) * splits) * kGroupRows + r % kGroupRows) * kPartStride;
           const int64_t split_stride = kGroupRows * kPartStride;
+          const float* first = part.data() + (i * groups + r / kGroupRows) * splits * split_stride +
+                               (r % kGroupRows) * kPartStride;
           float m_all = -kInf;
           for (int64_t sp = 0; sp < splits; ++sp) m_all = std::max(m_all, first[sp * split_stride + kValueDim]);
           std::fill(acc.begin(), acc.end(), 0.0f);
           float l_all = 0.0f;
           for (int64_t sp = 0; sp < splits && m_all != -kInf; ++sp) {
             const float* src = first + sp * split_stride;
-            // A split whose keys this row does not see (or that got none) holds no o to read.
-            if (src[kValueDim] == -kInf) continue;
+            if (src[kValueDim] == -kInf) continue;  // no key of this split seen: weight 0
             const float w = std::exp(src[kValueDim] - m_all);
             l_all += src[kValueDim + 1] * w;
             for (int c = 0; c < kValueDim; ++c) acc[c] += src[c] * w;

@@ -7,8 +7,10 @@
 // once per group, its scores for all rows come out of 576 FMAs with the key's values broadcast,
 // and the online softmax runs lane-wise with no horizontal reduction. Keys go in tiles of kTile,
 // converted to fp32 once, then O[row][512] += p[row][key] * V[key] in 4-row x 64-column
-// register blocks. With avx512_bf16, bf16 scores take vdpbf16ps on adjacent dim pairs straight
-// from the cache (half the instructions, exact products, fp32 sums); only V is converted.
+// register blocks. With avx512_bf16, bf16 takes vdpbf16ps straight from the cache (half the
+// instructions, products exact, sums fp32): the scores over adjacent dim pairs, O over adjacent
+// key pairs with p rounded to bf16 (FlashMLA does the same; well inside the bf16 tolerance).
+// (bf16, B = 8, H = 16, 4096 keys, 1 thread: 14.3 ms with O by fp32 FMAs, 10.2 ms so.)
 //
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after avx512_supported() said yes.
