@@ -1,5 +1,6 @@
-"""The portable (non-AVX-512) C++ CPU kernels pass the same FP8 tests. They are what a CPU without
-AVX-512 runs; DSV3_KERNELS_CPU_ISA=scalar forces them (read once per process, hence a subprocess)."""
+"""The portable (non-AVX-512) C++ CPU kernels pass the same tests as the AVX-512 ones. They are what a
+CPU without AVX-512 runs; DSV3_KERNELS_CPU_ISA=scalar forces them (read once per process, hence a
+subprocess)."""
 
 import os
 import subprocess
@@ -10,10 +11,12 @@ import pytest
 from dsv3_kernels import _native
 
 
-@pytest.mark.skipif(not _native.has_kernel("fp8_gemm", "CPU"), reason="the C++ CPU kernels are not built")
-def test_portable_cpu_kernels_pass_the_fp8_tests():
+@pytest.mark.parametrize("test_file, op", [("test_fp8.py", "fp8_gemm"), ("test_mla.py", "mla_decode")])
+def test_portable_cpu_kernels_pass(test_file, op):
+    if not _native.has_kernel(op, "CPU"):
+        pytest.skip("the C++ CPU kernels are not built")
     env = {**os.environ, "DSV3_KERNELS_CPU_ISA": "scalar", "TRITON_INTERPRET": "0"}
-    tests = os.path.join(os.path.dirname(__file__), "test_fp8.py")
+    tests = os.path.join(os.path.dirname(__file__), test_file)
     proc = subprocess.run([sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", "-k", "cpu-cpu"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

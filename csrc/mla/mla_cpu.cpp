@@ -1,0 +1,331 @@
+// CPU kernels of the MLA ops (schemas in registration.cpp, semantics in
+// dsv3_kernels/reference/mla.py).
+//
+// mla_decode: work items are (request, group of up to 16 query rows, split of the request's keys).
+// Each item streams its keys once for all its rows (the AVX-512 loop in mla_cpu_kernels.h, or the
+// portable one here) and leaves an unnormalized output with its running max and sum; with one
+// split that is finalized in place, with several the splits are merged by their log-sum-exp.
+// Metadata is checked per request before anything is read: a request that would read out of
+// bounds gets NaN instead.
+//
+// Set DSV3_KERNELS_CPU_ISA=scalar to force the portable path (for testing it on AVX-512 hosts).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "mla/mla_checks.h"
+#include "mla/mla_cpu_kernels.h"
+
+namespace dsv3::mla::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Keys per split that make a split worth its share of the combine and of waking a thread.
+constexpr int64_t kMinSplitKeys = 512;
+
+template <typename T>
+constexpr Dtype dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return Dtype::kF32;
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return Dtype::kBF16;
+  else return Dtype::kF16;
+}
+
+// ---------------------------------------------------------------- mla_decode
+
+// The portable version of attend_avx512 (same contract), one key at a time; the loop over the
+// rows is contiguous, for the compiler to vectorize. key: kDim floats of scratch.
+template <typename T>
+void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* key, const float*) {
+  std::fill(o, o + kGroupRows * kValueDim, 0.0f);
+  std::fill(m, m + kGroupRows, -kInf);
+  std::fill(l, l + kGroupRows, 0.0f);
+  const float* qt = static_cast<const float*>(g.q);
+  for (int64_t j = k.begin; j < k.end; ++j) {
+    const T* src = static_cast<const T*>(key_ptr<dtype_of<T>()>(k, j));
+    for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
+    float s[kGroupRows] = {};
+    for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
+      float blk[kGroupRows] = {};
+      for (int d = d0; d < d0 + kDotBlock; ++d)
+        for (int r = 0; r < kGroupRows; ++r) blk[r] += qt[d * kGroupRows + r] * key[d];
+      for (int r = 0; r < kGroupRows; ++r) s[r] += blk[r];
+    }
+    for (int r = 0; r < g.rows; ++r) {
+      if (j > g.last[r]) continue;
+      const float x = s[r] * g.scale;
+      float* orow = o + r * kValueDim;
+      if (x > m[r]) {
+        const float alpha = std::exp(m[r] - x);  // 0 for the first key (m = -inf)
+        l[r] *= alpha;
+        for (int c = 0; c < kValueDim; ++c) orow[c] *= alpha;
+        m[r] = x;
+      }
+      const float p = std::exp(x - m[r]);
+      l[r] += p;
+      for (int c = 0; c < kValueDim; ++c) orow[c] += p * key[c];
+    }
+  }
+}
+
+// A kernel and the layout of the queries it takes (see RowGroup::q); buffers of kDim * kGroupRows floats.
+template <typename T>
+struct Attend {
+  void (*layout)(const T* q, int rows, void* dst);
+  void (*attend)(const RowGroup&, const KeyRange&, float*, float*, float*, float*, const float*);
+};
+
+template <typename T>
+void layout_f32(const T* q, int rows, void* dst) {
+  transpose_f32(q, rows, static_cast<float*>(dst));
+}
+
+void layout_bf16_pairs(const c10::BFloat16* q, int rows, void* dst) {
+  transpose_bf16_pairs(reinterpret_cast<const uint16_t*>(q), rows, static_cast<uint16_t*>(dst));
+}
+
+template <typename T>
+Attend<T> pick_attend() {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (dsv3::fp8::cpu::avx512_bf16_supported()) return {&layout_bf16_pairs, &attend_avx512<Dtype::kBF16, true>};
+  }
+  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<dtype_of<T>(), false>};
+#endif
+  return {&layout_f32<T>, &attend_portable<T>};
+}
+
+// out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf.
+template <typename T>
+void finalize_row(const float* o, float m, float l, T* out, float* lse) {
+  if (m == -kInf) {
+    std::fill(out, out + kValueDim, static_cast<T>(0.0f));
+    *lse = -kInf;
+    return;
+  }
+  const float inv = 1.0f / l;
+  for (int c = 0; c < kValueDim; ++c) out[c] = static_cast<T>(o[c] * inv);
+  *lse = m + std::log(l);
+}
+
+// Split count for num_splits = 0: enough items for every thread twice over (evens out unequal
+// lengths), but no split shorter than kMinSplitKeys.
+int64_t auto_splits(int64_t items, int64_t max_len) {
+  const int64_t threads = at::get_num_threads();
+  if (items >= 2 * threads) return 1;
+  const int64_t want = (2 * threads + items - 1) / items;
+  return std::max<int64_t>(1, std::min(want, max_len / kMinSplitKeys));
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at::Tensor& kv_cache,
+                                                  const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                                                  double softmax_scale, bool causal, int64_t num_splits) {
+  check_mla_decode(q, kv_cache, block_table, cache_seqlens, num_splits);
+  const int64_t b = q.size(0), s_q = q.size(1), h = q.size(2), rows = s_q * h;
+  auto out = at::empty({b, s_q, h, kLoraRank}, q.options());
+  auto lse = at::empty({b, h, s_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  const int64_t num_blocks = kv_cache.size(0), block_size = kv_cache.size(1), max_blocks = block_table.size(1);
+  const int log2_block = __builtin_ctzll(static_cast<unsigned long long>(block_size));
+  const int32_t* table = block_table.const_data_ptr<int32_t>();
+  const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
+  std::vector<char> valid(b);
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t n = lens[i];
+    bool ok = n >= 0 && n <= max_blocks * block_size;
+    for (int64_t blk = 0; ok && blk < (n + block_size - 1) / block_size; ++blk) {
+      const int32_t id = table[i * max_blocks + blk];
+      ok = id >= 0 && id < num_blocks;
+    }
+    valid[i] = ok;
+    if (ok) max_len = std::max(max_len, n);
+  }
+
+  const int64_t groups = (rows + kGroupRows - 1) / kGroupRows;
+  // Past one tile per split the extra splits would all be empty: they are not made.
+  const int64_t splits = std::min(num_splits > 0 ? num_splits : auto_splits(b * groups, max_len),
+                                  std::max<int64_t>(1, (max_len + kTile - 1) / kTile));
+  const int64_t items = b * groups * splits;
+  // Per item and row: o (512), m, l.
+  constexpr int64_t kPartStride = kValueDim + 2;
+  std::vector<float> part(splits > 1 ? items * kGroupRows * kPartStride : 0);
+  float* lse_ptr = lse.data_ptr<float>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
+    const scalar_t* pq = q.const_data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const Attend<scalar_t> kernel = pick_attend<scalar_t>();
+    const float scale = static_cast<float>(softmax_scale);
+
+    // Row r = s * H + hd of request i: out row i * rows + r, lse at (i * H + hd) * s_q + s.
+    auto lse_at = [&](int64_t i, int64_t r) { return lse_ptr + (i * h + r % h) * s_q + r / h; };
+
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qt(kDim * kGroupRows), tile(kTile * kDim), zero_key(kDim, 0.0f);
+      std::vector<float> o(kGroupRows * kValueDim);
+      alignas(64) int32_t last[kGroupRows];
+      alignas(64) float m[kGroupRows], l[kGroupRows];
+      int64_t loaded = -1;  // the (request, group) whose queries are in qt
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t i = it / (groups * splits), grp = (it / splits) % groups, sp = it % splits;
+        if (!valid[i]) continue;
+        const int64_t r0 = grp * kGroupRows;
+        const int n_rows = static_cast<int>(std::min<int64_t>(kGroupRows, rows - r0));
+        const int64_t n = lens[i];
+        if (loaded != it / splits) {
+          kernel.layout(pq + (i * rows + r0) * kDim, n_rows, qt.data());
+          loaded = it / splits;
+        }
+        int64_t group_end = 0;  // one past the last key any row of the group sees
+        for (int r = 0; r < kGroupRows; ++r) {
+          last[r] = r < n_rows ? static_cast<int32_t>(causal ? n - s_q + (r0 + r) / h : n - 1) : -1;
+          group_end = std::max<int64_t>(group_end, last[r] + 1);
+        }
+        // Splits own contiguous, tile-aligned shares of the request's keys; the last ones may be empty.
+        const int64_t share = ((n + splits - 1) / splits + kTile - 1) / kTile * kTile;
+        const KeyRange keys{kv_cache.const_data_ptr(), table + i * max_blocks, log2_block,
+                            std::min(n, sp * share), std::min({n, (sp + 1) * share, group_end})};
+        const RowGroup group{qt.data(), last, n_rows, scale};
+        kernel.attend(group, keys, o.data(), m, l, tile.data(), zero_key.data());
+        for (int r = 0; r < n_rows; ++r) {
+          if (splits == 1) {
+            finalize_row(o.data() + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim,
+                         lse_at(i, r0 + r));
+          } else {
+            float* dst = part.data() + (it * kGroupRows + r) * kPartStride;
+            std::copy(o.data() + r * kValueDim, o.data() + (r + 1) * kValueDim, dst);
+            dst[kValueDim] = m[r];
+            dst[kValueDim + 1] = l[r];
+          }
+        }
+      }
+    });
+
+    if (splits > 1) {
+      at::parallel_for(0, b * rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> acc(kValueDim);
+        for (int64_t x = begin; x < end; ++x) {
+          const int64_t i = x / rows, r = x % rows;
+          if (!valid[i]) continue;
+          const int64_t split_stride = kGroupRows * kPartStride;
+          const float* first = part.data() + (i * groups + r / kGroupRows) * splits * split_stride +
+                               (r % kGroupRows) * kPartStride;
+          float m_all = -kInf;
+          for (int64_t sp = 0; sp < splits; ++sp) m_all = std::max(m_all, first[sp * split_stride + kValueDim]);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          float l_all = 0.0f;
+          for (int64_t sp = 0; sp < splits && m_all != -kInf; ++sp) {
+            const float* src = first + sp * split_stride;
+            if (src[kValueDim] == -kInf) continue;  // no key of this split seen: weight 0
+            const float w = std::exp(src[kValueDim] - m_all);
+            l_all += src[kValueDim + 1] * w;
+            for (int c = 0; c < kValueDim; ++c) acc[c] += src[c] * w;
+          }
+          finalize_row(acc.data(), m_all, l_all, po + x * kValueDim, lse_at(i, r));
+        }
+      });
+    }
+
+    for (int64_t i = 0; i < b; ++i) {
+      if (valid[i]) continue;
+      std::fill(po + i * rows * kValueDim, po + (i + 1) * rows * kValueDim, static_cast<scalar_t>(kNaN));
+      for (int64_t r = 0; r < rows; ++r) *lse_at(i, r) = kNaN;
+    }
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------- mla_cache_write
+
+template <typename T>
+float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+float round_to(float x, at::ScalarType t) {
+  if (t == at::kBFloat16) return round_to<c10::BFloat16>(x);
+  if (t == at::kHalf) return round_to<c10::Half>(x);
+  return x;
+}
+
+// One token: kv_c (optionally RMSNorm-ed and scaled) and k_pe (optionally rotated) -> dst [576].
+// The rounding steps are the reference's: normed to kv_c's dtype, normed * weight to their
+// promoted dtype, everything to the cache's.
+template <typename In, typename Out>
+void write_token(const In* kv_c, const In* k_pe, Out* dst, const float* weight, at::ScalarType product_dtype,
+                 float eps, const float* cos, const float* sin) {
+  if (weight != nullptr) {
+    float ss = 0.0f;
+    for (int64_t c = 0; c < kLoraRank; ++c) ss += static_cast<float>(kv_c[c]) * static_cast<float>(kv_c[c]);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(kLoraRank) + eps);
+    for (int64_t c = 0; c < kLoraRank; ++c) {
+      const float normed = round_to<In>(static_cast<float>(kv_c[c]) * inv);
+      dst[c] = static_cast<Out>(round_to(weight[c] * normed, product_dtype));
+    }
+  } else {
+    for (int64_t c = 0; c < kLoraRank; ++c) dst[c] = static_cast<Out>(static_cast<float>(kv_c[c]));
+  }
+  Out* pe = dst + kLoraRank;
+  if (cos != nullptr) {
+    for (int64_t p = 0; p < kRopeDim / 2; ++p) {
+      const float x0 = static_cast<float>(k_pe[2 * p]), x1 = static_cast<float>(k_pe[2 * p + 1]);
+      pe[2 * p] = static_cast<Out>(x0 * cos[p] - x1 * sin[p]);
+      pe[2 * p + 1] = static_cast<Out>(x0 * sin[p] + x1 * cos[p]);
+    }
+  } else {
+    for (int64_t c = 0; c < kRopeDim; ++c) pe[c] = static_cast<Out>(static_cast<float>(k_pe[c]));
+  }
+}
+
+void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor kv_cache,
+                         const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_norm_weight, double eps,
+                         const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
+  check_mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, rope_cos, rope_sin);
+  const int64_t t = kv_c.size(0);
+  if (t == 0) return;
+  // As on a GPU, a slot past the cache is skipped rather than written out of bounds (ops.py
+  // raises an error for it first where slot_mapping is on the CPU).
+  const int64_t capacity = kv_cache.size(0) * kv_cache.size(1);
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  std::vector<float> weight;
+  at::ScalarType product_dtype = kv_c.scalar_type();
+  if (kv_norm_weight) {
+    const at::Tensor w = kv_norm_weight->to(at::kFloat);
+    weight.assign(w.const_data_ptr<float>(), w.const_data_ptr<float>() + kLoraRank);
+    product_dtype = at::promoteTypes(kv_norm_weight->scalar_type(), kv_c.scalar_type());
+  }
+  const float* pcos = rope_cos ? rope_cos->const_data_ptr<float>() : nullptr;
+  const float* psin = rope_sin ? rope_sin->const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_c.scalar_type(), "mla_cache_write_cpu", [&] {
+    using in_t = scalar_t;
+    const in_t* pc = kv_c.const_data_ptr<in_t>();
+    const in_t* pe = k_pe.const_data_ptr<in_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "mla_cache_write_cpu", [&] {
+      scalar_t* dst = kv_cache.data_ptr<scalar_t>();
+      at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          if (slots[i] < 0 || slots[i] >= capacity) continue;
+          write_token(pc + i * kLoraRank, pe + i * kRopeDim, dst + slots[i] * kHeadDim,
+                      weight.empty() ? nullptr : weight.data(), product_dtype, static_cast<float>(eps),
+                      pcos ? pcos + i * kRopeDim / 2 : nullptr, psin ? psin + i * kRopeDim / 2 : nullptr);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace dsv3::mla::cpu
+
+TORCH_LIBRARY_IMPL(dsv3_kernels, CPU, m) {
+  using namespace dsv3::mla::cpu;
+  m.impl("mla_decode", &mla_decode_cpu);
+  m.impl("mla_cache_write", &mla_cache_write_cpu);
+}
