@@ -90,8 +90,7 @@ def gemm_functions(counts, pattern=GEMM_PATTERN):
 
 
 # The MLA decode kernels (mla_decode_sm90.cu): one per dtype; per key tile each runs S = Q K^T as
-# m64n32k16 wgmma (its k loop is not unrolled: one instruction in the SASS) and O += P V as four
-# m64n256k16 (unrolled). The combine and cache-write kernels are plain CUDA.
+# m64n32k16 wgmma (36 k-steps in a loop unrolled by 4) and O += P V as four m64n256k16. The combine and cache-write kernels are plain CUDA.
 MLA_DECODE_PATTERN = re.compile(r"mla_decode_kernel")
 MLA_DECODE_INSTANTIATIONS = 2  # bfloat16, float16
 MLA_DECODE_SHAPES = ("HGMMA.64x32x16", "HGMMA.64x256x16")

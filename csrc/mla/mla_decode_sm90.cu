@@ -248,8 +248,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-    // Not unrolled: 36 hoisted 64-bit descriptors each for Q and K would crowd out the registers.
-#pragma unroll 1
+    // Unrolled by 4 only: a full unroll hoists 36 64-bit descriptors each for Q and K and spills.
+#pragma unroll 4
     for (int k = 0; k < size<2>(tSrQ); ++k) {
       cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), tSrS);
       mma_s.accumulate_ = GMMA::ScaleOut::One;
