@@ -15,6 +15,11 @@
 //                  m64n256k16 where V^T is the first 512 columns of the same K tile read MN-major.
 // K tiles are double-buffered and loaded with 16-byte cp.async; token rows past seqlen are
 // zero-filled (the cache's unused slots may hold NaN, and 0 * NaN = NaN).
+// Synchronisation per tile (all 256 threads): (1) cp.async wait + proxy fence + barrier: the tile is
+// in smem and both WGs are done with the other stage and with sP, so the next tile's copies start;
+// (2) barrier after the row maxima are in smem; (3) proxy fence + barrier after P is in smem.
+// Every wgmma batch is waited for (wait<0>) before the next barrier, so no smem is overwritten
+// while a wgmma may still read it.
 // Split-KV: split i covers an equal share of the request's ceil(seqlen / 64) tiles (seqlen read on
 // the device, so varlen batches stay balanced and CUDA-graph replays with new lengths are right).
 // num_splits == 1 writes out/lse directly; otherwise each CTA writes its normalized partial O and
