@@ -3,9 +3,13 @@
 Reads the module's SASS and resource usage with cuobjdump (the one shipped in the triton wheel)
 and checks that (a) every FP8 GEMM kernel runs on wgmma FP8 (QGMMA) in its sm_90a code, (b) no
 kernel spills registers or otherwise uses local memory / a stack frame, (c) the quantisation
-kernels are there. Skipped only when _C was built without CUDA kernels.
+kernels are there, (d) the MLA decode kernels run S = Q K^T and O = P V on wgmma (HGMMA 64x32 and
+64x256) and the MLA combine / cache-write kernels are there. Skipped only when _C was built without
+CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
+host (tests/cuda/mla_layouts_check.cu; needs nvcc and the CUTLASS headers, not a GPU).
 """
 
+import collections
 import importlib.util
 import os
 import re
@@ -29,8 +33,8 @@ _USAGE_FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
 _USAGE_FIELDS = re.compile(r"\b([A-Z]+(?:\[\d+\])?):(\d+)")
 
 
-def parse_sass(text):
-    """{(arch, function): number of QGMMA instructions} from `cuobjdump -sass`."""
+def parse_sass(text, mnemonic="QGMMA"):
+    """{(arch, function): number of `mnemonic` instructions} from `cuobjdump -sass`."""
     counts, arch, function = {}, None, None
     for line in text.splitlines():
         if m := _ARCH.match(line):
@@ -38,9 +42,27 @@ def parse_sass(text):
         elif m := _SASS_FUNCTION.match(line):
             function = m.group(1)
             counts.setdefault((arch, function), 0)
-        elif function is not None and "QGMMA" in line:
+        elif function is not None and mnemonic in line:
             counts[(arch, function)] += 1
     return counts
+
+
+_GMMA_SHAPE = re.compile(r"\b([HQ]GMMA\.\d+x\d+x\d+)")
+
+
+def gmma_shapes(text, pattern):
+    """{function: Counter of "HGMMA.MxNxK" shapes} of the sm_90a functions whose name matches."""
+    shapes, arch, function = {}, None, None
+    for line in text.splitlines():
+        if m := _ARCH.match(line):
+            arch = m.group(1)
+        elif m := _SASS_FUNCTION.match(line):
+            function = m.group(1) if arch == "sm_90a" and pattern.search(m.group(1)) else None
+            if function is not None:
+                shapes.setdefault(function, collections.Counter())
+        elif function is not None and (m := _GMMA_SHAPE.search(line)):
+            shapes[function][m.group(1)] += 1
+    return shapes
 
 
 def parse_resource_usage(text):
@@ -67,6 +89,19 @@ def gemm_functions(counts, pattern=GEMM_PATTERN):
     return {key: n for key, n in counts.items() if key[0] == "sm_90a" and pattern.search(key[1])}
 
 
+# The MLA decode kernels (mla_decode_sm90.cu): one per dtype; per key tile each runs S = Q K^T as
+# m64n32k16 wgmma (36 k-steps in a loop unrolled by 4) and O += P V as four m64n256k16. The combine and cache-write kernels are plain CUDA.
+MLA_DECODE_PATTERN = re.compile(r"mla_decode_kernel")
+MLA_DECODE_INSTANTIATIONS = 2  # bfloat16, float16
+MLA_DECODE_SHAPES = ("HGMMA.64x32x16", "HGMMA.64x256x16")
+MLA_OTHER_KERNELS = ("mla_combine_kernel", "mla_cache_write_kernel")
+
+
+def mla_decode_problems(shapes):
+    return [f"{fn}: no {shape}" for fn, counts in sorted(shapes.items()) for shape in MLA_DECODE_SHAPES
+            if not counts.get(shape)]
+
+
 # ---- the parsers and checks themselves must be able to fail ----
 
 _FAKE_USAGE = """
@@ -85,6 +120,28 @@ _FAKE_SASS = """
 \t\tFunction : _Z9Sm90aOnlyB
         /*0100*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
 """
+
+
+_FAKE_MLA_SASS = """
+\tcode for sm_90a
+\t\tFunction : _Z17mla_decode_kernelIN7cutlass10bfloat16_tEEvv
+        /*0100*/                   HGMMA.64x32x16.F32.BF16 R152, gdesc[UR8], R152, UP0, gsb0 ;
+        /*0110*/                   HGMMA.64x8x16.F16 RZ, gdesc[URZ], RZ, !UPT, gsb0 ;
+        /*0200*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+\t\tFunction : _Z17mla_decode_kernelIN7cutlass6half_tEEvv
+        /*0100*/                   HGMMA.64x32x16.F32 R152, gdesc[UR8], R152, UP0, gsb0 ;
+"""
+
+
+def test_gmma_shape_parser():
+    shapes = gmma_shapes(_FAKE_MLA_SASS, MLA_DECODE_PATTERN)
+    assert shapes == {
+        "_Z17mla_decode_kernelIN7cutlass10bfloat16_tEEvv": {"HGMMA.64x32x16": 1, "HGMMA.64x8x16": 1,
+                                                            "HGMMA.64x256x16": 1},
+        "_Z17mla_decode_kernelIN7cutlass6half_tEEvv": {"HGMMA.64x32x16": 1},
+    }
+    assert mla_decode_problems(shapes) == ["_Z17mla_decode_kernelIN7cutlass6half_tEEvv: no HGMMA.64x256x16"]
+    assert parse_sass(_FAKE_MLA_SASS, "HGMMA")[("sm_90a", "_Z17mla_decode_kernelIN7cutlass6half_tEEvv")] == 1
 
 
 def test_checks_detect_spills_and_missing_qgmma():
@@ -123,8 +180,13 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def sass(module_so):
-    return parse_sass(_run("-sass", module_so))
+def sass_text(module_so):
+    return _run("-sass", module_so)
+
+
+@pytest.fixture(scope="module")
+def sass(sass_text):
+    return parse_sass(sass_text)
 
 
 def test_gemm_kernels_use_qgmma(sass):
@@ -144,3 +206,54 @@ def test_quant_kernels_present(sass):
     functions = [fn for (_, fn) in sass]
     missing = [k for k in QUANT_KERNELS if not any(k in fn for fn in functions)]
     assert not missing, f"kernels missing from _C.so: {missing}"
+
+
+# ---- MLA ----
+
+def test_mla_decode_kernels_use_hgmma(sass_text):
+    shapes = gmma_shapes(sass_text, MLA_DECODE_PATTERN)
+    assert len(shapes) == MLA_DECODE_INSTANTIATIONS, f"expected {MLA_DECODE_INSTANTIATIONS} sm_90a MLA decode kernels, got {sorted(shapes)}"
+    assert not mla_decode_problems(shapes), mla_decode_problems(shapes)
+
+
+def test_mla_kernels_present_and_within_registers(sass, module_so):
+    functions = [fn for (_, fn) in sass]
+    missing = [k for k in MLA_OTHER_KERNELS if not any(k in fn for fn in functions)]
+    assert not missing, f"kernels missing from _C.so: {missing}"
+    usage = parse_resource_usage(_run("--dump-resource-usage", module_so))
+    mla = {fn: u for (arch, fn), u in usage.items() if arch == "sm_90a" and MLA_DECODE_PATTERN.search(fn)}
+    assert len(mla) == MLA_DECODE_INSTANTIATIONS, sorted(mla)
+    for fn, u in mla.items():
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 255, (fn, u)
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.isfile(path) else shutil.which("nvcc")
+
+
+def _cutlass_include():
+    if os.environ.get("DSV3_KERNELS_CUTLASS_DIR"):
+        return os.path.join(os.environ["DSV3_KERNELS_CUTLASS_DIR"], "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(base, "source", "include")
+        if os.path.isfile(os.path.join(path, "cute", "tensor.hpp")):
+            return path
+    return None
+
+
+def test_mla_decode_layouts_on_host(tmp_path):
+    """The V^T view of the K tile, the cp.async address arithmetic and the wgmma accumulator
+    (row, col) maps of mla_decode_sm90.cu, checked with CuTe on the CPU (about 20 s of nvcc)."""
+    nvcc, cutlass = _nvcc(), _cutlass_include()
+    if nvcc is None or cutlass is None:
+        pytest.skip("needs nvcc and the CUTLASS headers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path / "mla_layouts_check")
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", cutlass, "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "cuda", "mla_layouts_check.cu"), "-o", exe],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([exe], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr

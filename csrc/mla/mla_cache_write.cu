@@ -1,0 +1,98 @@
+// mla_cache_write: one warp per token. Optional RMSNorm of kv_c (Hugging Face's DeepseekV3RMSNorm:
+// normalize in fp32, round to kv_c's dtype, multiply by the weight in torch's promoted dtype of
+// (weight, kv_c), then store in the cache dtype) and optional interleaved RoPE of k_pe (fp32, each
+// product rounded separately as torch does: no FMA contraction). Semantics:
+// dsv3_kernels/reference/mla.py::mla_cache_write. Slots < 0 (padding) and >= capacity are skipped.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "mla/mla_kernels.cuh"
+
+namespace dsv3::mla {
+namespace {
+
+constexpr int kLora = 512, kRope = 64, kHead = 576;
+constexpr int kWarpsPerBlock = 4;
+
+__device__ __forceinline__ float load(const void* p, MlaDtype t, int64_t i) {
+  switch (t) {
+    case MlaDtype::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case MlaDtype::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store(void* p, MlaDtype t, int64_t i, float v) {
+  switch (t) {
+    case MlaDtype::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    case MlaDtype::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// v rounded to dtype t (round to nearest even), back in fp32.
+__device__ __forceinline__ float round_to(MlaDtype t, float v) {
+  switch (t) {
+    case MlaDtype::kBFloat16: return __bfloat162float(__float2bfloat16_rn(v));
+    case MlaDtype::kFloat16: return __half2float(__float2half_rn(v));
+    default: return v;
+  }
+}
+
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) mla_cache_write_kernel(const MlaCacheWriteParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (token >= p.num_tokens) return;
+  const int64_t slot = p.slot_mapping[token];
+  if (slot < 0 || slot >= p.capacity) return;  // padding / out of the cache: skipped (documented)
+  const int64_t src = token * kLora, dst = slot * kHead;
+
+  // kv_c: lane owns columns lane + 32 * i (coalesced).
+  float x[kLora / 32];
+#pragma unroll
+  for (int i = 0; i < kLora / 32; ++i) x[i] = load(p.kv_c, p.x_dtype, src + lane + 32 * i);
+  if (p.norm_weight != nullptr) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < kLora / 32; ++i) ss = fmaf(x[i], x[i], ss);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    // IEEE sqrt and division (not rsqrtf's approximation) to stay close to torch.rsqrt.
+    const float r = 1.f / sqrtf(ss / kLora + p.eps);
+    // torch: (weight * normed) is computed in promote(weight dtype, x dtype).
+    const MlaDtype prod_t = p.w_dtype == p.x_dtype ? p.x_dtype : MlaDtype::kFloat32;
+#pragma unroll
+    for (int i = 0; i < kLora / 32; ++i) {
+      const float normed = round_to(p.x_dtype, __fmul_rn(x[i], r));
+      x[i] = round_to(prod_t, __fmul_rn(load(p.norm_weight, p.w_dtype, lane + 32 * i), normed));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kLora / 32; ++i) store(p.kv_cache, p.cache_dtype, dst + lane + 32 * i, x[i]);
+
+  // k_pe: lane owns the interleaved pair (2 lane, 2 lane + 1), rotated by angle `lane`.
+  const int64_t pe = token * kRope + 2 * lane;
+  float x0 = load(p.k_pe, p.x_dtype, pe), x1 = load(p.k_pe, p.x_dtype, pe + 1);
+  if (p.rope_cos != nullptr) {
+    const float c = p.rope_cos[token * (kRope / 2) + lane], s = p.rope_sin[token * (kRope / 2) + lane];
+    const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    const float y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+    x0 = y0;
+    x1 = y1;
+  }
+  store(p.kv_cache, p.cache_dtype, dst + kLora + 2 * lane, x0);
+  store(p.kv_cache, p.cache_dtype, dst + kLora + 2 * lane + 1, x1);
+}
+
+}  // namespace
+
+const char* mla_cache_write_launch(const MlaCacheWriteParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return nullptr;
+  const int64_t blocks = (p.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  if (blocks > 0x7fffffff) return "mla_cache_write: too many tokens";
+  mla_cache_write_kernel<<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+}  // namespace dsv3::mla
