@@ -284,7 +284,7 @@ void write_token(const In* kv_c, const In* k_pe, Out* dst, const float* weight, 
   }
 }
 
-void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, at::Tensor kv_cache,
+void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& kv_cache,
                          const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_norm_weight, double eps,
                          const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
   check_mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, rope_cos, rope_sin);
