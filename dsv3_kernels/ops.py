@@ -231,7 +231,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Metadata values are checked here when they are on the CPU. On a GPU they are not (that would
     cost a device sync per call): a request with an out-of-range length or block index is never
     read out of bounds and gets out = lse = NaN instead.
-    The CUDA kernel takes bfloat16/float16; float32 on a GPU goes to triton unless backend= says so.
+    The CUDA kernel takes bfloat16/float16 and block_size a multiple of 64; anything else on a GPU
+    goes to triton unless backend= says otherwise.
     """
     kv_cache = _as_3d_cache(kv_cache)
     _check_tensor("q", q, _FLOAT_DTYPES, ndim=4)
@@ -257,8 +258,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
     chosen = dispatch.resolve("mla_decode", q.device, backend)
-    if chosen == "cuda" and backend is None and q.dtype == torch.float32:
-        chosen = dispatch.resolve("mla_decode", q.device, "triton")
+    if chosen == "cuda" and backend is None and (q.dtype == torch.float32 or kv_cache.shape[1] % 64):
+        chosen = dispatch.resolve("mla_decode", q.device, "triton")  # what the CUDA kernel does not take
     return dispatch.implementation("mla_decode", chosen)(
         q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal), num_splits)
 
