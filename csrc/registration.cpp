@@ -37,4 +37,11 @@ TORCH_LIBRARY(dsv3_kernels, m) {
   // with rope_cos/rope_sin fp32 [T, 32].
   m.def("mla_cache_write(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, "
         "Tensor? kv_norm_weight, float eps, Tensor? rope_cos, Tensor? rope_sin) -> ()");
+
+  // ---- DeepSeekMoE ----
+  // router_logits [T, E] fp32/bf16/fp16, e_score_correction_bias fp32 [E] or None, score_func
+  // "sigmoid" or "softmax" -> (topk_weights fp32 [T, topk], topk_ids int32 [T, topk], best first);
+  // group-limited selection, ties to the lower index (dsv3_kernels/reference/moe.py)
+  m.def("moe_route(Tensor router_logits, Tensor? e_score_correction_bias, int n_group, int topk_group, int topk, "
+        "float routed_scaling_factor, str score_func, bool renormalize) -> (Tensor, Tensor)");
 }

@@ -38,3 +38,9 @@ if _native.loaded():
     @torch.library.register_fake("dsv3_kernels::mla_cache_write")
     def _(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, eps, rope_cos, rope_sin):
         return None
+
+    @torch.library.register_fake("dsv3_kernels::moe_route")
+    def _(router_logits, bias, n_group, topk_group, topk, routed_scaling_factor, score_func, renormalize):
+        t = router_logits.shape[0]
+        return (router_logits.new_empty((t, topk), dtype=torch.float32),
+                router_logits.new_empty((t, topk), dtype=torch.int32))

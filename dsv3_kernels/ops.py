@@ -11,6 +11,7 @@ import torch
 from . import dispatch
 from .reference import fp8 as _ref_fp8
 from .reference import mla as _ref_mla
+from .reference import moe as _ref_moe
 
 FP8_DTYPE = torch.float8_e4m3fn
 GEMM_BLOCK = 128  # the fp8_gemm scale format: 1x128 activation blocks, 128x128 weight blocks
@@ -23,6 +24,7 @@ dispatch.register_op("fp8_gemm", _ref_fp8.fp8_gemm, "dsv3_kernels.triton.fp8")
 dispatch.register_op("fp8_linear", None, parts=("act_quant", "fp8_gemm"))
 dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla")
 dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
+dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe")
 
 available_backends = dispatch.available_backends
 
@@ -309,3 +311,43 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
     dispatch.implementation("mla_cache_write", dispatch.resolve("mla_cache_write", kv_c.device, backend))(
         kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps), rope_cos, rope_sin)
+
+
+# ---- DeepSeekMoE ----
+
+def moe_route(router_logits: torch.Tensor, e_score_correction_bias=None, n_group: int = 1, topk_group: int = 1,
+              topk: int = 8, routed_scaling_factor: float = 1.0, score_func: str = "sigmoid",
+              renormalize: bool = True, *, backend=None):
+    """DeepSeek-V3's group-limited expert choice, fused (see dsv3_kernels/reference/moe.py).
+
+    router_logits: [T, E] float32 (bfloat16/float16 are upcast); e_score_correction_bias: float32
+    [E] or None (steers the choice only). The E experts form n_group groups; the topk_group groups
+    with the best top-2 biased score sum stay eligible; the topk best biased experts among them are
+    chosen; their unbiased scores (sigmoid or softmax) are renormalized if `renormalize` and scaled
+    by routed_scaling_factor. Ties go to the lower index.
+    Returns (topk_weights float32 [T, topk], topk_ids int32 [T, topk]), best first.
+    DeepSeek-V3: n_group=8, topk_group=4, topk=8, routed_scaling_factor=2.5, sigmoid.
+    """
+    _check_tensor("router_logits", router_logits, _FLOAT_DTYPES, ndim=2)
+    e = router_logits.shape[1]
+    for name, v in (("n_group", n_group), ("topk_group", topk_group), ("topk", topk)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if e == 0 or e % n_group:
+        raise ValueError(f"n_experts (router_logits.shape[1] = {e}) must be a positive multiple of n_group = {n_group}")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group ({topk_group}) must be <= n_group ({n_group})")
+    if topk > topk_group * (e // n_group):
+        raise ValueError(f"topk ({topk}) is more than the experts of the eligible groups "
+                         f"(topk_group {topk_group} x {e // n_group} experts per group)")
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    if e_score_correction_bias is not None:
+        _check_tensor("e_score_correction_bias", e_score_correction_bias, (torch.float32,), ndim=1)
+        if e_score_correction_bias.shape[0] != e:
+            raise ValueError(f"e_score_correction_bias must be [{e}], got {tuple(e_score_correction_bias.shape)}")
+        _check_same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
+        if n_group > 1 and e // n_group < 2:
+            raise ValueError("with a bias, each group needs at least 2 experts (a group scores its top-2 sum)")
+    return _run("moe_route", router_logits.device, backend, router_logits, e_score_correction_bias, n_group,
+                topk_group, topk, float(routed_scaling_factor), score_func, bool(renormalize))

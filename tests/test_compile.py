@@ -130,3 +130,26 @@ def test_cuda_graph_capture_mla(device, backend):
     want = dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)
     torch.testing.assert_close(out_g, want[0], rtol=0, atol=0)
     torch.testing.assert_close(lse_g, want[1], rtol=0, atol=0)
+
+
+# ---- MoE ----
+
+@pytest.mark.ops("moe_route")
+def test_opcheck_moe_route(device, backend):
+    logits, bias = torch.randn(37, 256, device=device), torch.randn(256, device=device) * 0.1
+    for args in [(logits, bias, 8, 4, 8, 2.5, "sigmoid", True), (logits[:, :64].contiguous(), None, 1, 1, 6, 1.0,
+                                                                  "softmax", False)]:
+        torch.library.opcheck(_op("moe_route", backend), args, test_utils=ALL_UTILS)
+
+
+@pytest.mark.ops("moe_route")
+def test_compile_fullgraph_moe_route(device, backend):
+    torch._dynamo.reset()
+    logits, bias = torch.randn(9, 256, device=device), torch.randn(256, device=device) * 0.1
+
+    def f(logits):
+        return dk.moe_route(logits, bias, 8, 4, 8, 2.5, backend=backend)
+
+    compiler = "aot_eager" if device == "cpu" else "inductor"
+    for g, e in zip(torch.compile(f, fullgraph=True, backend=compiler)(logits), f(logits)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
