@@ -39,8 +39,8 @@ echo "memcheck exit $?: $(grep -c "Invalid" "$OUT/memcheck.log") invalid accesse
 
 step benchmarks
 mkdir -p "$OUT/bench"
-for suite in fp8 mla; do
-  timeout -s INT 120 $PY -m pytest benchmarks/bench_$suite.py -q --device cuda --results-dir "$OUT/bench" \
+for suite in fp8 mla moe; do
+  timeout -s INT 100 $PY -m pytest benchmarks/bench_$suite.py -q --device cuda --results-dir "$OUT/bench" \
     --benchmark-json "$OUT/bench/pytest-benchmark-$suite.json" > "$OUT/bench_$suite.log" 2>&1
   echo "benchmarks $suite exit $?"
 done

@@ -96,3 +96,9 @@ def mla_decode_cost(batch, s_q, heads, seqlen, elt=2, head_dim=576, dv=512):
     flops = 2 * batch * s_q * heads * seqlen * (head_dim + dv)
     nbytes = elt * (batch * seqlen * head_dim + batch * s_q * heads * (head_dim + dv))
     return flops, nbytes
+
+
+def moe_route_cost(tokens, experts, topk, logit_bytes=4):
+    """Routing reads the logits and the bias and writes weights and ids; its arithmetic (a sigmoid
+    and a few comparisons per logit) is counted as one op per logit: it is memory-bound."""
+    return tokens * experts, tokens * experts * logit_bytes + 4 * experts + 8 * tokens * topk

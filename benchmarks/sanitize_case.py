@@ -34,3 +34,12 @@ for backend in dk.available_backends("mla_decode", "cuda"):
                        backend=backend)
     torch.cuda.synchronize()
     print(f"mla {backend}: ok")
+
+# MoE routing: DeepSeek-V3's gate and a non-power-of-two expert count.
+for backend in dk.available_backends("moe_route", "cuda"):
+    if backend == "torch":
+        continue
+    dk.moe_route(torch.randn(37, 256, device="cuda"), torch.randn(256, device="cuda"), 8, 4, 8, 2.5, backend=backend)
+    dk.moe_route(torch.randn(5, 72, device="cuda"), None, 3, 2, 6, 1.0, "softmax", False, backend=backend)
+    torch.cuda.synchronize()
+    print(f"moe_route {backend}: ok")
