@@ -2,7 +2,8 @@
 
 `compile_for_sm90()` compiles every kernel in every configuration the ops can launch (each
 fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype; each MLA decode config of
-mla.DECODE_CONFIGS, each cache-write fusion) and returns their asm dicts ("ttir", "ttgir",
+mla.DECODE_CONFIGS, each cache-write fusion; moe_route for DeepSeek-V3's and a one-group expert
+layout) and returns their asm dicts ("ttir", "ttgir",
 "llir", "ptx", "cubin") plus the register/spill counts ptxas reports and the shared memory.
 `check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma in every fp8_gemm
 kernel, in-kernel saturating fp8 conversion in the quantize kernels, tensor-core mma.sync in the
@@ -12,7 +13,7 @@ register spills.
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled). All 206 variants take a few
+interpreter's kernels are plain Python and cannot be compiled). All 210 variants take a few
 minutes on a cold Triton cache (seconds when cached); `only=` selects a subset."""
 
 import itertools
@@ -23,7 +24,7 @@ import tempfile
 import torch
 import triton
 
-from . import fp8, mla
+from . import fp8, mla, moe
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
@@ -137,6 +138,7 @@ def _kernel_variants():
                 "GROUP_M": fp8.GROUP_M},
                warps, stages, aligned)
     yield from _mla_variants()
+    yield from _moe_variants()
 
 
 def _mla_variants():
@@ -166,6 +168,24 @@ def _mla_variants():
                 "w_ptr": f"*{ty}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32",
                 "CAPACITY": "i32"},
                {"NORM": norm, "ROPE": rope, "INTERPRET": False}, mla.CACHE_WRITE_WARPS, 1, ())
+
+
+def _moe_variants():
+    """moe_route: DeepSeek-V3's layout (256 experts, 8 groups, bias, sigmoid) and a V2-Lite-like
+    one (64 experts, one group, softmax, no bias), bf16 and fp32 logits; other expert counts
+    change only the tile shape."""
+    layouts = ((256, 8, 4, 8, False, True), (64, 1, 1, 6, True, False))
+    for (e, n_group, topk_group, topk, softmax, bias), dtype in itertools.product(
+            layouts, (torch.bfloat16, torch.float32)):
+        ty = _TRITON_TYPE[dtype]
+        block_t, block_e, block_k = moe.route_config(e, topk)
+        yield (f"moe_route {ty} E={e} g{n_group} kg{topk_group} k{topk}", moe._moe_route_kernel,
+               {"logits_ptr": f"*{ty}", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32",
+                "T": "i32", "scale": "fp32"},
+               {"E": e, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "TOPK": topk, "SOFTMAX": softmax,
+                "HAS_BIAS": bias, "RENORMALIZE": True, "BLOCK_T": block_t, "BLOCK_E": block_e,
+                "BLOCK_K": block_k},
+               moe.ROUTE_WARPS, 1, ())
 
 
 def _label(multiples_of_16):
