@@ -4,8 +4,9 @@ Reads the module's SASS and resource usage with cuobjdump (the one shipped in th
 and checks that (a) every FP8 GEMM kernel runs on wgmma FP8 (QGMMA) in its sm_90a code, (b) no
 kernel spills registers or otherwise uses local memory / a stack frame, (c) the quantisation
 kernels are there, (d) the MLA decode kernels run S = Q K^T and O = P V on wgmma (HGMMA 64x32 and
-64x256) and the MLA combine / cache-write kernels are there. Skipped only when _C was built without
-CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
+64x256) and the MLA combine / cache-write kernels are there, (f) the MoE routing kernel is there
+and keeps its per-lane expert arrays in registers (no local memory). Skipped only when _C was built
+without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
 host (tests/cuda/mla_layouts_check.cu; needs nvcc and the CUTLASS headers, not a GPU).
 """
 
@@ -225,6 +226,24 @@ def test_mla_kernels_present_and_within_registers(sass, module_so):
     assert len(mla) == MLA_DECODE_INSTANTIATIONS, sorted(mla)
     for fn, u in mla.items():
         assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 255, (fn, u)
+
+
+# ---- MoE ----
+
+# moe_route.cu: one instantiation per experts-per-lane count (E up to 512 -> 1, 2, 4, 8, 16 slots).
+MOE_ROUTE_PATTERN = re.compile(r"moe_route_kernel")
+MOE_ROUTE_INSTANTIATIONS = 5
+
+
+def test_moe_route_kernel_present_without_local_memory(sass, module_so):
+    functions = [fn for (arch, fn) in sass if arch == "sm_90a" and MOE_ROUTE_PATTERN.search(fn)]
+    assert len(functions) == MOE_ROUTE_INSTANTIATIONS, f"expected {MOE_ROUTE_INSTANTIATIONS} sm_90a moe_route kernels, got {sorted(functions)}"
+    usage = parse_resource_usage(_run("--dump-resource-usage", module_so))
+    moe = {fn: u for (arch, fn), u in usage.items() if arch == "sm_90a" and MOE_ROUTE_PATTERN.search(fn)}
+    assert len(moe) == MOE_ROUTE_INSTANTIATIONS, sorted(moe)
+    for fn, u in moe.items():
+        # Register-resident expert arrays: any indexing the compiler could not resolve would show up as LOCAL.
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 128, (fn, u)
 
 
 def _nvcc():
