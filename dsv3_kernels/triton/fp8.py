@@ -5,13 +5,15 @@ scales). Each op is a custom op `dsv3_kernels::<name>_triton` taking the schema 
 csrc/registration.cpp; importing this module registers them (dispatch does it when triton is chosen).
 
 On a GPU the ops are `torch.library.triton_op`s, so torch.compile traces into them and sees the
-kernels. Under TRITON_INTERPRET=1 (CPU tests) see `_INTERPRETED` for what differs and why.
+kernels. Under TRITON_INTERPRET=1 (CPU tests) see registration.py and `_kernel_dtype` for what
+differs and why.
 """
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .registration import INTERPRETED, custom_op, wrap_triton
 
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
@@ -206,60 +208,24 @@ def gemm_config(m, n, k):
 # Interpreter mode
 # ---------------------------------------------------------------------------------------------
 
-# True when @triton.jit made interpreter functions (TRITON_INTERPRET=1 when this module was
-# imported). Triton's CPU interpreter differs from a GPU in ways that matter here:
-# - its fp32 -> fp8 e4m3 cast is wrong (it rounds e.g. 7.99 to 4 and 125.5 to 64) and its
-#   fp32 -> bf16 cast truncates, so kernels store fp32 into a staging buffer and torch does the
-#   final cast (RNE, saturating, as in the reference); on a GPU the cast happens in-kernel;
-# - its kernels are plain Python: wrap_triton cannot trace them into a graph (torch 2.14 returns
-#   them unchanged, older torch may raise) and they cannot run on fake tensors. So the
-#   ops are opaque custom ops (torch.compile calls them instead of tracing into them) whose
-#   body doubles as the fake kernel, with launches skipped on fake tensors.
-_INTERPRETED = isinstance(_fp8_gemm_kernel, InterpretedFunction)
+# Under Triton's CPU interpreter (INTERPRETED; see registration.py) the fp32 -> fp8 e4m3 cast is
+# wrong (it rounds e.g. 7.99 to 4 and 125.5 to 64) and the fp32 -> bf16 cast truncates, so the
+# kernels store fp32 into a staging buffer and torch does the final cast (RNE, saturating, as in
+# the reference); on a GPU the cast happens in-kernel.
 
 
 def _kernel_dtype(dtype):
-    """The dtype a kernel stores for a final `dtype` output (see _INTERPRETED)."""
-    if _INTERPRETED and dtype in (torch.float8_e4m3fn, torch.bfloat16):
+    """The dtype a kernel stores for a final `dtype` output (see INTERPRETED)."""
+    if INTERPRETED and dtype in (torch.float8_e4m3fn, torch.bfloat16):
         return torch.float32
     return dtype
-
-
-if _INTERPRETED:
-    from torch._subclasses.fake_tensor import is_fake
-
-    class _InterpretedLaunch:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-                    self.kernel[grid](*args, **kwargs)
-            return launch
-
-    def wrap_triton(kernel):
-        """Stand-in for torch.library.wrap_triton under the interpreter (see _INTERPRETED)."""
-        return _InterpretedLaunch(kernel)
-
-    def _custom_op(name):
-        def register(fn):
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fn)
-            return op
-        return register
-else:
-    from torch.library import wrap_triton
-
-    def _custom_op(name):
-        return torch.library.triton_op(name, mutates_args=())
 
 
 # ---------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------
 
-@_custom_op("dsv3_kernels::act_quant_triton")
+@custom_op("dsv3_kernels::act_quant_triton")
 def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     nb = _cdiv(k, block_size)
@@ -274,7 +240,7 @@ def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.
     return y.to(torch.float8_e4m3fn), scale
 
 
-@_custom_op("dsv3_kernels::weight_quant_triton")
+@custom_op("dsv3_kernels::weight_quant_triton")
 def _weight_quant_op(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     nbn, nbk = _cdiv(n, block_size), _cdiv(k, block_size)
@@ -287,7 +253,7 @@ def _weight_quant_op(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     return y.to(torch.float8_e4m3fn), scale_inv
 
 
-@_custom_op("dsv3_kernels::weight_dequant_triton")
+@custom_op("dsv3_kernels::weight_dequant_triton")
 def _weight_dequant_op(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int,
                        dtype: torch.dtype) -> torch.Tensor:
     n, k = w.shape
@@ -300,7 +266,7 @@ def _weight_dequant_op(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int
     return y.to(dtype)
 
 
-@_custom_op("dsv3_kernels::fp8_gemm_triton")
+@custom_op("dsv3_kernels::fp8_gemm_triton")
 def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
     m, k = a.shape

@@ -3,8 +3,9 @@
 Semantics are those of dsv3_kernels/reference/mla.py (causal rule, empty requests, invalid
 metadata -> NaN without out-of-bounds reads). Importing this module registers the custom ops
 `dsv3_kernels::mla_decode_triton` and `dsv3_kernels::mla_cache_write_triton` with the schema
-arguments of csrc/registration.cpp, the same way as triton/fp8.py (triton_op on a GPU, an opaque
-custom op under TRITON_INTERPRET=1: see `_INTERPRETED`).
+arguments of csrc/registration.cpp through triton/registration.py (triton_op on a GPU, an opaque
+custom op under TRITON_INTERPRET=1, where the kernels also take INTERPRET to round to bf16
+correctly and to do their dots in fp32).
 
 mla_decode runs in two stages (split-KV, like FlashMLA and the Triton MLA decodes of vLLM/SGLang):
 1. `_mla_decode_split_kernel`, grid (row blocks, splits, B): the s_q * H query rows of a request
@@ -22,9 +23,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from ..reference.mla import KV_LORA_RANK
+from .registration import INTERPRETED, custom_op, wrap_triton
 
 LOG2E = math.log2(math.e)
 
@@ -275,50 +276,10 @@ def decode_splits(batch, row_blocks, max_tiles):
 
 
 # ---------------------------------------------------------------------------------------------
-# Interpreter mode
-# ---------------------------------------------------------------------------------------------
-
-# True when @triton.jit made interpreter functions (TRITON_INTERPRET=1 at import). As in fp8.py:
-# the kernels take INTERPRET to round to bf16 correctly and to do their dots in fp32, and the
-# ops are opaque custom ops whose body doubles as the fake kernel (launches skipped on fake
-# tensors), because wrap_triton cannot trace interpreted kernels.
-_INTERPRETED = isinstance(_mla_decode_split_kernel, InterpretedFunction)
-
-if _INTERPRETED:
-    from torch._subclasses.fake_tensor import is_fake
-
-    class _InterpretedLaunch:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-                    self.kernel[grid](*args, **kwargs)
-            return launch
-
-    def wrap_triton(kernel):
-        """Stand-in for torch.library.wrap_triton under the interpreter (see _INTERPRETED)."""
-        return _InterpretedLaunch(kernel)
-
-    def _custom_op(name, mutates_args=()):
-        def register(fn):
-            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-            op.register_fake(fn)
-            return op
-        return register
-else:
-    from torch.library import wrap_triton
-
-    def _custom_op(name, mutates_args=()):
-        return torch.library.triton_op(name, mutates_args=mutates_args)
-
-
-# ---------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------
 
-@_custom_op("dsv3_kernels::mla_decode_triton")
+@custom_op("dsv3_kernels::mla_decode_triton")
 def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool,
                    num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +297,7 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     out = torch.empty((b, s_q, h, KV_LORA_RANK), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if b > 0:
-        fp32_dot = _INTERPRETED or q.dtype == torch.float32
+        fp32_dot = INTERPRETED or q.dtype == torch.float32
         wrap_triton(_mla_decode_split_kernel)[(row_blocks, splits, b)](
             q, kv_cache, block_table, cache_seqlens, o_part, lse_part, softmax_scale * LOG2E,
             s_q, h, num_blocks, max_blocks, splits, block_size, causal,
@@ -344,11 +305,11 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             num_stages=num_stages)
         wrap_triton(_mla_decode_merge_kernel)[(_cdiv(n_rows, MERGE_BLOCK_R), b)](
             o_part, lse_part, out, lse, s_q, h, splits, BLOCK_R=MERGE_BLOCK_R,
-            INTERPRET=_INTERPRETED, num_warps=MERGE_WARPS)
+            INTERPRET=INTERPRETED, num_warps=MERGE_WARPS)
     return out, lse
 
 
-@_custom_op("dsv3_kernels::mla_cache_write_triton", mutates_args={"kv_cache"})
+@custom_op("dsv3_kernels::mla_cache_write_triton", mutates_args={"kv_cache"})
 def _mla_cache_write_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, kv_norm_weight: Optional[torch.Tensor], eps: float,
                         rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor]) -> None:
@@ -360,5 +321,5 @@ def _mla_cache_write_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.
     wrap_triton(_mla_cache_write_kernel)[(t,)](
         kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight if norm else kv_c,
         rope_cos if rope else kv_c, rope_sin if rope else kv_c, eps,
-        kv_cache.shape[0] * kv_cache.shape[1], NORM=norm, ROPE=rope, INTERPRET=_INTERPRETED,
+        kv_cache.shape[0] * kv_cache.shape[1], NORM=norm, ROPE=rope, INTERPRET=INTERPRETED,
         num_warps=CACHE_WRITE_WARPS)

@@ -2,9 +2,8 @@
 
 Semantics are those of dsv3_kernels/reference/moe.py (fp32 scores, bias for the choice only,
 top-2-sum group scores, ties to the lower index). Importing this module registers the custom op
-`dsv3_kernels::moe_route_triton` with the schema arguments of csrc/registration.cpp, the same way
-as triton/fp8.py (triton_op on a GPU, an opaque custom op under TRITON_INTERPRET=1: see
-`_INTERPRETED`).
+`dsv3_kernels::moe_route_triton` with the schema arguments of csrc/registration.cpp through
+triton/registration.py (triton_op on a GPU, an opaque custom op under TRITON_INTERPRET=1).
 
 One program routes BLOCK_T tokens, each a row of BLOCK_E >= E expert columns held in registers.
 Every top-k (top-2 within a group, the kept groups, the chosen experts) is an iterative argmax:
@@ -17,7 +16,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .registration import custom_op, wrap_triton
 
 
 def _cdiv(a, b):
@@ -117,49 +117,10 @@ def route_config(e, topk):
 
 
 # ---------------------------------------------------------------------------------------------
-# Interpreter mode
-# ---------------------------------------------------------------------------------------------
-
-# True when @triton.jit made interpreter functions (TRITON_INTERPRET=1 at import). As in fp8.py:
-# the op is an opaque custom op whose body doubles as the fake kernel (launches skipped on fake
-# tensors), because wrap_triton cannot trace interpreted kernels.
-_INTERPRETED = isinstance(_moe_route_kernel, InterpretedFunction)
-
-if _INTERPRETED:
-    from torch._subclasses.fake_tensor import is_fake
-
-    class _InterpretedLaunch:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-                    self.kernel[grid](*args, **kwargs)
-            return launch
-
-    def wrap_triton(kernel):
-        """Stand-in for torch.library.wrap_triton under the interpreter (see _INTERPRETED)."""
-        return _InterpretedLaunch(kernel)
-
-    def _custom_op(name):
-        def register(fn):
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fn)
-            return op
-        return register
-else:
-    from torch.library import wrap_triton
-
-    def _custom_op(name):
-        return torch.library.triton_op(name, mutates_args=())
-
-
-# ---------------------------------------------------------------------------------------------
 # Op
 # ---------------------------------------------------------------------------------------------
 
-@_custom_op("dsv3_kernels::moe_route_triton")
+@custom_op("dsv3_kernels::moe_route_triton")
 def _moe_route_op(router_logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor], n_group: int,
                   topk_group: int, topk: int, routed_scaling_factor: float, score_func: str,
                   renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
