@@ -3,9 +3,9 @@
 #pragma once
 #include <torch/library.h>
 
-namespace dsv3::fp8 {
+#include "common/torch_glue.h"
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+namespace dsv3::fp8 {
 
 inline void check_block_size(int64_t block_size) {
   TORCH_CHECK(block_size >= 16 && block_size <= 1024 && (block_size & (block_size - 1)) == 0,

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "fp8/fp8_checks.h"
 #include "fp8/fp8_cpu_kernels.h"
 
@@ -59,13 +60,6 @@ int64_t grain_for(int64_t elems_per_item, int64_t grain_elems = kGrainElems) {
   return std::max<int64_t>(1, grain_elems / std::max<int64_t>(1, elems_per_item));
 }
 
-template <typename T>
-constexpr Dtype dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return Dtype::kF32;
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return Dtype::kBF16;
-  else return Dtype::kF16;
-}
-
 inline float e4m3_to_float(uint8_t bits) { return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits())); }
 
 // ---------------------------------------------------------------- quantization
@@ -94,7 +88,7 @@ float quantize_tile_scalar(const T* x, uint8_t* q, int64_t ld, int64_t rows, int
 template <typename T>
 float quantize_tile(const T* x, uint8_t* q, int64_t ld, int64_t rows, int64_t cols, bool ue8m0) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return quantize_tile_avx512<dtype_of<T>()>(x, q, ld, rows, cols, ue8m0);
+  if (avx512_supported()) return quantize_tile_avx512<float_type_of<T>()>(x, q, ld, rows, cols, ue8m0);
 #endif
   return quantize_tile_scalar(x, q, ld, rows, cols, ue8m0);
 }
@@ -156,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> weight_quant_cpu(const at::Tensor& w, int64_t
 template <typename T>
 void dequant_span(const uint8_t* w, T* out, int64_t len, float scale) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return dequant_span_avx512<dtype_of<T>()>(w, out, len, scale);
+  if (avx512_supported()) return dequant_span_avx512<float_type_of<T>()>(w, out, len, scale);
 #endif
   for (int64_t c = 0; c < len; ++c) out[c] = static_cast<T>(e4m3_to_float(w[c]) * scale);
 }
@@ -258,8 +252,8 @@ void gemm_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_sca
 // Columns [n0, n1) of the fp32 result c [m, n] -> out (bf16 or fp16; nothing to do for fp32).
 void convert_cols(const float* c, void* out, at::ScalarType out_dtype, int64_t m, int64_t n, int64_t n0,
                   int64_t n1) {
-  if (out_dtype == at::kBFloat16) convert_cols_avx512<Dtype::kBF16>(c, out, m, n, n0, n1);
-  if (out_dtype == at::kHalf) convert_cols_avx512<Dtype::kF16>(c, out, m, n, n0, n1);
+  if (out_dtype == at::kBFloat16) convert_cols_avx512<FloatType::kBFloat16>(c, out, m, n, n0, n1);
+  if (out_dtype == at::kHalf) convert_cols_avx512<FloatType::kFloat16>(c, out, m, n, n0, n1);
 }
 
 // With avx512_bf16: A goes to raw bf16 once; then few rows take gemm_small_avx512bf16, many

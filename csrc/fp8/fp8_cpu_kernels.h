@@ -24,6 +24,8 @@
 #include <immintrin.h>
 #endif
 
+#include "common/float_type.h"
+
 namespace dsv3::fp8::cpu {
 
 constexpr float kFp8Max = 448.0f;
@@ -31,8 +33,6 @@ constexpr float kAmaxMin = 1e-4f;
 constexpr int64_t kGemmBlk = 128;  // K block of fp8_gemm's scales
 // The fast e4m3 decode returns value / 2^8 (see above); scales are multiplied by this.
 constexpr float kDecodeUnscale = 256.0f;
-
-enum class Dtype { kF32, kBF16, kF16 };
 
 inline uint32_t f32_bits(float f) {
   uint32_t u;
@@ -71,13 +71,13 @@ DSV3_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
-template <Dtype D>
+template <FloatType D>
 DSV3_AVX512 inline __m512 load_f32(const void* base, int64_t i, __mmask16 m) {
-  if constexpr (D == Dtype::kF32) {
+  if constexpr (D == FloatType::kFloat32) {
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
   } else {
     __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + i);
-    if constexpr (D == Dtype::kF16) return _mm512_cvtph_ps(h);
+    if constexpr (D == FloatType::kFloat16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
@@ -91,19 +91,19 @@ DSV3_AVX512 inline __m256i f32_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-template <Dtype D>
+template <FloatType D>
 DSV3_AVX512 inline void store_f32(void* base, int64_t i, __m512 v, __mmask16 m) {
-  if constexpr (D == Dtype::kF32) {
+  if constexpr (D == FloatType::kFloat32) {
     _mm512_mask_storeu_ps(static_cast<float*>(base) + i, m, v);
   } else {
-    __m256i h = D == Dtype::kBF16 ? f32_to_bf16(v)
+    __m256i h = D == FloatType::kBFloat16 ? f32_to_bf16(v)
                                    : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, m, h);
   }
 }
 
 // Columns [n0, n1) of the rows of c [rows, n] (fp32) stored to out [rows, n] of type D.
-template <Dtype D>
+template <FloatType D>
 DSV3_AVX512 void convert_cols_avx512(const float* c, void* out, int64_t rows, int64_t n, int64_t n0, int64_t n1) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = n0; j < n1; j += 16) {
@@ -149,7 +149,7 @@ DSV3_AVX512 inline __m512 load_e4m3_div256(const uint8_t* p) {
 
 // Quantizes the tile rows x cols (row stride ld) of x into q (same layout) with one scale,
 // which it returns. act_quant calls it with one row, weight_quant with a block of rows.
-template <Dtype D>
+template <FloatType D>
 DSV3_AVX512 float quantize_tile_avx512(const void* x, uint8_t* q, int64_t ld, int64_t rows, int64_t cols,
                                        bool ue8m0) {
   __m512 vmax = _mm512_setzero_ps();
@@ -178,7 +178,7 @@ DSV3_AVX512 float quantize_tile_avx512(const void* x, uint8_t* q, int64_t ld, in
 // out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included:
 // c10 decodes the NaN codes to sign | 0x7FF00000, a payload the multiply and the fp16
 // conversion carry through.
-template <Dtype D>
+template <FloatType D>
 DSV3_AVX512 void dequant_span_avx512(const uint8_t* w, void* out, int64_t len, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale * kDecodeUnscale);
   const __m128i low7 = _mm_set1_epi8(0x7F);

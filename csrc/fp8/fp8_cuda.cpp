@@ -14,15 +14,6 @@
 namespace dsv3::fp8 {
 namespace {
 
-FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kHalf: return FloatType::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
 void check_launch(const char* error, const char* op) {
   TORCH_CHECK(error == nullptr, op, ": CUDA kernel launch failed: ", error);
 }

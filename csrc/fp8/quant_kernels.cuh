@@ -7,9 +7,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace dsv3::fp8 {
+#include "common/float_type.h"
 
-enum class FloatType { kFloat32, kBFloat16, kFloat16 };
+namespace dsv3::fp8 {
 
 // x [rows, k] -> q e4m3 [rows, k], scale [rows, ceil(k / block_size)].
 const char* act_quant_launch(const void* x, FloatType x_type, int64_t rows, int64_t k, int block_size,

@@ -14,27 +14,27 @@ namespace {
 constexpr int kLora = 512, kRope = 64, kHead = 576;
 constexpr int kWarpsPerBlock = 4;
 
-__device__ __forceinline__ float load(const void* p, MlaDtype t, int64_t i) {
+__device__ __forceinline__ float load(const void* p, FloatType t, int64_t i) {
   switch (t) {
-    case MlaDtype::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case MlaDtype::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case FloatType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case FloatType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
 }
 
-__device__ __forceinline__ void store(void* p, MlaDtype t, int64_t i, float v) {
+__device__ __forceinline__ void store(void* p, FloatType t, int64_t i, float v) {
   switch (t) {
-    case MlaDtype::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    case MlaDtype::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case FloatType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    case FloatType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
     default: static_cast<float*>(p)[i] = v;
   }
 }
 
 // v rounded to dtype t (round to nearest even), back in fp32.
-__device__ __forceinline__ float round_to(MlaDtype t, float v) {
+__device__ __forceinline__ float round_to(FloatType t, float v) {
   switch (t) {
-    case MlaDtype::kBFloat16: return __bfloat162float(__float2bfloat16_rn(v));
-    case MlaDtype::kFloat16: return __half2float(__float2half_rn(v));
+    case FloatType::kBFloat16: return __bfloat162float(__float2bfloat16_rn(v));
+    case FloatType::kFloat16: return __half2float(__float2half_rn(v));
     default: return v;
   }
 }
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) mla_cache_write_kernel(co
     // IEEE sqrt and division (not rsqrtf's approximation) to stay close to torch.rsqrt.
     const float r = 1.f / sqrtf(ss / kLora + p.eps);
     // torch: (weight * normed) is computed in promote(weight dtype, x dtype).
-    const MlaDtype prod_t = p.w_dtype == p.x_dtype ? p.x_dtype : MlaDtype::kFloat32;
+    const FloatType prod_t = p.w_dtype == p.x_dtype ? p.x_dtype : FloatType::kFloat32;
 #pragma unroll
     for (int i = 0; i < kLora / 32; ++i) {
       const float normed = round_to(p.x_dtype, __fmul_rn(x[i], r));

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/torch_glue.h"
 #include "mla/mla_checks.h"
 #include "mla/mla_cpu_kernels.h"
 
@@ -28,13 +29,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Keys per split that make a split worth its share of the combine and of waking a thread.
 constexpr int64_t kMinSplitKeys = 512;
-
-template <typename T>
-constexpr Dtype dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return Dtype::kF32;
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return Dtype::kBF16;
-  else return Dtype::kF16;
-}
 
 // ---------------------------------------------------------------- mla_decode
 
@@ -47,7 +41,7 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
   std::fill(l, l + kGroupRows, 0.0f);
   const float* qt = static_cast<const float*>(g.q);
   for (int64_t j = k.begin; j < k.end; ++j) {
-    const T* src = static_cast<const T*>(key_ptr<dtype_of<T>()>(k, j));
+    const T* src = static_cast<const T*>(key_ptr<float_type_of<T>()>(k, j));
     for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
     float s[kGroupRows] = {};
     for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
@@ -93,9 +87,9 @@ template <typename T>
 Attend<T> pick_attend() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (dsv3::fp8::cpu::avx512_bf16_supported()) return {&layout_bf16_pairs, &attend_avx512<Dtype::kBF16, true>};
+    if (dsv3::fp8::cpu::avx512_bf16_supported()) return {&layout_bf16_pairs, &attend_avx512<FloatType::kBFloat16, true>};
   }
-  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<dtype_of<T>(), false>};
+  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false>};
 #endif
   return {&layout_f32<T>, &attend_portable<T>};
 }

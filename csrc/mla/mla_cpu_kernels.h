@@ -25,6 +25,8 @@
 #include <immintrin.h>
 #endif
 
+#include "common/float_type.h"
+
 namespace dsv3::fp8::cpu {
 // fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
 bool avx512_supported();
@@ -38,8 +40,6 @@ constexpr int kTile = 8;        // keys per online-softmax step
 constexpr int kDim = 576;       // c_kv 512 | k_pe 64
 constexpr int kValueDim = 512;
 constexpr int kDotBlock = 32;  // dims per partial sum of a score
-
-enum class Dtype { kF32, kBF16, kF16 };
 
 // Where key j of a request lives: block_row[j >> log2_block] is its block in cache.
 struct KeyRange {
@@ -58,9 +58,9 @@ struct RowGroup {
   float scale;
 };
 
-template <Dtype D>
+template <FloatType D>
 inline const void* key_ptr(const KeyRange& k, int64_t j) {
-  constexpr int64_t elem = D == Dtype::kF32 ? 4 : 2;
+  constexpr int64_t elem = D == FloatType::kFloat32 ? 4 : 2;
   const int64_t bs_mask = (int64_t{1} << k.log2_block) - 1;
   const int64_t slot = static_cast<int64_t>(k.block_row[j >> k.log2_block]) * (bs_mask + 1) + (j & bs_mask);
   return static_cast<const char*>(k.cache) + slot * kDim * elem;
@@ -95,13 +95,13 @@ DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-template <Dtype D>
+template <FloatType D>
 DSV3_MLA_AVX512 inline __m512 load16(const void* base, int64_t i) {
-  if constexpr (D == Dtype::kF32) {
+  if constexpr (D == FloatType::kFloat32) {
     return _mm512_loadu_ps(static_cast<const float*>(base) + i);
   } else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
-    if constexpr (D == Dtype::kF16) return _mm512_cvtph_ps(h);
+    if constexpr (D == FloatType::kFloat16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
@@ -257,10 +257,10 @@ DSV3_MLA_AVX512 inline void unpermute_pairs(float* o, int rows) {
 // Pairs (bf16, the caller checked avx512_bf16): scores by scores_bf16_pairs (g.q in dim pairs),
 // O by accumulate_pairs, nothing converted to fp32. Otherwise the scores are summed in blocks of
 // kDotBlock (see scores_bf16_pairs).
-template <Dtype D, bool Pairs>
+template <FloatType D, bool Pairs>
 DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l,
                                        float* tile, const float* zero_key) {
-  static_assert(!Pairs || D == Dtype::kBF16, "dim pairs are bf16");
+  static_assert(!Pairs || D == FloatType::kBFloat16, "dim pairs are bf16");
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 vscale = _mm512_set1_ps(g.scale);
@@ -275,14 +275,14 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     // without, 13 ms with).
     for (int64_t j = j0 + 2 * kTile; j < std::min(j0 + 3 * kTile, k.end); ++j) {
       const char* row = static_cast<const char*>(key_ptr<D>(k, j));
-      for (int64_t b = 0; b < kDim * (D == Dtype::kF32 ? 4 : 2); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < kDim * (D == FloatType::kFloat32 ? 4 : 2); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
     }
     // raw: the cache rows (zeros past the end); key: them in fp32 (unless Pairs).
     const float* key[kTile];
     const void* raw[kTile];
     for (int t = 0; t < kTile; ++t) {
       raw[t] = t < n ? key_ptr<D>(k, j0 + t) : zero_key;
-      if constexpr (D == Dtype::kF32) {
+      if constexpr (D == FloatType::kFloat32) {
         key[t] = static_cast<const float*>(raw[t]);
       } else if constexpr (!Pairs) {
         float* dst = tile + t * kDim;

@@ -10,22 +10,12 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/torch_glue.h"
 #include "mla/mla_checks.h"
 #include "mla/mla_kernels.cuh"
 
 namespace dsv3::mla {
 namespace {
-
-MlaDtype mla_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return MlaDtype::kFloat32;
-    case at::kBFloat16: return MlaDtype::kBFloat16;
-    case at::kHalf: return MlaDtype::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Splits of each request's key range: enough CTAs for ~2 waves over the SMs, at most one per
 // 64-key tile of the longest possible sequence. Shapes only, never data (graph capture).
@@ -87,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   p.num_splits = static_cast<int>(splits);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
-  p.dtype = mla_dtype(q.scalar_type());
+  p.dtype = float_type(q.scalar_type());
   const char* error = mla_decode_sm90_launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "mla_decode: ", error);
   return {out, lse};
@@ -115,9 +105,9 @@ void mla_cache_write_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const 
   p.num_tokens = kv_c.size(0);
   p.capacity = kv_cache.size(0) * kv_cache.size(1);
   p.eps = static_cast<float>(eps);
-  p.x_dtype = mla_dtype(kv_c.scalar_type());
-  p.cache_dtype = mla_dtype(kv_cache.scalar_type());
-  p.w_dtype = kv_norm_weight ? mla_dtype(kv_norm_weight->scalar_type()) : p.x_dtype;
+  p.x_dtype = float_type(kv_c.scalar_type());
+  p.cache_dtype = float_type(kv_cache.scalar_type());
+  p.w_dtype = kv_norm_weight ? float_type(kv_norm_weight->scalar_type()) : p.x_dtype;
   const char* error = mla_cache_write_launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "mla_cache_write: CUDA kernel launch failed: ", error);
 }

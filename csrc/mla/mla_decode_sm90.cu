@@ -437,8 +437,8 @@ const char* mla_decode_sm90_launch(const MlaDecodeParams& p, cudaStream_t stream
   if (p.block_size % kMlaBlockN != 0) return "mla_decode: block_size must be a multiple of 64";
   if (p.num_splits < 1 || p.num_splits > 65535 || p.batch > 65535) return "mla_decode: grid too large";
   switch (p.dtype) {
-    case MlaDtype::kBFloat16: return launch<cutlass::bfloat16_t>(p, stream);
-    case MlaDtype::kFloat16: return launch<cutlass::half_t>(p, stream);
+    case FloatType::kBFloat16: return launch<cutlass::bfloat16_t>(p, stream);
+    case FloatType::kFloat16: return launch<cutlass::half_t>(p, stream);
     default: return "mla_decode: the CUDA kernel takes bfloat16 or float16";
   }
 }

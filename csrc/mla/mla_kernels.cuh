@@ -6,9 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace dsv3::mla {
+#include "common/float_type.h"
 
-enum class MlaDtype { kFloat32, kBFloat16, kFloat16 };
+namespace dsv3::mla {
 
 // mla_decode on sm_90a (mla_decode_sm90.cu). q [B, s_q, H, 576], kv_cache [num_blocks, block_size,
 // 576] (bf16 or fp16, one dtype), block_table int32 [B, max_blocks], cache_seqlens int32 [B]
@@ -31,7 +31,7 @@ struct MlaDecodeParams {
   int num_splits;
   float softmax_scale;
   bool causal;
-  MlaDtype dtype;  // kBFloat16 or kFloat16
+  FloatType dtype;  // kBFloat16 or kFloat16
 };
 
 // Key tokens per CTA tile and query rows (s_q * H flattened) per CTA.
@@ -54,7 +54,7 @@ struct MlaCacheWriteParams {
   int64_t num_tokens;
   int64_t capacity;  // num_blocks * block_size
   float eps;
-  MlaDtype x_dtype, cache_dtype, w_dtype;
+  FloatType x_dtype, cache_dtype, w_dtype;
 };
 
 const char* mla_cache_write_launch(const MlaCacheWriteParams& p, cudaStream_t stream);

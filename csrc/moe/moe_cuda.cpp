@@ -8,20 +8,12 @@
 
 #include <string>
 
+#include "common/torch_glue.h"
 #include "moe/moe_checks.h"
 #include "moe/moe_kernels.cuh"
 
 namespace dsv3::moe {
 namespace {
-
-MoeDtype moe_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return MoeDtype::kFloat32;
-    case at::kBFloat16: return MoeDtype::kBFloat16;
-    case at::kHalf: return MoeDtype::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logits, const std::optional<at::Tensor>& bias,
                                                   int64_t n_group, int64_t topk_group, int64_t topk,
@@ -51,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logit
   p.routed_scaling_factor = static_cast<float>(routed_scaling_factor);
   p.softmax = func == "softmax";
   p.renormalize = renormalize;
-  p.dtype = moe_dtype(router_logits.scalar_type());
+  p.dtype = float_type(router_logits.scalar_type());
   const char* error = moe_route_launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "moe_route: ", error);
   return {weights, ids};

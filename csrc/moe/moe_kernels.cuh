@@ -6,9 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace dsv3::moe {
+#include "common/float_type.h"
 
-enum class MoeDtype { kFloat32, kBFloat16, kFloat16 };
+namespace dsv3::moe {
 
 // The kernel keeps ceil(E / 32) experts per lane in registers (one warp per token).
 constexpr int kMoeMaxExperts = 512;
@@ -28,7 +28,7 @@ struct MoeRouteParams {
   float routed_scaling_factor;
   bool softmax;  // false: sigmoid
   bool renormalize;
-  MoeDtype dtype;
+  FloatType dtype;
 };
 
 const char* moe_route_launch(const MoeRouteParams& p, cudaStream_t stream);

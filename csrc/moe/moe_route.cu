@@ -19,10 +19,10 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float load(const void* p, MoeDtype t, int64_t i) {
+__device__ __forceinline__ float load(const void* p, FloatType t, int64_t i) {
   switch (t) {
-    case MoeDtype::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case MoeDtype::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case FloatType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case FloatType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
     default: return static_cast<const float*>(p)[i];
   }
 }
