@@ -190,6 +190,17 @@ def sass(sass_text):
     return parse_sass(sass_text)
 
 
+@pytest.fixture(scope="module")
+def resource_usage(module_so):
+    return parse_resource_usage(_run("--dump-resource-usage", module_so))
+
+
+def _sm90a_matching(table, pattern):
+    """{function: entry} of the sm_90a rows of a parse_sass / parse_resource_usage table whose
+    function name matches `pattern`."""
+    return {fn: v for (arch, fn), v in table.items() if arch == "sm_90a" and pattern.search(fn)}
+
+
 def test_gemm_kernels_use_qgmma(sass):
     gemms = gemm_functions(sass)
     assert len(gemms) == GEMM_INSTANTIATIONS, f"expected {GEMM_INSTANTIATIONS} sm_90a GEMM kernels, got {sorted(gemms)}"
@@ -197,10 +208,10 @@ def test_gemm_kernels_use_qgmma(sass):
     assert not without, f"GEMM kernels without QGMMA in their sm_90a SASS: {without}"
 
 
-def test_no_kernel_spills(module_so):
-    usage = parse_resource_usage(_run("--dump-resource-usage", module_so))
-    assert len(usage) > GEMM_INSTANTIATIONS, "no resource usage parsed: has cuobjdump's format changed?"
-    assert not spilling(usage), "kernels with local memory or a stack frame:\n" + "\n".join(spilling(usage))
+def test_no_kernel_spills(resource_usage):
+    assert len(resource_usage) > GEMM_INSTANTIATIONS, "no resource usage parsed: has cuobjdump's format changed?"
+    assert not spilling(resource_usage), ("kernels with local memory or a stack frame:\n"
+                                          + "\n".join(spilling(resource_usage)))
 
 
 def test_quant_kernels_present(sass):
@@ -217,12 +228,11 @@ def test_mla_decode_kernels_use_hgmma(sass_text):
     assert not mla_decode_problems(shapes), mla_decode_problems(shapes)
 
 
-def test_mla_kernels_present_and_within_registers(sass, module_so):
+def test_mla_kernels_present_and_within_registers(sass, resource_usage):
     functions = [fn for (_, fn) in sass]
     missing = [k for k in MLA_OTHER_KERNELS if not any(k in fn for fn in functions)]
     assert not missing, f"kernels missing from _C.so: {missing}"
-    usage = parse_resource_usage(_run("--dump-resource-usage", module_so))
-    mla = {fn: u for (arch, fn), u in usage.items() if arch == "sm_90a" and MLA_DECODE_PATTERN.search(fn)}
+    mla = _sm90a_matching(resource_usage, MLA_DECODE_PATTERN)
     assert len(mla) == MLA_DECODE_INSTANTIATIONS, sorted(mla)
     for fn, u in mla.items():
         assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 255, (fn, u)
@@ -235,11 +245,10 @@ MOE_ROUTE_PATTERN = re.compile(r"moe_route_kernel")
 MOE_ROUTE_INSTANTIATIONS = 5
 
 
-def test_moe_route_kernel_present_without_local_memory(sass, module_so):
-    functions = [fn for (arch, fn) in sass if arch == "sm_90a" and MOE_ROUTE_PATTERN.search(fn)]
+def test_moe_route_kernel_present_without_local_memory(sass, resource_usage):
+    functions = _sm90a_matching(sass, MOE_ROUTE_PATTERN)
     assert len(functions) == MOE_ROUTE_INSTANTIATIONS, f"expected {MOE_ROUTE_INSTANTIATIONS} sm_90a moe_route kernels, got {sorted(functions)}"
-    usage = parse_resource_usage(_run("--dump-resource-usage", module_so))
-    moe = {fn: u for (arch, fn), u in usage.items() if arch == "sm_90a" and MOE_ROUTE_PATTERN.search(fn)}
+    moe = _sm90a_matching(resource_usage, MOE_ROUTE_PATTERN)
     assert len(moe) == MOE_ROUTE_INSTANTIATIONS, sorted(moe)
     for fn, u in moe.items():
         # Register-resident expert arrays: any indexing the compiler could not resolve would show up as LOCAL.
