@@ -44,4 +44,27 @@ TORCH_LIBRARY(dsv3_kernels, m) {
   // group-limited selection, ties to the lower index (dsv3_kernels/reference/moe.py)
   m.def("moe_route(Tensor router_logits, Tensor? e_score_correction_bias, int n_group, int topk_group, int topk, "
         "float routed_scaling_factor, str score_func, bool renormalize) -> (Tensor, Tensor)");
+  // The expert layers (dsv3_kernels/reference/moe.py states the exact semantics and rounding points).
+  // hidden [T, D] fp32/bf16/fp16, topk_ids int32 [T, topk]; align >= 1 pads each expert's segment to
+  // a multiple of align rows; quant fuses act_quant (1x128, D % 128 == 0)
+  //   -> (permuted [P, D] of hidden's dtype (quant: e4m3), scale fp32 [P, D/128] (quant) or [0],
+  //       expert_offsets int32 [E+1], inverse int32 [T, topk] (the permuted row of each choice)),
+  //   P = T*topk + (align > 1 ? min(T*topk, E) * (align - 1) : 0); padding rows are zero
+  m.def("moe_permute(Tensor hidden, Tensor topk_ids, int num_experts, int align, bool quant) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // a [M, K] bf16 (b bf16) or e4m3 (b e4m3, a_scale fp32 [M, K/128], b_scale_inv fp32 [E, ceil(N/128),
+  // K/128]), b [E, N, K], expert_offsets int32 [E+1] -> out bf16 [M, N]: rows [offsets[e], offsets[e+1])
+  // are a @ b[e].T, rows no expert covers are 0
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, Tensor? a_scale, Tensor? b_scale_inv) -> Tensor");
+  // x [M, 2I] fp32/bf16/fp16 (gate | up) -> (silu(gate) * up [M, I] of x's dtype, or e4m3 with
+  // quant, scale fp32 [M, I/128] (quant) or [0]), computed in fp32
+  m.def("silu_mul(Tensor x, bool quant) -> (Tensor, Tensor)");
+  // expert_out [P, D] fp32/bf16/fp16, topk_weights fp32 [T, topk], inverse int32 [T, topk]
+  //   -> [T, D] of expert_out's dtype: sum_j topk_weights[t, j] * expert_out[inverse[t, j]] in fp32
+  m.def("moe_unpermute(Tensor expert_out, Tensor topk_weights, Tensor inverse) -> Tensor");
+  // hidden bf16 [T, D], w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I], bf16 or e4m3 with
+  // w13_scale_inv fp32 [E, 2I/128, D/128] and w2_scale_inv [E, D/128, I/128], topk_weights fp32
+  // [T, topk], topk_ids int32 [T, topk] -> bf16 [T, D]: the routed experts' SwiGLU MLPs, weighted
+  m.def("fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+        "Tensor? w13_scale_inv, Tensor? w2_scale_inv) -> Tensor");
 }

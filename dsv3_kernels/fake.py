@@ -44,3 +44,31 @@ if _native.loaded():
         t = router_logits.shape[0]
         return (router_logits.new_empty((t, topk), dtype=torch.float32),
                 router_logits.new_empty((t, topk), dtype=torch.int32))
+
+    @torch.library.register_fake("dsv3_kernels::moe_permute")
+    def _(hidden, topk_ids, num_experts, align, quant):
+        t, topk = topk_ids.shape
+        n = t * topk
+        rows = n + (min(n, num_experts) * (align - 1) if align > 1 else 0)
+        d = hidden.shape[1]
+        permuted = hidden.new_empty((rows, d), dtype=torch.float8_e4m3fn if quant else hidden.dtype)
+        scale = hidden.new_empty((rows, d // 128) if quant else (0,), dtype=torch.float32)
+        return (permuted, scale, topk_ids.new_empty((num_experts + 1,)), topk_ids.new_empty((t, topk)))
+
+    @torch.library.register_fake("dsv3_kernels::grouped_gemm")
+    def _(a, b, expert_offsets, a_scale, b_scale_inv):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("dsv3_kernels::silu_mul")
+    def _(x, quant):
+        m, i = x.shape[0], x.shape[1] // 2
+        y = x.new_empty((m, i), dtype=torch.float8_e4m3fn if quant else x.dtype)
+        return y, x.new_empty((m, i // 128) if quant else (0,), dtype=torch.float32)
+
+    @torch.library.register_fake("dsv3_kernels::moe_unpermute")
+    def _(expert_out, topk_weights, inverse):
+        return expert_out.new_empty((inverse.shape[0], expert_out.shape[1]))
+
+    @torch.library.register_fake("dsv3_kernels::fused_moe")
+    def _(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
+        return torch.empty_like(hidden)

@@ -25,6 +25,11 @@ dispatch.register_op("fp8_linear", None, parts=("act_quant", "fp8_gemm"))
 dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla")
 dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
 dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe")
+dispatch.register_op("moe_permute", _ref_moe.moe_permute, "dsv3_kernels.triton.moe_permute")
+dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.moe_permute")
+dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_permute")
+dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton.grouped_gemm")
+dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm")
 
 available_backends = dispatch.available_backends
 
@@ -351,3 +356,187 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias=None, n_group
             raise ValueError("with a bias, each group needs at least 2 experts (a group scores its top-2 sum)")
     return _run("moe_route", router_logits.device, backend, router_logits, e_score_correction_bias, n_group,
                 topk_group, topk, float(routed_scaling_factor), score_func, bool(renormalize))
+
+
+def _check_topk(name, t, num_tokens=None):
+    _check_tensor(name, t, (torch.int32,) if name == "topk_ids" else (torch.float32,), ndim=2)
+    if num_tokens is not None and t.shape[0] != num_tokens:
+        raise ValueError(f"{name} must have one row per token ({num_tokens}), got shape {tuple(t.shape)}")
+
+
+def _check_ids_in_range(topk_ids, num_experts):
+    """Where the ids are on the CPU (free to read): every id in [0, E). On a GPU a bad id is not
+    routed and its token's output is NaN instead (a check would cost a device sync)."""
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
+        bad = ((topk_ids < 0) | (topk_ids >= num_experts)).nonzero()
+        if bad.numel():
+            t, j = bad[0].tolist()
+            raise ValueError(f"topk_ids[{t}, {j}] = {int(topk_ids[t, j])} is outside [0, {num_experts}) "
+                             f"(num_experts = {num_experts})")
+
+
+def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int = 1,
+                quant: bool = False, *, backend=None):
+    """Group the (token, choice) pairs by expert into the contiguous layout the grouped GEMM takes.
+
+    hidden: [T, D] float32/bfloat16/float16; topk_ids: int32 [T, topk] (from moe_route).
+    align: pad each expert's segment to a multiple of `align` rows (1: no padding; 128 gives
+      DeepGEMM's contiguous layout). quant: also quantize the rows to FP8 (act_quant, 1x128
+      blocks; D % 128 == 0).
+    Returns (permuted [P, D] of hidden's dtype (float8_e4m3fn with quant), scale float32
+    [P, D/128] with quant else None, expert_offsets int32 [E+1], inverse int32 [T, topk]).
+    Expert e's rows are [expert_offsets[e], expert_offsets[e] + count_e), in token order; the
+    padded segment ends at expert_offsets[e+1]. P = T*topk + min(T*topk, E) * (align - 1) (align
+    > 1) is fixed by the shapes (CUDA graphs); padding rows are zero. inverse[t, j] is the row of
+    token t's j-th choice.
+    """
+    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_ids", topk_ids, hidden.shape[0])
+    _check_same_device(hidden=hidden, topk_ids=topk_ids)
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1024:
+        raise ValueError(f"align must be an int in [1, 1024], got {align!r}")
+    if quant and hidden.shape[1] % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
+                         f"got {hidden.shape[1]}")
+    _check_ids_in_range(topk_ids, num_experts)
+    permuted, scale, offsets, inverse = _run("moe_permute", hidden.device, backend, hidden, topk_ids,
+                                             num_experts, align, bool(quant))
+    return permuted, (scale if quant else None), offsets, inverse
+
+
+def silu_mul(x: torch.Tensor, quant: bool = False, *, backend=None):
+    """SwiGLU's activation: silu(gate) * up, computed in fp32.
+
+    x: [M, 2I] float32/bfloat16/float16, gate columns then up columns.
+    Returns [M, I] of x's dtype; with quant, (float8_e4m3fn [M, I], scale float32 [M, I/128])
+    quantized like act_quant (I % 128 == 0).
+    """
+    _check_tensor("x", x, _FLOAT_DTYPES, ndim=2)
+    if x.shape[1] % 2:
+        raise ValueError(f"x must be [M, 2I] (gate | up), got an odd width {x.shape[1]}")
+    if quant and (x.shape[1] // 2) % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs I = x.shape[1] / 2 to be a multiple of {GEMM_BLOCK}, got {x.shape[1] // 2}")
+    y, scale = _run("silu_mul", x.device, backend, x, bool(quant))
+    return (y, scale) if quant else y
+
+
+def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse: torch.Tensor, *, backend=None):
+    """Weighted combine of the experts' rows back to token order (moe_permute's inverse).
+
+    expert_out: [P, D] float32/bfloat16/float16 (the grouped GEMM's output rows);
+    topk_weights: float32 [T, topk]; inverse: int32 [T, topk] (from moe_permute).
+    Returns [T, D] of expert_out's dtype: sum_j topk_weights[t, j] * expert_out[inverse[t, j]],
+    accumulated in fp32. A token with an inverse entry outside [0, P) raises where inverse is on
+    the CPU and gets NaN on a GPU.
+    """
+    _check_tensor("expert_out", expert_out, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_weights", topk_weights)
+    _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
+    if inverse.shape != topk_weights.shape:
+        raise ValueError(f"inverse and topk_weights must both be [T, topk], got {tuple(inverse.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    _check_same_device(expert_out=expert_out, topk_weights=topk_weights, inverse=inverse)
+    if inverse.device.type == "cpu" and inverse.numel() and not torch.compiler.is_compiling():
+        bad = ((inverse < 0) | (inverse >= expert_out.shape[0])).nonzero()
+        if bad.numel():
+            t, j = bad[0].tolist()
+            raise ValueError(f"inverse[{t}, {j}] = {int(inverse[t, j])} is outside expert_out's "
+                             f"{expert_out.shape[0]} rows")
+    return _run("moe_unpermute", expert_out.device, backend, expert_out, topk_weights, inverse)
+
+
+def _check_expert_weight(name, w, scale_name, scale, dtype):
+    """w [E, N, K] of `dtype` (bf16) or e4m3 with scale [E, ceil(N/128), K/128]; True for FP8."""
+    _check_tensor(name, w, (dtype, FP8_DTYPE), ndim=3)
+    fp8 = w.dtype == FP8_DTYPE
+    if fp8 != (scale is not None):
+        raise ValueError(f"{scale_name} must be given exactly when {name} is float8_e4m3fn "
+                         f"({name} is {w.dtype}, {scale_name} is {'None' if scale is None else 'given'})")
+    e, n, k = w.shape
+    if fp8:
+        _check_tensor(scale_name, scale, (torch.float32,), ndim=3)
+        if k % GEMM_BLOCK:
+            raise ValueError(f"FP8 {name} needs K ({name}.shape[2]) to be a multiple of {GEMM_BLOCK}, got {k}")
+        _check_scale_shape(scale_name, scale, (e, _cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+    if n % 8 or k % 8:
+        raise ValueError(f"{name} [E, N, K] needs N and K to be multiples of 8 (16-byte rows), got {tuple(w.shape)}")
+    return fp8
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, a_scale=None, b_scale_inv=None,
+                 *, backend=None):
+    """One GEMM per expert over the contiguous layout of moe_permute: experts with no rows cost nothing.
+
+    a: [M, K] bfloat16 with b bfloat16, or float8_e4m3fn with a_scale float32 [M, K/128] (1x128
+    blocks) and b float8_e4m3fn with b_scale_inv float32 [E, ceil(N/128), K/128] (128x128 blocks).
+    b: [E, N, K] (each expert's weight as nn.Linear stores it); N and K multiples of 8 (K of 128
+    for FP8). expert_offsets: int32 [E+1], non-decreasing, expert_offsets[0] = 0, last <= M.
+    Returns bfloat16 [M, N]: rows [expert_offsets[e], expert_offsets[e+1]) are a @ b[e].T with fp32
+    accumulation; rows past expert_offsets[E] are 0.
+    """
+    _check_tensor("a", a, (torch.bfloat16, FP8_DTYPE), ndim=2)
+    fp8 = _check_expert_weight("b", b, "b_scale_inv", b_scale_inv, torch.bfloat16)
+    if (a.dtype == FP8_DTYPE) != fp8:
+        raise TypeError(f"a and b must both be bfloat16 or both float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    m, k = a.shape
+    e = b.shape[0]
+    if b.shape[2] != k:
+        raise ValueError(f"a [M, K] and b [E, N, K] must have the same K, got {k} and {b.shape[2]}")
+    if (a_scale is not None) != fp8:
+        raise ValueError("a_scale must be given exactly when a is float8_e4m3fn")
+    tensors = {"a": a, "b": b, "expert_offsets": expert_offsets}
+    if fp8:
+        _check_tensor("a_scale", a_scale, (torch.float32,), ndim=2)
+        _check_scale_shape("a_scale", a_scale, (m, k // GEMM_BLOCK))
+        tensors.update(a_scale=a_scale, b_scale_inv=b_scale_inv)
+    _check_tensor("expert_offsets", expert_offsets, (torch.int32,), ndim=1)
+    if expert_offsets.shape[0] != e + 1:
+        raise ValueError(f"expert_offsets must be [E+1] = [{e + 1}] for b's {e} experts, got {tuple(expert_offsets.shape)}")
+    _check_same_device(**tensors)
+    if expert_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        offs = expert_offsets.long()
+        steps = offs[1:] - offs[:-1]
+        if int(offs[0]) != 0 or int(offs[-1]) > m or (steps < 0).any():
+            raise ValueError(f"expert_offsets must start at 0, never decrease and end <= M = {m}, "
+                             f"got {offs.tolist() if e < 16 else 'first ' + str(offs[:16].tolist())}")
+    return _run("grouped_gemm", a.device, backend, a, b, expert_offsets, a_scale, b_scale_inv)
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale_inv=None, w2_scale_inv=None, *, backend=None):
+    """The routed experts of a DeepSeekMoE layer: each token through its topk experts' SwiGLU MLPs,
+    weighted by topk_weights and summed (the shared expert is not included).
+
+    hidden: bfloat16 [T, D]; w13: [E, 2I, D] (each expert's gate_proj rows, then up_proj rows);
+    w2: [E, D, I] (down_proj); both bfloat16, or float8_e4m3fn with w13_scale_inv float32
+    [E, 2I/128, D/128] and w2_scale_inv [E, D/128, I/128] (the checkpoints' weight_scale_inv;
+    D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route.
+    Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
+    the activations to 1x128 blocks before each GEMM).
+    """
+    _check_tensor("hidden", hidden, (torch.bfloat16,), ndim=2)
+    fp8 = _check_expert_weight("w13", w13, "w13_scale_inv", w13_scale_inv, torch.bfloat16)
+    fp8_2 = _check_expert_weight("w2", w2, "w2_scale_inv", w2_scale_inv, torch.bfloat16)
+    if fp8 != fp8_2:
+        raise TypeError(f"w13 and w2 must both be bfloat16 or both float8_e4m3fn, got {w13.dtype} and {w2.dtype}")
+    t, d = hidden.shape
+    e, two_i, _ = w13.shape
+    if w13.shape[2] != d or two_i % 2 or tuple(w2.shape) != (e, d, two_i // 2):
+        raise ValueError(f"expected w13 [E, 2I, D] and w2 [E, D, I] with D = hidden.shape[1] = {d}, got "
+                         f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    if fp8 and (two_i // 2) % GEMM_BLOCK:
+        raise ValueError(f"FP8 experts need I = w2.shape[2] to be a multiple of {GEMM_BLOCK}, got {two_i // 2}")
+    _check_topk("topk_weights", topk_weights, t)
+    _check_topk("topk_ids", topk_ids, t)
+    if topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"topk_ids and topk_weights must have one shape [T, topk], got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    tensors = {"hidden": hidden, "w13": w13, "w2": w2, "topk_weights": topk_weights, "topk_ids": topk_ids}
+    if fp8:
+        tensors.update(w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
+    _check_same_device(**tensors)
+    _check_ids_in_range(topk_ids, e)
+    return _run("fused_moe", hidden.device, backend, hidden, w13, w2, topk_weights, topk_ids,
+                w13_scale_inv, w2_scale_inv)

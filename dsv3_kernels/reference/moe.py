@@ -1,4 +1,5 @@
-"""Reference DeepSeekMoE routing, in fp32 PyTorch (DeepSeek-V3's official gate semantics).
+"""Reference DeepSeekMoE ops in fp32 PyTorch: the routing (DeepSeek-V3's official gate semantics)
+and the routed experts (a per-expert loop), with the exact semantics every backend follows.
 
 moe_route, for router logits [T, E]:
 1. scores = sigmoid(logits) (or softmax over the experts), fp32.
@@ -10,9 +11,30 @@ moe_route, for router logits [T, E]:
    those experts, divided by their sum when renormalize, times routed_scaling_factor.
 Ties (groups or experts of equal score) go to the lower index, so every backend picks the same
 experts.
+
+The expert layers (FP8 is float8_e4m3fn with 1x128 activation / 128x128 weight scales, fp8.py):
+- moe_permute groups the T*topk (token, choice) pairs by expert into a contiguous layout: expert
+  e's rows are [expert_offsets[e], expert_offsets[e] + count_e), in order of t * topk + j; with
+  align > 1 each segment is padded to a multiple of align rows. The buffer has a size fixed by the
+  shapes, P = T*topk + (min(T*topk, E) * (align - 1) if align > 1 else 0); padding rows are zero
+  (quantized: e4m3 0 with the scale of a zero block). inverse[t, j] is the row of choice (t, j);
+  a choice whose id is outside [0, E) is not placed and gets inverse -1.
+- grouped_gemm: rows [offsets[e], offsets[e+1]) of `a` times b[e].T (offsets clamped to [0, M];
+  a segment with hi <= lo is empty); rows no segment covers are 0; bf16 out, fp32 accumulation.
+- silu_mul: silu(gate) * up in fp32, then rounded to x's dtype or quantized (act_quant).
+- moe_unpermute: out[t] = sum over j (in order) of topk_weights[t, j] * expert_out[inverse[t, j]],
+  fp32, rounded once; a token with an inverse entry outside [0, P) gets NaN.
+- fused_moe = permute -> grouped_gemm(w13) -> rounded to bf16 -> silu_mul (bf16, or quantized with
+  FP8 weights) -> grouped_gemm(w2) -> rounded to bf16 -> moe_unpermute. FP8 weights quantize the
+  hidden rows with act_quant first. A token with an id outside [0, E) gets NaN.
 """
 
 import torch
+import torch.nn.functional as F
+
+from . import fp8 as _fp8
+
+GEMM_BLOCK = 128
 
 
 def _top(x: torch.Tensor, k: int):
@@ -41,3 +63,111 @@ def moe_route(router_logits, e_score_correction_bias, n_group, topk_group, topk,
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+# ---- the routed experts ----
+
+def permuted_rows(num_tokens: int, topk: int, num_experts: int, align: int) -> int:
+    """The fixed row count P of moe_permute's output (enough for the worst-case padding)."""
+    n = num_tokens * topk
+    return n + (min(n, num_experts) * (align - 1) if align > 1 else 0)
+
+
+def moe_permute(hidden, topk_ids, num_experts, align=1, quant=False):
+    t, topk = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    starts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    starts[1:] = torch.cumsum((counts + align - 1) // align * align, 0)
+    order = torch.sort(torch.where(valid, flat, num_experts), stable=True).indices[: int(valid.sum())]
+    experts = flat[order]
+    first = torch.cumsum(counts, 0) - counts  # each expert's first position in `order`
+    rows = starts[experts] + torch.arange(order.numel(), device=flat.device) - first[experts]
+    inverse = torch.full((t * topk,), -1, dtype=torch.long, device=flat.device)
+    inverse[order] = rows
+    permuted = hidden.new_zeros(permuted_rows(t, topk, num_experts, align), hidden.shape[1])
+    permuted[rows] = hidden[order // topk]
+    if quant:
+        permuted, scale = _fp8.act_quant(permuted, GEMM_BLOCK)
+    else:
+        scale = hidden.new_empty(0, dtype=torch.float32)
+    return permuted, scale, starts.to(torch.int32), inverse.view(t, topk).to(torch.int32)
+
+
+def grouped_gemm(a, b, expert_offsets, a_scale=None, b_scale_inv=None):
+    m, n = a.shape[0], b.shape[1]
+    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    bounds = expert_offsets.long().clamp(0, m).tolist()
+    for e in range(b.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi <= lo:
+            continue
+        if a_scale is None:
+            out[lo:hi] = a[lo:hi].float() @ b[e].float().T
+        else:
+            out[lo:hi] = _fp8.fp8_gemm(a[lo:hi], a_scale[lo:hi], b[e], b_scale_inv[e], torch.float32)
+    return out.to(torch.bfloat16)
+
+
+def silu_mul(x, quant=False):
+    i = x.shape[1] // 2
+    xf = x.float()
+    h = F.silu(xf[:, :i]) * xf[:, i:]
+    if quant:
+        return _fp8.act_quant(h, GEMM_BLOCK)
+    return h.to(x.dtype), x.new_empty(0, dtype=torch.float32)
+
+
+def moe_unpermute(expert_out, topk_weights, inverse):
+    p = expert_out.shape[0]
+    inv = inverse.long()
+    valid = (inv >= 0) & (inv < p)
+    rows = expert_out.float()[inv.clamp(0, max(p - 1, 0))] if p else \
+        expert_out.new_zeros(*inv.shape, expert_out.shape[1], dtype=torch.float32)
+    out = torch.zeros(inv.shape[0], expert_out.shape[1], dtype=torch.float32, device=expert_out.device)
+    for j in range(inv.shape[1]):
+        out += topk_weights[:, j, None].float() * rows[:, j]
+    out[~valid.all(1)] = float("nan")
+    return out.to(expert_out.dtype)
+
+
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv=None, w2_scale_inv=None):
+    """The per-expert loop: each expert's tokens through its SwiGLU MLP, weighted, summed in fp32."""
+    fp8 = w13_scale_inv is not None
+    x = _fp8.act_quant(hidden, GEMM_BLOCK) if fp8 else None
+    ids = topk_ids.long()
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for e in range(w13.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        if fp8:
+            gate_up = _fp8.fp8_gemm(x[0][tok], x[1][tok], w13[e], w13_scale_inv[e], torch.float32)
+            h, h_scale = silu_mul(gate_up.to(hidden.dtype), quant=True)
+            y = _fp8.fp8_gemm(h, h_scale, w2[e], w2_scale_inv[e], torch.float32)
+        else:
+            gate_up = hidden[tok].float() @ w13[e].float().T
+            h = silu_mul(gate_up.to(hidden.dtype))[0]
+            y = h.float() @ w2[e].float().T
+        out.index_put_((tok,), topk_weights[tok, slot, None].float() * y.to(hidden.dtype).float(), accumulate=True)
+    out[((ids < 0) | (ids >= w13.shape[0])).any(1)] = float("nan")
+    return out.to(hidden.dtype)
+
+
+def naive_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv=None, w2_scale_inv=None):
+    """The benchmark peer: the plain per-expert loop in bf16 (FP8 weights dequantized per call)."""
+    ids = topk_ids.long()
+    out = torch.zeros_like(hidden)
+    for e in range(w13.shape[0]):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        a, b = w13[e], w2[e]
+        if w13_scale_inv is not None:
+            a = _fp8.weight_dequant(a, w13_scale_inv[e], GEMM_BLOCK, hidden.dtype)
+            b = _fp8.weight_dequant(b, w2_scale_inv[e], GEMM_BLOCK, hidden.dtype)
+        gate, up = (hidden[tok] @ a.T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ b.T
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None].to(hidden.dtype))
+    return out
