@@ -2,24 +2,77 @@
 
 moe_route: E=256 experts in 8 groups (4 kept), top-8, sigmoid with the correction bias; the
 `torch` provider is the reference (sort-based, eager PyTorch), the baseline.
+The routed experts (random routes, each token 8 distinct experts of 256): on a GPU DeepSeek-V3's
+shapes (D=7168, I=2048); on the CPU a reduced layer (E=64, D=1024, I=256, the issue's CPU goal).
+  moe_permute   the align + permute step; "D=8" isolates the index work (SGLang's align kernel
+                writes no rows), D=7168 adds the row copy
+  grouped_gemm  gate_up (N=2I, K=D) and down (N=D, K=I) over the contiguous layout; peers: the
+                naive per-expert F.linear loop ("loop") and torch._grouped_mm (bf16, where the
+                build has it)
+  fused_moe     the whole routed-expert layer, bf16 and FP8 weights; peers: the naive per-expert
+                loop in bf16 ("loop", the baseline) and the fp32 reference ("torch"); the roofline
+                is the time to read the touched experts' weights once (the decode goal)
+The Triton interpreter on the CPU is a correctness tool and is not timed.
 Run: pytest benchmarks/bench_moe.py [--device cpu|cuda]
 """
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 import dsv3_kernels as dk
 import roofline
 from conftest import device_of
+from dsv3_kernels.reference import moe as ref_moe
 
 TOKENS = {"cuda": [1, 16, 128, 1024, 8192], "cpu": [1, 16, 128, 1024, 8192]}
 
 
+TOPK = 8
+# (E, D, I) of the expert benchmarks
+LAYER = {"cuda": (256, 7168, 2048), "cpu": (64, 1024, 256)}
+EXPERT_TOKENS = {"cuda": [1, 16, 64, 128, 1024, 8192], "cpu": [1, 16, 64, 1024]}
+PERMUTE_TOKENS = {"cuda": [1, 128, 1024, 16384], "cpu": [1, 128, 1024]}
+
+
+def _backends(op, device):
+    return [b for b in dk.available_backends(op, device) if not (b == "triton" and device == "cpu")]
+
+
+def _grouped_mm_works(device):
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a, b = torch.randn(4, 16, device=device).bfloat16(), torch.randn(2, 16, 8, device=device).bfloat16()
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def pytest_generate_tests(metafunc):
+    device = device_of(metafunc.config)
     if "route_case" in metafunc.fixturenames:
-        device = device_of(metafunc.config)
-        cases = [(t, p) for t in TOKENS[device] for p in dk.available_backends("moe_route", device)
-                 if not (p == "triton" and device == "cpu")]
+        cases = [(t, p) for t in TOKENS[device] for p in _backends("moe_route", device)]
         metafunc.parametrize("route_case", cases, ids=[f"T{t}-{p}" for t, p in cases])
+    if "permute_case" in metafunc.fixturenames:
+        cases = [(t, d, p) for t in PERMUTE_TOKENS[device] for d in (8, 7168) for p in _backends("moe_permute", device)
+                 if not (p == "torch" and t > 1024)]
+        metafunc.parametrize("permute_case", cases, ids=[f"T{t}-D{d}-{p}" for t, d, p in cases])
+    if "gemm_case" in metafunc.fixturenames:
+        e, d, i = LAYER[device]
+        peers = ["loop"] + (["grouped_mm"] if _grouped_mm_works(device) else [])
+        cases = [(t, n, k, fp8, p) for t in EXPERT_TOKENS[device] for n, k in ((2 * i, d), (d, i))
+                 for fp8 in (True, False) for p in _backends("grouped_gemm", device) + (peers if not fp8 else [])
+                 if p != "torch"]
+        metafunc.parametrize("gemm_case", cases, ids=[f"T{t}-N{n}-K{k}-{'fp8' if f else 'bf16'}-{p}"
+                                                      for t, n, k, f, p in cases])
+    if "fused_case" in metafunc.fixturenames:
+        cases = [(t, fp8, p) for t in EXPERT_TOKENS[device] for fp8 in (True, False)
+                 for p in _backends("fused_moe", device) + ["loop"]
+                 if not (p == "torch" and (device == "cuda" or t != 64))]  # the fp32 loop: the CPU goal's peer
+        metafunc.parametrize("fused_case", cases, ids=[f"T{t}-{'fp8' if f else 'bf16'}-{p}" for t, f, p in cases])
 
 
 def test_moe_route(bench, device, route_case):
@@ -34,3 +87,93 @@ def test_moe_route(bench, device, route_case):
 
     bench(fn, make_args, op="moe_route", shape=f"T={tokens} E=256", provider=provider, flops=flops,
           nbytes=nbytes, precision="fp32", baseline="torch")
+
+
+def _routes(tokens, experts, device):
+    ids = torch.rand(tokens, experts, device=device).argsort(1)[:, :TOPK].to(torch.int32)
+    return torch.rand(tokens, TOPK, device=device) * 2.5 / TOPK, ids
+
+
+@functools.lru_cache(maxsize=None)  # made once per shape: 256 experts of DeepSeek-V3 take a while
+def _expert_weights(experts, n, k, fp8, device):
+    """[E, N, K] bf16, or e4m3 with [E, N/128, K/128] scales (quantized on the device, expert by expert)."""
+    w = torch.empty(experts, n, k, device=device, dtype=torch.bfloat16)
+    scale = torch.empty(experts, n // 128, k // 128, device=device) if fp8 else None
+    q = torch.empty(experts, n, k, device=device, dtype=torch.float8_e4m3fn) if fp8 else None
+    for e in range(experts):
+        w[e] = torch.randn(n, k, device=device) / k ** 0.5
+        if fp8:
+            q[e], scale[e] = dk.weight_quant(w[e])
+    return (q, scale) if fp8 else (w, None)
+
+
+def test_moe_permute(bench, device, permute_case):
+    tokens, d, provider = permute_case
+    e = 256
+    flops, nbytes = roofline.moe_permute_cost(tokens, TOPK, d)
+
+    def make_args():
+        return torch.randn(tokens, d, device=device, dtype=torch.bfloat16), _routes(tokens, e, device)[1]
+
+    def fn(hidden, ids):
+        return dk.moe_permute(hidden, ids, e, 1, backend=provider)
+
+    bench(fn, make_args, op="moe_permute", shape=f"T={tokens} E={e} D={d}", provider=provider, flops=flops,
+          nbytes=nbytes, precision="bf16", baseline="torch")
+
+
+def _loop_gemm(a, b, offsets):
+    """The naive peer: one F.linear per expert with rows (offsets read on the host)."""
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.bfloat16)
+    bounds = offsets.tolist()
+    for e in range(b.shape[0]):
+        if bounds[e + 1] > bounds[e]:
+            out[bounds[e]:bounds[e + 1]] = F.linear(a[bounds[e]:bounds[e + 1]], b[e])
+    return out
+
+
+def test_grouped_gemm(bench, device, gemm_case):
+    tokens, n, k, fp8, provider = gemm_case
+    e = LAYER[device][0]
+    weight, weight_scale = _expert_weights(e, n, k, fp8, device)
+    flops, nbytes = roofline.grouped_gemm_cost(tokens, TOPK, e, n, k, 1 if fp8 else 2)
+
+    def make_args():
+        _, ids = _routes(tokens, e, device)
+        a = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        permuted, scale, offsets, _ = dk.moe_permute(a, ids, e, 1, fp8)
+        return permuted, offsets, scale
+
+    if provider == "loop":
+        def fn(a, offsets, _):
+            return _loop_gemm(a, weight, offsets)
+    elif provider == "grouped_mm":
+        w_t = weight.transpose(1, 2)
+
+        def fn(a, offsets, _):
+            return torch._grouped_mm(a, w_t, offs=offsets[1:])
+    else:
+        def fn(a, offsets, scale):
+            return dk.grouped_gemm(a, weight, offsets, scale, weight_scale, backend=provider)
+
+    bench(fn, make_args, op="grouped_gemm", shape=f"T={tokens} E={e} N={n} K={k} {'fp8' if fp8 else 'bf16'}",
+          provider=provider, flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop")
+
+
+def test_fused_moe(bench, device, fused_case):
+    tokens, fp8, provider = fused_case
+    e, d, i = LAYER[device]
+    w13, s13 = _expert_weights(e, 2 * i, d, fp8, device)
+    w2, s2 = _expert_weights(e, d, i, fp8, device)
+    flops, nbytes = roofline.fused_moe_cost(tokens, TOPK, e, d, i, 1 if fp8 else 2)
+
+    def make_args():
+        return (torch.randn(tokens, d, device=device, dtype=torch.bfloat16), *_routes(tokens, e, device))
+
+    def fn(hidden, weights, ids):
+        if provider == "loop":
+            return ref_moe.naive_fused_moe(hidden, w13, w2, weights, ids, s13, s2)
+        return dk.fused_moe(hidden, w13, w2, weights, ids, s13, s2, backend=provider)
+
+    bench(fn, make_args, op="fused_moe", shape=f"T={tokens} E={e} D={d} I={i} {'fp8' if fp8 else 'bf16'}",
+          provider=provider, flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop")

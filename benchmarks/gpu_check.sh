@@ -47,3 +47,4 @@ done
 step done
 sed -n '/ceilings:/,$p' "$OUT/bench_fp8.log" | grep -E "ceilings|^op|fp8_linear .*(M=64 N=2112|M=4096 N=7168 K=16384|M=64 N=7168 K=16384)|act_quant"
 sed -n '/ceilings:/,$p' "$OUT/bench_mla.log" | grep -E "^mla_decode .*(cuda|triton)"
+sed -n '/ceilings:/,$p' "$OUT/bench_moe.log" | grep -E "^(moe_permute .*T=16384|grouped_gemm .*T=8192 .*fp8|fused_moe .*T=(1|64) )"

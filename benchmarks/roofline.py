@@ -102,3 +102,33 @@ def moe_route_cost(tokens, experts, topk, logit_bytes=4):
     """Routing reads the logits and the bias and writes weights and ids; its arithmetic (a sigmoid
     and a few comparisons per logit) is counted as one op per logit: it is memory-bound."""
     return tokens * experts, tokens * experts * logit_bytes + 4 * experts + 8 * tokens * topk
+
+
+def experts_touched(tokens, topk, experts):
+    """Expected number of distinct experts T tokens route to, each picking topk of E uniformly."""
+    return experts * (1 - (1 - topk / experts) ** tokens)
+
+
+def grouped_gemm_cost(tokens, topk, experts, n, k, elt=1):
+    """tokens * topk rows through [N, K] expert weights: the weights of the touched experts read
+    once (plus 128x128 scales for fp8), the rows read and the bf16 output written once."""
+    rows = tokens * topk
+    weights = experts_touched(tokens, topk, experts) * n * k * elt
+    scales = 4 * (rows * k // 128 + experts_touched(tokens, topk, experts) * -(-n // 128) * (k // 128)) if elt == 1 else 0
+    return 2 * rows * n * k, weights + scales + rows * k * elt + rows * n * 2
+
+
+def fused_moe_cost(tokens, topk, experts, d, inter, elt=1):
+    """A MoE layer's routed experts: 3 GEMMs of D x I per (token, choice). Bytes are the floor the
+    issue's decode goal names: the selected experts' weights read once (+ fp8 scales), hidden
+    read and the output written once (intermediates that stay on chip are not counted)."""
+    flops = 6 * tokens * topk * d * inter
+    touched = experts_touched(tokens, topk, experts)
+    scales = 4 * touched * 3 * (d // 128) * (inter // 128) if elt == 1 else 0
+    return flops, touched * 3 * d * inter * elt + scales + 4 * tokens * d
+
+
+def moe_permute_cost(tokens, topk, d, in_bytes=2, out_bytes=2):
+    """Each (token, choice) row read and written once, plus the ids and the inverse map."""
+    rows = tokens * topk
+    return rows, rows * d * (in_bytes + out_bytes) + 8 * rows

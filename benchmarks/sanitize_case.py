@@ -43,3 +43,27 @@ for backend in dk.available_backends("moe_route", "cuda"):
     dk.moe_route(torch.randn(5, 72, device="cuda"), None, 3, 2, 6, 1.0, "softmax", False, backend=backend)
     torch.cuda.synchronize()
     print(f"moe_route {backend}: ok")
+
+# The routed experts: E=256 with most experts empty, odd sizes, padding (align 16), FP8 and bf16.
+from dsv3_kernels.reference import fp8 as ref_fp8  # noqa: E402
+
+ids = torch.stack([torch.randperm(9, device="cuda")[:8] for _ in range(37)]).to(torch.int32)
+ids[5, 3] = 256  # a bad id: not routed, never an out-of-bounds access
+weights = torch.rand(37, 8, device="cuda")
+hidden = torch.randn(37, 256, device="cuda", dtype=torch.bfloat16)
+w13 = torch.randn(256, 256, 256, device="cuda", dtype=torch.bfloat16) / 16
+w2 = torch.randn(256, 256, 128, device="cuda", dtype=torch.bfloat16) / 12
+q13, s13 = (torch.stack(t) for t in zip(*(ref_fp8.weight_quant(w) for w in w13)))
+q2, s2 = (torch.stack(t) for t in zip(*(ref_fp8.weight_quant(w) for w in w2)))
+for backend in dk.available_backends("fused_moe", "cuda"):
+    if backend == "torch":
+        continue
+    for align, quant in ((1, False), (16, True)):
+        permuted, scale, offsets, inverse = dk.moe_permute(hidden, ids, 256, align, quant, backend=backend)
+    gate_up = dk.grouped_gemm(permuted, q13, offsets, scale, s13, backend=backend)
+    h = dk.silu_mul(gate_up, backend=backend)
+    dk.moe_unpermute(dk.grouped_gemm(h, w2, offsets, backend=backend), weights, inverse, backend=backend)
+    dk.fused_moe(hidden, w13, w2, weights, ids, backend=backend)
+    dk.fused_moe(hidden, q13, q2, weights, ids, s13, s2, backend=backend)
+    torch.cuda.synchronize()
+    print(f"moe experts {backend}: ok")

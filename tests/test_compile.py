@@ -7,6 +7,7 @@ import torch
 import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import fp8 as ref
+from dsv3_kernels.reference import moe as ref_moe
 
 # opcheck's test_schema compares outputs with allclose, which has no fp8 kernel.
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -153,3 +154,77 @@ def test_compile_fullgraph_moe_route(device, backend):
     compiler = "aot_eager" if device == "cpu" else "inductor"
     for g, e in zip(torch.compile(f, fullgraph=True, backend=compiler)(logits), f(logits)):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def _expert_samples(device):
+    from test_moe_experts import make_experts, make_ids
+    hidden = torch.randn(11, 256, device=device, dtype=torch.bfloat16)
+    ids = make_ids(11, 4, 16).to(device)
+    weights = torch.rand(11, 4, device=device)
+    permuted, _, offsets, inverse = ref_moe.moe_permute(hidden, ids, 16, 1)
+    a_q, a_s = ref.act_quant(permuted)
+    w13, w2, _, _ = (x.to(device) for x in make_experts(16, 256, 128, False))
+    q13, q2, s13, s2 = (x.to(device) for x in make_experts(16, 256, 128, True))
+    gate_up = torch.randn(44, 256, device=device, dtype=torch.bfloat16)
+    return {
+        "moe_permute": [((hidden, ids, 16, 1, False), ALL_UTILS), ((hidden, ids, 16, 8, True), FP8_UTILS)],
+        "grouped_gemm": [((permuted, w13, offsets, None, None), ALL_UTILS), ((a_q, q13, offsets, a_s, s13), FP8_UTILS)],
+        "silu_mul": [((gate_up, False), ALL_UTILS), ((gate_up, True), FP8_UTILS)],
+        "moe_unpermute": [((permuted, weights, inverse), ALL_UTILS)],
+        "fused_moe": [((hidden, w13, w2, weights, ids, None, None), ALL_UTILS),
+                      ((hidden, q13, q2, weights, ids, s13, s2), FP8_UTILS)],
+    }
+
+
+EXPERT_OPS = ("moe_permute", "grouped_gemm", "silu_mul", "moe_unpermute", "fused_moe")
+
+
+@pytest.mark.ops(*EXPERT_OPS)
+def test_opcheck_moe_experts(device, backend):
+    for name, cases in _expert_samples(device).items():
+        for args, utils in cases:
+            torch.library.opcheck(_op(name, backend), args, test_utils=utils)
+
+
+@pytest.mark.ops("moe_route", "fused_moe")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_compile_fullgraph_moe_layer(device, backend, fp8):
+    """Routing and the experts in one compiled graph."""
+    from test_moe_experts import make_experts
+    torch._dynamo.reset()
+    hidden = torch.randn(9, 256, device=device, dtype=torch.bfloat16)
+    logits, bias = torch.randn(9, 64, device=device), torch.randn(64, device=device) * 0.1
+    w13, w2, s13, s2 = (x.to(device) if x is not None else None for x in make_experts(64, 256, 128, fp8))
+
+    def f(hidden, logits):
+        weights, ids = dk.moe_route(logits, bias, 8, 4, 6, 2.5, backend=backend)
+        return dk.fused_moe(hidden, w13, w2, weights, ids, s13, s2, backend=backend)
+
+    compiler = "aot_eager" if device == "cpu" else "inductor"
+    got = torch.compile(f, fullgraph=True, backend=compiler)(hidden, logits)
+    torch.testing.assert_close(got, f(hidden, logits), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.ops("moe_route", "fused_moe")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_graph_capture_moe_layer(device, backend, fp8):
+    """Capture once, replay with new tokens and so new routes: no host sync, no data-dependent shapes."""
+    from test_moe_experts import make_experts
+    hidden = torch.randn(64, 1024, device=device, dtype=torch.bfloat16)
+    logits, bias = torch.randn(64, 256, device=device), torch.randn(256, device=device) * 0.1
+    w13, w2, s13, s2 = (x.to(device) if x is not None else None for x in make_experts(256, 1024, 256, fp8))
+
+    def f():
+        weights, ids = dk.moe_route(logits, bias, 8, 4, 8, 2.5, backend=backend)
+        return dk.fused_moe(hidden, w13, w2, weights, ids, s13, s2, backend=backend)
+
+    first = f()  # warm-up (compiles Triton kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    hidden.copy_(torch.randn_like(hidden))
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    torch.testing.assert_close(out, f(), rtol=0, atol=0)
+    assert not torch.equal(out, first)
