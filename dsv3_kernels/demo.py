@@ -2,7 +2,10 @@
 - FP8: the fused q_a/kv_a projection (2112 x 7168), its error against the fp32 product, and its
   speed against bf16 F.linear on the same weight;
 - MLA decode: 16 heads (a tensor-parallel shard of 128) over a paged latent cache of requests of
-  different lengths, its error against the fp32 reference and its speed against plain PyTorch.
+  different lengths, its error against the fp32 reference and its speed against plain PyTorch;
+- MoE: DeepSeek-V3's routing (256 experts, 8 groups, top-8) and the routed experts with FP8
+  weights on a layer reduced to fit a small machine (D=1024, I=256 on the CPU), against the
+  fp32 per-expert loop and the plain bf16 loop.
 Run: python -m dsv3_kernels.demo [--device cpu|cuda]
 """
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 import dsv3_kernels as dk
 from dsv3_kernels.reference import mla as ref_mla
+from dsv3_kernels.reference import moe as ref_moe
 from dsv3_kernels.reference.fp8 import calc_diff
 
 
@@ -66,6 +70,7 @@ def main(argv=None):
                   f"{t_bf16 / t:16.2f}x")
 
     mla_demo(dev)
+    moe_demo(dev)
 
 
 def mla_demo(dev, heads=16, seqlens=(4096, 1000, 3000, 37, 2048, 4096, 1, 512), block_size=64):
@@ -95,6 +100,37 @@ def mla_demo(dev, heads=16, seqlens=(4096, 1000, 3000, 37, 2048, 4096, 1, 512), 
         t_naive = t_naive or t
         err = (fn().float() - exact).abs().max().item()
         print(f"{name:>14s} {t * 1e3:9.2f} {nbytes / t / 1e9:11.1f} {err:16.2e} {t_naive / t:8.2f}x")
+
+
+
+def moe_demo(dev, tokens=64, experts=256):
+    d, inter = (7168, 2048) if dev == "cuda" else (1024, 256)
+    hidden = torch.randn(tokens, d, device=dev, dtype=torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=dev)
+    bias = torch.randn(experts, device=dev) * 0.1
+    w13 = torch.randn(experts, 2 * inter, d, device=dev) / d ** 0.5
+    w2 = torch.randn(experts, d, inter, device=dev) / inter ** 0.5
+    q13, s13 = (torch.stack(t) for t in zip(*(dk.weight_quant(w) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(dk.weight_quant(w) for w in w2)))
+    weights, ids = dk.moe_route(logits, bias, 8, 4, 8, 2.5)
+    touched = ids.unique().numel()
+    print(f"\nMoE: {tokens} tokens routed to 8 of {experts} experts (8 groups, 4 kept; {touched} experts used), "
+          f"SwiGLU experts D={d}, I={inter}, FP8 weights with 128x128 scales")
+    b13, b2 = w13.bfloat16(), w2.bfloat16()
+    exact = ref_moe.fused_moe(hidden, b13, b2, weights, ids)
+    rows = [("bf16 loop", lambda: ref_moe.naive_fused_moe(hidden, b13, b2, weights, ids), 3),
+            ("fp32 reference", lambda: ref_moe.fused_moe(hidden, q13, q2, weights, ids, s13, s2), 1)]
+    for backend in dk.available_backends("fused_moe", dev):
+        if backend in ("torch", "triton") and dev == "cpu":
+            continue
+        rows.append((f"fp8 {backend}", lambda b=backend: dk.fused_moe(hidden, q13, q2, weights, ids, s13, s2, backend=b), 5))
+    nbytes = touched * 3 * d * inter
+    print(f"{'provider':>14s} {'time ms':>9s} {'fp8 weight GB/s':>16s} {'calc_diff vs bf16':>18s} {'vs bf16 loop':>13s}")
+    t_loop = None
+    for name, fn, reps in rows:
+        t = _time(fn, dev, reps)
+        t_loop = t_loop or t
+        print(f"{name:>14s} {t * 1e3:9.2f} {nbytes / t / 1e9:16.1f} {calc_diff(fn(), exact):18.2e} {t_loop / t:12.2f}x")
 
 
 if __name__ == "__main__":
