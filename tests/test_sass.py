@@ -5,8 +5,9 @@ and checks that (a) every FP8 GEMM kernel runs on wgmma FP8 (QGMMA) in its sm_90
 kernel spills registers or otherwise uses local memory / a stack frame, (c) the quantisation
 kernels are there, (d) the MLA decode kernels run S = Q K^T and O = P V on wgmma (HGMMA 64x32 and
 64x256) and the MLA combine / cache-write kernels are there, (f) the MoE routing kernel is there
-and keeps its per-lane expert arrays in registers (no local memory). Skipped only when _C was built
-without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
+and keeps its per-lane expert arrays in registers (no local memory), (g) the grouped expert GEMMs
+run on wgmma (QGMMA in the FP8 one, HGMMA in the bf16 one) and the other expert-layer kernels are
+there. Skipped only when _C was built without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
 host (tests/cuda/mla_layouts_check.cu; needs nvcc and the CUTLASS headers, not a GPU).
 """
 
@@ -253,6 +254,62 @@ def test_moe_route_kernel_present_without_local_memory(sass, resource_usage):
     for fn, u in moe.items():
         # Register-resident expert arrays: any indexing the compiler could not resolve would show up as LOCAL.
         assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 128, (fn, u)
+
+
+# The expert layers. grouped_gemm_cutlass.cu: CUTLASS ptr-array GEMMs wrapped in
+# dsv3::moe::Sm90aGrouped<...>, one bf16 (tile 128x256x64: HGMMA 64x256x16 per consumer warpgroup)
+# and one FP8 blockwise-scaled (tile 128x128x128: QGMMA 64x128x32); the FP8 one is the instantiation
+# whose name has float_e4m3_t operands.
+GROUPED_GEMM_PATTERN = re.compile(r"Sm90aGrouped")
+GROUPED_GEMM_SHAPES = {True: "QGMMA.64x128x32", False: "HGMMA.64x256x16"}  # keyed by "is FP8"
+MOE_EXPERT_KERNELS = ("permute_count_kernel", "permute_scan_kernel", "permute_place_kernel",
+                      "permute_gather_kernel", "permute_gather_quant_kernel", "silu_mul_kernel",
+                      "silu_mul_quant_kernel", "moe_unpermute_kernel", "build_group_args_kernel",
+                      "sfa_to_m_major_kernel", "zero_uncovered_rows_kernel")
+
+
+def grouped_gemm_problems(shapes):
+    """What is wrong with the sm_90a grouped GEMMs of a gmma_shapes table (empty when all is well)."""
+    kinds = sorted("float_e4m3" in fn for fn in shapes)
+    problems = [] if kinds == [False, True] else [f"expected one bf16 and one FP8 grouped GEMM, got {sorted(shapes)}"]
+    for fn, counts in sorted(shapes.items()):
+        fp8 = "float_e4m3" in fn
+        want, other = GROUPED_GEMM_SHAPES[fp8], "HGMMA" if fp8 else "QGMMA"
+        if not counts.get(want):
+            problems.append(f"{fn}: no {want}")
+        if any(shape.startswith(other) for shape in counts):
+            problems.append(f"{fn}: unexpected {other}")
+    return problems
+
+
+_FAKE_GROUPED_SASS = """
+\tcode for sm_90a
+\t\tFunction : _Z12Sm90aGroupedIN7cutlass12float_e4m3_tEEvv
+        /*0100*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24, gsb0 ;
+\t\tFunction : _Z12Sm90aGroupedIN7cutlass10bfloat16_tEEvv
+        /*0100*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+"""
+
+
+def test_grouped_gemm_check_detects_wrong_instructions():
+    shapes = gmma_shapes(_FAKE_GROUPED_SASS, GROUPED_GEMM_PATTERN)
+    assert grouped_gemm_problems(shapes) == ["_Z12Sm90aGroupedIN7cutlass10bfloat16_tEEvv: no HGMMA.64x256x16"]
+    assert grouped_gemm_problems({}) == ["expected one bf16 and one FP8 grouped GEMM, got []"]
+
+
+def test_grouped_gemm_kernels_use_gmma(sass_text, resource_usage):
+    shapes = gmma_shapes(sass_text, GROUPED_GEMM_PATTERN)
+    assert not grouped_gemm_problems(shapes), grouped_gemm_problems(shapes)
+    usage = _sm90a_matching(resource_usage, GROUPED_GEMM_PATTERN)
+    assert len(usage) == len(GROUPED_GEMM_SHAPES), sorted(usage)
+    for fn, u in usage.items():
+        assert 0 < u["REG"] <= 255 and u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0, (fn, u)
+
+
+def test_moe_expert_kernels_present(sass):
+    functions = [fn for (arch, fn) in sass if arch == "sm_90a"]
+    missing = [k for k in MOE_EXPERT_KERNELS if not any(k in fn for fn in functions)]
+    assert not missing, f"kernels missing from _C.so: {missing}"
 
 
 def _nvcc():

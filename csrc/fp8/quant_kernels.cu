@@ -1,67 +1,19 @@
 // FP8 block quantisation kernels: act_quant, weight_quant, weight_dequant (see quant_kernels.cuh).
 // Memory-bound: 16-byte vector loads where the row length and pointers allow it, a scalar
-// fallback otherwise. Bit-exact with dsv3_kernels/reference/fp8.py: scale = max(amax, 1e-4) / 448
-// and q = x / scale are IEEE fp32 divisions (__fdiv_rn, whatever the fast-math flags), and the
-// e4m3 conversion rounds to nearest even with saturation (cvt.rn.satfinite).
+// fallback otherwise. Bit-exact with dsv3_kernels/reference/fp8.py (the rounding is in
+// quant_math.cuh).
 #include "fp8/quant_kernels.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "fp8/quant_math.cuh"
 
 namespace dsv3::fp8 {
 namespace {
 
-constexpr float kFp8Max = 448.0f;
-constexpr float kAmaxMin = 1e-4f;
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-__device__ __forceinline__ float block_scale(float amax, bool ue8m0) {
-  float s = __fdiv_rn(fmaxf(amax, kAmaxMin), kFp8Max);
-  if (ue8m0) {
-    // Smallest power of two >= s: a non-zero mantissa carries into the exponent (exact, no log2).
-    s = __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & ~0x7FFFFFu);
-  }
-  return s;
-}
-
-__device__ __forceinline__ uint8_t quant1(float v, float s) {
-  return __nv_cvt_float_to_fp8(__fdiv_rn(v, s), __NV_SATFINITE, __NV_E4M3);
-}
-
-// Two values -> two e4m3 bytes, the first in the low byte (memory order).
-__device__ __forceinline__ uint16_t quant2(float v0, float v1, float s) {
-  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(v0, s), __fdiv_rn(v1, s)), __NV_SATFINITE, __NV_E4M3);
-}
 
 __device__ __forceinline__ float fp8_to_float(uint8_t b) {
   return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
 }
-
-// Max over the `width` lanes (a power of two <= 32, aligned) of each group of a warp.
-// Every lane of the warp must call it.
-__device__ __forceinline__ float group_max(float v, int width) {
-  for (int o = width / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-template <class T, int kVec>
-struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Vec {
-  T v[kVec];
-};
 
 // ---- act_quant ----
 // Thread group = one (row, block): 2^log2_group threads, each owning one 16-byte vector of x,

@@ -1,6 +1,8 @@
-// Torch-free launcher of the MoE routing CUDA kernel, called by moe_cuda.cpp. Semantics:
-// dsv3_kernels/reference/moe.py. All tensors are contiguous; the launcher returns nullptr on
-// success, else a static error message. Nothing here allocates: the caller passes every buffer.
+// Torch-free launchers of the MoE CUDA kernels, called by moe_cuda.cpp (routing) and
+// moe_experts_cuda.cpp (the expert layers; the grouped GEMM is in grouped_gemm_cutlass.h).
+// Semantics: dsv3_kernels/reference/moe.py. All tensors are contiguous and row-major; each
+// launcher returns nullptr on success, else a static error message. Nothing here allocates or
+// synchronises with the host: the caller passes every buffer.
 #pragma once
 #include <cstdint>
 
@@ -32,5 +34,43 @@ struct MoeRouteParams {
 };
 
 const char* moe_route_launch(const MoeRouteParams& p, cudaStream_t stream);
+
+// moe_permute (moe_permute.cu): hidden [T, D] (dtype), topk_ids int32 [T, topk]
+//   -> permuted [P, D] (dtype, or e4m3 with quant), scale fp32 [P, D/128] (quant),
+//      expert_offsets int32 [E+1], inverse int32 [T, topk].
+// The caller checks: 1 <= E <= kMoePermuteMaxExperts, 1 <= align <= 1024, P = permuted_rows(...)
+// < 2^31, D % 128 == 0 and a 16-byte aligned hidden with quant.
+constexpr int kMoePermuteMaxExperts = 1024;
+
+struct MoePermuteParams {
+  const void* hidden;
+  const int* topk_ids;
+  void* permuted;
+  float* scale;  // nullptr without quant
+  int* expert_offsets;
+  int* inverse;
+  int* workspace;  // moe_permute_workspace_ints(...) ints
+  int64_t num_tokens, hidden_size, rows;  // T, D, P
+  int topk, num_experts, align;
+  bool quant;
+  FloatType dtype;
+};
+
+// Ints of scratch memory moe_permute_launch needs (per-unit expert counts, row sources).
+int64_t moe_permute_workspace_ints(int64_t num_tokens, int topk, int num_experts, int64_t rows);
+
+const char* moe_permute_launch(const MoePermuteParams& p, cudaStream_t stream);
+
+// silu_mul (moe_elementwise.cu): x [rows, 2I] (dtype, gate | up) -> out [rows, I] of dtype, or
+// e4m3 with scale fp32 [rows, I/128] when quant. The caller checks I % 128 == 0 and a 16-byte
+// aligned x with quant.
+const char* silu_mul_launch(const void* x, FloatType dtype, int64_t rows, int64_t inter, bool quant, void* out,
+                            float* scale, cudaStream_t stream);
+
+// moe_unpermute (moe_elementwise.cu): expert_out [P, D] (dtype), topk_weights fp32 [T, topk],
+// inverse int32 [T, topk] -> out [T, D] of dtype.
+const char* moe_unpermute_launch(const void* expert_out, FloatType dtype, int64_t rows, int64_t hidden_size,
+                                 const float* topk_weights, const int* inverse, int64_t num_tokens, int topk,
+                                 void* out, cudaStream_t stream);
 
 }  // namespace dsv3::moe
