@@ -163,7 +163,7 @@ def _expert_samples(device):
     weights = torch.rand(11, 4, device=device)
     permuted, _, offsets, inverse = ref_moe.moe_permute(hidden, ids, 16, 1)
     a_q, a_s = ref.act_quant(permuted)
-    w13, w2, _, _ = (x.to(device) for x in make_experts(16, 256, 128, False))
+    w13, w2 = (x.to(device) for x in make_experts(16, 256, 128, False)[:2])
     q13, q2, s13, s2 = (x.to(device) for x in make_experts(16, 256, 128, True))
     gate_up = torch.randn(44, 256, device=device, dtype=torch.bfloat16)
     return {
