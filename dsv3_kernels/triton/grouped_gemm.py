@@ -1,0 +1,163 @@
+"""Triton grouped (per-expert) GEMM over moe_permute's contiguous layout, and fused_moe composed
+of the Triton MoE ops.
+
+Semantics: dsv3_kernels/reference/moe.py. Importing this module registers the custom ops
+`dsv3_kernels::grouped_gemm_triton` and `dsv3_kernels::fused_moe_triton` (registration.py).
+
+Tile schedule: the rows are cut into segments, [0, offsets[0]) (zeros), one per expert, and
+[offsets[E], M) (zeros), offsets clamped to [0, M]. Each segment has cdiv(rows, BLOCK_M) M tiles;
+their exclusive prefix (computed on the device by torch, no host sync) maps a program to its
+segment. The grid is the shape-only bound cdiv(M, BLOCK_M) + E + 2 M tiles, programs past the
+last tile exit, and an expert with no rows has no tile: it costs nothing and its weights are never
+read. Segments need no padding (align 1 works).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import _kernel_dtype
+from .registration import INTERPRETED, custom_op, wrap_triton
+
+FP8_DTYPE = torch.float8_e4m3fn
+SCALE_BLOCK = 128
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_rows_ptr, tile_start_ptr,
+                         N, K, E, NUM_SEGS,
+                         FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr):
+    """c rows of segment s (s = 0: head, 1..E: expert s-1, E+1: tail) = a rows @ b[s-1].T.
+
+    a [M, K] bf16 or e4m3 (as [M, K/128] fp32), b [E, N, K] (bs [E, ceil(N/128), K/128] fp32),
+    c [M, N]; seg_lo/seg_rows int32 [NUM_SEGS], tile_start int32 [NUM_SEGS + 1] (exclusive prefix
+    of the segments' M tiles). With FP8 each 128-wide K block's product is scaled into the fp32
+    total (DeepSeek-V3's promotion).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    idx = tl.arange(0, BLOCK_S)
+    starts = tl.load(tile_start_ptr + idx, mask=idx <= NUM_SEGS, other=2147483647)
+    seg = tl.sum((starts <= pid_m).to(tl.int32), 0) - 1
+    if seg < NUM_SEGS:
+        lo = tl.load(seg_lo_ptr + seg)
+        rows = tl.load(seg_rows_ptr + seg)
+        local = (pid_m - tl.load(tile_start_ptr + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (lo + local).to(tl.int64)
+        m_mask = local < rows
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        expert = seg - 1
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if (expert >= 0) & (expert < E):
+            rk = tl.arange(0, BLOCK_K)
+            b_base = b_ptr + expert.to(tl.int64) * N * K
+            a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
+            b_ptrs = b_base + rn.to(tl.int64)[:, None] * K + rk[None, :]
+            if FP8:
+                KB = K // BLOCK_K
+                as_ptrs = as_ptr + rm * KB
+                bs_row = bs_ptr + (expert.to(tl.int64) * tl.cdiv(N, BLOCK_K) + pid_n * BLOCK_N // BLOCK_K) * KB
+                for kb in range(0, KB):
+                    a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None], other=0.0)
+                    b = tl.load(b_ptrs + kb * BLOCK_K, mask=n_mask[:, None], other=0.0)
+                    a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
+                    b_s = tl.load(bs_row + kb)
+                    # b stays K-major through the transposed view (fp8 wgmma needs both K-major).
+                    acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    k_mask = (k0 + rk) < K
+                    a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                    b = tl.load(b_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                    if DOT_FP32:  # the interpreter's bf16 dot is wrong
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc += tl.dot(a, tl.trans(b))
+        c_ptrs = c_ptr + rm[:, None] * N + rn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Configs by the mean rows per expert, M / min(E, M) (known from the shapes alone):
+# (max mean rows, BLOCK_M, BLOCK_N, num_warps, num_stages). Why:
+# - decode (a few rows per expert): bound by reading the experts' weights; 16-row tiles waste no
+#   tensor-core work on masked rows and BLOCK_N = 64 doubles the programs over N (mma.sync, fp8
+#   widened in registers).
+# - up to 64 rows: 64 x 128 tiles, one warpgroup (wgmma).
+# - more: 128 x 128 tiles on two warpgroups, 3 stages.
+# BLOCK_N <= 128 keeps an FP8 tile inside one 128-row scale block of b.
+GEMM_CONFIGS = (
+    (16, 16, 64, 4, 4),
+    (64, 64, 128, 4, 4),
+    (None, 128, 128, 8, 3),
+)
+
+
+def gemm_config(m, num_experts):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for m rows over num_experts experts."""
+    mean_rows = m / max(1, min(num_experts, m))
+    for max_rows, block_m, block_n, num_warps, num_stages in GEMM_CONFIGS:
+        if max_rows is None or mean_rows <= max_rows:
+            return block_m, block_n, num_warps, num_stages
+
+
+def _segments(expert_offsets, m, block_m):
+    """(seg_lo, seg_rows, tile_start) int32 on the device: head, the E experts, tail."""
+    off = expert_offsets.to(torch.int64).clamp(0, m)
+    zero = off.new_zeros(1)
+    lo = torch.cat([zero, off[:-1], off[-1:]])
+    hi = torch.cat([off[:1], off[1:], off.new_full((1,), m)])
+    rows = (hi - lo).clamp_min(0)
+    tiles = (rows + block_m - 1) // block_m
+    tile_start = torch.cat([zero, tiles.cumsum(0)])
+    return lo.to(torch.int32), rows.to(torch.int32), tile_start.to(torch.int32)
+
+
+def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
+    m, k = a.shape
+    e, n, _ = b.shape
+    fp8 = a.dtype == FP8_DTYPE
+    c = torch.empty((m, n), dtype=_kernel_dtype(torch.bfloat16), device=a.device)
+    if m > 0:
+        block_m, block_n, num_warps, num_stages = gemm_config(m, e)
+        seg_lo, seg_rows, tile_start = _segments(expert_offsets, m, block_m)
+        grid = (_cdiv(m, block_m) + e + 2, _cdiv(n, block_n))
+        wrap_triton(_grouped_gemm_kernel)[grid](
+            a, a_scale if fp8 else a, b, b_scale_inv if fp8 else b, c, seg_lo, seg_rows, tile_start,
+            n, k, e, e + 2, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=SCALE_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
+            DOT_FP32=INTERPRETED, num_warps=num_warps, num_stages=num_stages)
+    return c.to(torch.bfloat16)
+
+
+def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
+    """permute (quantized with FP8 experts) -> grouped_gemm(w13) -> silu_mul -> grouped_gemm(w2)
+    -> unpermute, all Triton; the rounding points of reference.moe.fused_moe."""
+    from . import moe_permute as parts
+
+    fp8 = w13.dtype == FP8_DTYPE
+    permuted, scale, offsets, inverse = parts.moe_permute(hidden, topk_ids, w13.shape[0], 1, fp8)
+    gate_up = grouped_gemm(permuted, w13, offsets, scale, w13_scale_inv)
+    h, h_scale = parts.silu_mul(gate_up, fp8)
+    down = grouped_gemm(h, w2, offsets, h_scale, w2_scale_inv)
+    return parts.moe_unpermute(down, topk_weights, inverse)
+
+
+@custom_op("dsv3_kernels::grouped_gemm_triton")
+def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
+                     a_scale: Optional[torch.Tensor], b_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    return grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv)
+
+
+@custom_op("dsv3_kernels::fused_moe_triton")
+def _fused_moe_op(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, w13_scale_inv: Optional[torch.Tensor],
+                  w2_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    return fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)
