@@ -3,7 +3,7 @@
 `compile_for_sm90()` compiles every kernel in every configuration the ops can launch (each
 fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype; each MLA decode config of
 mla.DECODE_CONFIGS, each cache-write fusion; moe_route for DeepSeek-V3's and a one-group expert
-layout) and returns their asm dicts ("ttir", "ttgir",
+layout; each grouped_gemm config, bf16 and fp8) and returns their asm dicts ("ttir", "ttgir",
 "llir", "ptx", "cubin") plus the register/spill counts ptxas reports and the shared memory.
 `check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma in every fp8_gemm
 kernel, in-kernel saturating fp8 conversion in the quantize kernels, tensor-core mma.sync in the
@@ -24,7 +24,7 @@ import tempfile
 import torch
 import triton
 
-from . import fp8, mla, moe
+from . import fp8, grouped_gemm, mla, moe
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
@@ -186,6 +186,15 @@ def _moe_variants():
                 "HAS_BIAS": bias, "RENORMALIZE": True, "BLOCK_T": block_t, "BLOCK_E": block_e,
                 "BLOCK_K": block_k},
                moe.ROUTE_WARPS, 1, ())
+    for (_, block_m, block_n, warps, stages), fp8_in in itertools.product(grouped_gemm.GEMM_CONFIGS, (True, False)):
+        ab = "fp8e4nv" if fp8_in else "bf16"
+        yield (f"grouped_gemm {ab} {block_m}x{block_n} w{warps} s{stages}", grouped_gemm._grouped_gemm_kernel,
+               {"a_ptr": f"*{ab}", "as_ptr": "*fp32", "b_ptr": f"*{ab}", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+                "seg_lo_ptr": "*i32", "seg_rows_ptr": "*i32", "tile_start_ptr": "*i32", "N": "i32", "K": "i32",
+                "E": "i32", "NUM_SEGS": "i32"},
+               {"FP8": fp8_in, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False},
+               warps, stages, ("K", "N"))  # DeepSeek-V3's N and K; others JIT a scalar-load variant
 
 
 def _label(multiples_of_16):
@@ -216,7 +225,9 @@ def check_sm90(results=None):
             raise AotCompileError(f"{label}: register spills ({asm['spill_stores']} B stored, "
                                   f"{asm['spill_loads']} B loaded, {asm['n_regs']} registers)")
         ptx = asm["ptx"]
-        if label.startswith("fp8_gemm") and not re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx):
+        wgmma_expected = label.startswith("fp8_gemm") or (label.startswith("grouped_gemm fp8")
+                                                           and not label.startswith("grouped_gemm fp8e4nv 16x"))
+        if wgmma_expected and not re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx):
             raise AotCompileError(f"{label}: no fp8 (e4m3) wgmma in the PTX")
         if "quant" in label and "dequant" not in label and "cvt.rn.satfinite.e4m3x2.f32" not in ptx:
             raise AotCompileError(f"{label}: no in-kernel saturating fp32 -> e4m3 conversion")

@@ -45,44 +45,45 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_ro
     pid_n = tl.program_id(1)
     idx = tl.arange(0, BLOCK_S)
     starts = tl.load(tile_start_ptr + idx, mask=idx <= NUM_SEGS, other=2147483647)
-    seg = tl.sum((starts <= pid_m).to(tl.int32), 0) - 1
-    if seg < NUM_SEGS:
-        lo = tl.load(seg_lo_ptr + seg)
-        rows = tl.load(seg_rows_ptr + seg)
-        local = (pid_m - tl.load(tile_start_ptr + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rm = (lo + local).to(tl.int64)
-        m_mask = local < rows
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rn < N
-        expert = seg - 1
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if (expert >= 0) & (expert < E):
-            rk = tl.arange(0, BLOCK_K)
-            b_base = b_ptr + expert.to(tl.int64) * N * K
-            a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
-            b_ptrs = b_base + rn.to(tl.int64)[:, None] * K + rk[None, :]
-            if FP8:
-                KB = K // BLOCK_K
-                as_ptrs = as_ptr + rm * KB
-                bs_row = bs_ptr + (expert.to(tl.int64) * tl.cdiv(N, BLOCK_K) + pid_n * BLOCK_N // BLOCK_K) * KB
-                for kb in range(0, KB):
-                    a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None], other=0.0)
-                    b = tl.load(b_ptrs + kb * BLOCK_K, mask=n_mask[:, None], other=0.0)
-                    a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
-                    b_s = tl.load(bs_row + kb)
-                    # b stays K-major through the transposed view (fp8 wgmma needs both K-major).
-                    acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
-            else:
-                for k0 in range(0, K, BLOCK_K):
-                    k_mask = (k0 + rk) < K
-                    a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                    b = tl.load(b_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                    if DOT_FP32:  # the interpreter's bf16 dot is wrong
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc += tl.dot(a, tl.trans(b))
-        c_ptrs = c_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    # No branches around the K loop (Triton pipelines only a loop it sees whole): a program past
+    # the last tile lands past the tail segment's rows, so all its rows are masked; a zero
+    # segment (head, tail) runs the loop zero times and stores zeros.
+    seg = tl.minimum(tl.sum((starts <= pid_m).to(tl.int32), 0) - 1, NUM_SEGS - 1)
+    lo = tl.load(seg_lo_ptr + seg)
+    rows = tl.load(seg_rows_ptr + seg)
+    local = (pid_m - tl.load(tile_start_ptr + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = local < rows
+    rm = (lo + local).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    is_expert = (seg >= 1) & (seg <= E)
+    expert = tl.minimum(tl.maximum(seg - 1, 0), E - 1).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + expert * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FP8:
+        KB = K // BLOCK_K
+        as_ptrs = as_ptr + rm * KB
+        bs_row = bs_ptr + (expert * tl.cdiv(N, BLOCK_K) + pid_n * BLOCK_N // BLOCK_K) * KB
+        for kb in range(0, tl.where(is_expert, KB, 0)):
+            a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs + kb * BLOCK_K, mask=n_mask[:, None], other=0.0)
+            a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
+            b_s = tl.load(bs_row + kb)
+            # b stays K-major through the transposed view (fp8 wgmma needs both K-major).
+            acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+    else:
+        for k0 in range(0, tl.where(is_expert, K, 0), BLOCK_K):
+            k_mask = (k0 + rk) < K
+            a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT_FP32:  # the interpreter's bf16 dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += tl.dot(a, tl.trans(b))
+    c_ptrs = c_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Configs by the mean rows per expert, M / min(E, M) (known from the shapes alone):
