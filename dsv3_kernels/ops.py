@@ -358,8 +358,8 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias=None, n_group
                 topk_group, topk, float(routed_scaling_factor), score_func, bool(renormalize))
 
 
-def _check_topk(name, t, num_tokens=None):
-    _check_tensor(name, t, (torch.int32,) if name == "topk_ids" else (torch.float32,), ndim=2)
+def _check_topk(name, t, dtype, num_tokens=None):
+    _check_tensor(name, t, (dtype,), ndim=2)
     if num_tokens is not None and t.shape[0] != num_tokens:
         raise ValueError(f"{name} must have one row per token ({num_tokens}), got shape {tuple(t.shape)}")
 
@@ -391,7 +391,7 @@ def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, 
     token t's j-th choice.
     """
     _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
-    _check_topk("topk_ids", topk_ids, hidden.shape[0])
+    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
     _check_same_device(hidden=hidden, topk_ids=topk_ids)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
@@ -432,7 +432,7 @@ def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse:
     the CPU and gets NaN on a GPU.
     """
     _check_tensor("expert_out", expert_out, _FLOAT_DTYPES, ndim=2)
-    _check_topk("topk_weights", topk_weights)
+    _check_topk("topk_weights", topk_weights, torch.float32)
     _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
     if inverse.shape != topk_weights.shape:
         raise ValueError(f"inverse and topk_weights must both be [T, topk], got {tuple(inverse.shape)} "
@@ -528,8 +528,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
                          f"{tuple(w13.shape)} and {tuple(w2.shape)}")
     if fp8 and (two_i // 2) % GEMM_BLOCK:
         raise ValueError(f"FP8 experts need I = w2.shape[2] to be a multiple of {GEMM_BLOCK}, got {two_i // 2}")
-    _check_topk("topk_weights", topk_weights, t)
-    _check_topk("topk_ids", topk_ids, t)
+    _check_topk("topk_weights", topk_weights, torch.float32, t)
+    _check_topk("topk_ids", topk_ids, torch.int32, t)
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids and topk_weights must have one shape [T, topk], got {tuple(topk_ids.shape)} "
                          f"and {tuple(topk_weights.shape)}")

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import moe_permute as parts
 from .fp8 import _kernel_dtype
 from .registration import INTERPRETED, custom_op, wrap_triton
 
@@ -141,8 +142,6 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
     """permute (quantized with FP8 experts) -> grouped_gemm(w13) -> silu_mul -> grouped_gemm(w2)
     -> unpermute, all Triton; the rounding points of reference.moe.fused_moe."""
-    from . import moe_permute as parts
-
     fp8 = w13.dtype == FP8_DTYPE
     permuted, scale, offsets, inverse = parts.moe_permute(hidden, topk_ids, w13.shape[0], 1, fp8)
     gate_up = grouped_gemm(permuted, w13, offsets, scale, w13_scale_inv)
