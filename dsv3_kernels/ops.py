@@ -6,6 +6,8 @@ FP8 here is float8_e4m3fn with DeepSeek-V3's block scales: activations per token
 channels (1x128), weights per 128x128 block, fp32 scales, dequantized = fp8 * scale.
 """
 
+import os
+
 import torch
 
 from . import dispatch
@@ -515,12 +517,14 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route.
     Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
     the activations to 1x128 blocks before each GEMM).
+    float32 hidden with float32 (or FP8) experts runs on the torch backend only, unrounded: the
+    fp32 reference path of a whole model (dsv3) uses it.
     """
-    _check_tensor("hidden", hidden, (torch.bfloat16,), ndim=2)
-    fp8 = _check_expert_weight("w13", w13, "w13_scale_inv", w13_scale_inv, torch.bfloat16)
-    fp8_2 = _check_expert_weight("w2", w2, "w2_scale_inv", w2_scale_inv, torch.bfloat16)
+    _check_tensor("hidden", hidden, (torch.bfloat16, torch.float32), ndim=2)
+    fp8 = _check_expert_weight("w13", w13, "w13_scale_inv", w13_scale_inv, hidden.dtype)
+    fp8_2 = _check_expert_weight("w2", w2, "w2_scale_inv", w2_scale_inv, hidden.dtype)
     if fp8 != fp8_2:
-        raise TypeError(f"w13 and w2 must both be bfloat16 or both float8_e4m3fn, got {w13.dtype} and {w2.dtype}")
+        raise TypeError(f"w13 and w2 must both be {str(hidden.dtype)[6:]} or both float8_e4m3fn, got {w13.dtype} and {w2.dtype}")
     t, d = hidden.shape
     e, two_i, _ = w13.shape
     if w13.shape[2] != d or two_i % 2 or tuple(w2.shape) != (e, d, two_i // 2):
@@ -538,5 +542,12 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         tensors.update(w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
     _check_same_device(**tensors)
     _check_ids_in_range(topk_ids, e)
+    if hidden.dtype == torch.float32:
+        if backend is None and os.environ.get(dispatch.ENV_VAR, "auto").strip().lower() in ("", "auto"):
+            backend = "torch"
+        if backend != "torch":
+            raise dispatch.BackendUnavailableError(
+                f"fused_moe: float32 hidden runs on the torch backend only (the kernels take bfloat16), "
+                f"got backend {backend or os.environ.get(dispatch.ENV_VAR)!r}")
     return _run("fused_moe", hidden.device, backend, hidden, w13, w2, topk_weights, topk_ids,
                 w13_scale_inv, w2_scale_inv)

@@ -8,6 +8,9 @@ and 1000 with E=256, topk=8, and the routing extremes (all on one expert, most e
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import dsv3_kernels as dk
 
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import fp8 as ref_fp8
@@ -282,6 +285,20 @@ def test_fused_moe(device, backend, case, fp8):
     # (fp32 sums in other orders); with FP8 that can move a quantized intermediate by one step.
     tol = 3e-2 if fp8 else 1e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * (float(want.abs().max()) if t else 1))
+
+
+def test_fused_moe_float32_reference_is_unrounded():
+    """float32 experts (the fp32 reference path of the dsv3 model) against a float64 loop."""
+    t, topk, e, d, i = 33, 4, 8, 64, 48
+    hidden, w13, w2 = torch.randn(t, d), torch.randn(e, 2 * i, d) / d**0.5, torch.randn(e, d, i) / i**0.5
+    ids, weights = make_ids(t, topk, e), torch.rand(t, topk)
+    want = torch.zeros(t, d, dtype=torch.float64)
+    for tok in range(t):
+        for j in range(topk):
+            gate, up = (w13[ids[tok, j]].double() @ hidden[tok].double()).chunk(2)
+            want[tok] += weights[tok, j].double() * (w2[ids[tok, j]].double() @ (F.silu(gate) * up))
+    got = dk.fused_moe(hidden, w13, w2, weights, ids, backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.ops("fused_moe")

@@ -28,7 +28,7 @@ def _bad_id(a):
     (lambda a: a.update(topk_weights=a["topk_weights"].half()), TypeError, "topk_weights must have dtype"),
     (lambda a: a.update(topk_ids=a["topk_ids"][:, :2].contiguous()), ValueError, "one shape"),
     (lambda a: a.update(topk_weights=a["topk_weights"][:5]), ValueError, "one row per token"),
-    (lambda a: a.update(hidden=a["hidden"].float()), TypeError, "hidden must have dtype torch.bfloat16"),
+    (lambda a: a.update(hidden=a["hidden"].half()), TypeError, "hidden must have dtype"),
     (lambda a: a.update(hidden=a["hidden"][:, :128].contiguous()), ValueError, "D = hidden.shape"),
     (lambda a: a.update(w2=a["w2"][:, :, :64].contiguous()), ValueError, "w2 \\[E, D, I\\]"),
     (lambda a: a.update(w13=a["w13"][:8].contiguous()), ValueError, "w13 \\[E, 2I, D\\]"),
@@ -54,6 +54,16 @@ def test_fused_moe_fp8_errors(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         dk.fused_moe(**args, backend="torch")
+
+
+def test_fused_moe_float32_runs_on_torch_only():
+    args = _fused_args()
+    args.update(hidden=args["hidden"].float(), w13=args["w13"].float(), w2=args["w2"].float())
+    assert dk.fused_moe(**args).dtype == torch.float32  # auto: the torch backend
+    with pytest.raises(dk.BackendUnavailableError, match="float32 hidden runs on the torch backend only"):
+        dk.fused_moe(**args, backend="cpu")
+    with pytest.raises(TypeError, match="w13 must have dtype"):
+        dk.fused_moe(**(args | dict(w13=args["w13"].to(torch.bfloat16))), backend="torch")
 
 
 def test_fused_moe_fp8_needs_128_multiples():

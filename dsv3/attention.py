@@ -1,0 +1,100 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) with Hugging Face's parameter names.
+
+q: q_b_proj(q_a_layernorm(q_a_proj(x))) (or q_proj(x) when q_lora_rank is null) -> per head
+qk_nope | qk_rope. kv_a_proj_with_mqa(x) -> c_kv (512) | k_pe (64, one key shared by all heads).
+The cache stores kv_a_layernorm(c_kv) | rope(k_pe) (dsv3_kernels.mla_cache_write fuses both).
+- prefill: keys and values materialized per head with kv_b_proj, causal softmax over the new tokens;
+- decode: the absorbed form. W_UK (kv_b_proj's first qk_nope rows of each head) folds into
+  q_nope, so scores = q_lat . c_kv + q_pe . k_pe over the 576-wide cache (dsv3_kernels.mla_decode),
+  and the latent output goes through W_UV (the other v_head_dim rows) afterwards.
+Both give the same result up to rounding. Heads are split over tensor-parallel ranks; o_proj is
+row-parallel (the caller sums the ranks).
+"""
+
+import torch
+import torch.nn.functional as F
+
+import dsv3_kernels as dk
+
+from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
+from .layers import Linear, Module, RMSNorm
+from .rope import apply_rope
+
+
+class MLA(Module):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+        super().__init__()
+        h, qk, self.nope, self.v_dim = args.num_attention_heads, args.qk_head_dim, args.qk_nope_head_dim, args.v_head_dim
+        d = args.hidden_size
+        if args.q_lora_rank is None:
+            self.q_proj = Linear(d, h * qk, dtype, fp8, "column", device)
+        else:
+            self.q_a_proj = Linear(d, args.q_lora_rank, dtype, fp8, None, device)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6, dtype, device)
+            self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, "column", device)
+        self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, None, device)
+        self.kv_a_layernorm = RMSNorm(KV_LORA_RANK, 1e-6, dtype, device)
+        self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, "column", device)
+        self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, "row", device)
+        self.num_heads = self.kv_b_proj.out_features // (self.nope + self.v_dim)  # this rank's heads
+        self.softmax_scale = args.softmax_scale()
+        self.dtype = dtype
+        self._absorbed = None
+
+    def _query(self, x):
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(x.shape[0], self.num_heads, -1).split([self.nope, ROPE_DIM], dim=-1)
+
+    def absorbed_weights(self):
+        """(W_UK [H, qk_nope, 512], W_UV [H, v_head_dim, 512]) in the activations' dtype; built on
+        first use (FP8 kv_b_proj dequantized once). Call reset_absorbed() after changing kv_b_proj."""
+        if self._absorbed is None:
+            w = self.kv_b_proj.dequantized(self.dtype)
+            w = w.view(self.num_heads, self.nope + self.v_dim, KV_LORA_RANK)
+            self._absorbed = (w[:, :self.nope].contiguous(), w[:, self.nope:].contiguous())
+        return self._absorbed
+
+    def reset_absorbed(self):
+        self._absorbed = None
+
+    def forward(self, x, batch, kv_cache, rope):
+        """x: [N, hidden] -> this rank's partial o_proj output [N, hidden]; writes the N tokens
+        into kv_cache [num_blocks, block_size, 576] at batch.slot_mapping."""
+        n = x.shape[0]
+        q_nope, q_pe = self._query(x)
+        cos, sin = rope(batch.positions)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([KV_LORA_RANK, ROPE_DIM], dim=-1)
+        c_kv, k_pe = c_kv.contiguous(), k_pe.contiguous()
+        dk.mla_cache_write(c_kv.to(kv_cache.dtype), k_pe.to(kv_cache.dtype), kv_cache, batch.slot_mapping,
+                           self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, backend=self.backend)
+        if batch.prefill:
+            out = self._prefill(q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin), batch.seq_lens)
+        else:
+            out = self._decode(q_nope, q_pe, kv_cache, batch)
+        return self.o_proj(out.reshape(n, -1))
+
+    def _prefill(self, q_nope, q_pe, c_kv, k_pe, seq_lens):
+        kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], self.num_heads, -1)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, N, 192]
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1).transpose(0, 1)
+        v = v.transpose(0, 1)
+        out, start = [], 0
+        for length in seq_lens:  # each request attends to its own tokens only
+            s = slice(start, start + length)
+            out.append(F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], is_causal=True,
+                                                      scale=self.softmax_scale))
+            start += length
+        return torch.cat(out, dim=1).transpose(0, 1)  # [N, H, v]
+
+    def _decode(self, q_nope, q_pe, kv_cache, batch):
+        w_uk, w_uv = self.absorbed_weights()
+        b = batch.cache_seqlens.shape[0]
+        q_lat = torch.einsum("nhd,hdc->nhc", q_nope.to(w_uk.dtype), w_uk)
+        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv_cache.dtype)
+        q = q.view(b, -1, self.num_heads, KV_LORA_RANK + ROPE_DIM)
+        out, _ = dk.mla_decode(q, kv_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
+                               causal=True, backend=self.backend)
+        out = out.reshape(-1, self.num_heads, KV_LORA_RANK).to(w_uv.dtype)
+        return torch.einsum("nhc,hvc->nhv", out, w_uv).to(q_nope.dtype)

@@ -1,0 +1,108 @@
+"""The paged latent KV cache of MLA and the batch metadata the attention reads.
+
+Per token and layer the cache holds 576 values (FlashMLA's layout): the normalized latent c_kv
+(kv_lora_rank 512, also the value) and the RoPE'd shared key k_pe (64). Tokens live in blocks of
+`block_size` slots; a request owns a list of blocks (its block table), so requests of different
+lengths share one pool without fragmentation.
+"""
+
+import dataclasses
+
+import torch
+
+from .config import KV_LORA_RANK, ROPE_DIM
+
+HEAD_DIM = KV_LORA_RANK + ROPE_DIM
+
+
+class CacheFullError(RuntimeError):
+    """The block pool has too few free blocks for a request."""
+
+
+class BlockAllocator:
+    """A free list of block indices."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list:
+        if n > len(self._free):
+            raise CacheFullError(f"the KV cache needs {n} more blocks, {len(self._free)} of "
+                                 f"{self.num_blocks} are free (raise num_blocks)")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list):
+        self._free.extend(reversed(blocks))
+
+
+class LatentCache:
+    """kv: [num_layers, num_blocks, block_size, 576] of `dtype` (bf16 by default)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int = 64, dtype=torch.bfloat16, device=None):
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        self.block_size = block_size
+        self.kv = torch.zeros(num_layers, num_blocks, block_size, HEAD_DIM, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers (671B in bf16: 61 x 576 x 2 = 70,272)."""
+        return self.kv.shape[0] * HEAD_DIM * self.kv.element_size()
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+@dataclasses.dataclass
+class Batch:
+    """One forward step over N tokens of B requests, laid out flat (request after request).
+
+    positions: int64 [N]; slot_mapping: int64 [N] (cache slot = block * block_size + offset).
+    prefill: the requests start empty and all their tokens are here (materialized causal attention
+      over seq_lens); else decode: every request has s_q = N / B new tokens after its cached ones,
+      read through block_table int32 [B, max_blocks] and cache_seqlens int32 [B] (counting them).
+    logits_index: int64 [B'] rows whose logits are returned (None: all N).
+    """
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefill: bool
+    seq_lens: list = None
+    block_table: torch.Tensor = None
+    cache_seqlens: torch.Tensor = None
+    logits_index: torch.Tensor = None
+
+
+def prefill_batch(requests, cache: LatentCache, device=None, all_logits=False) -> Batch:
+    """requests: [(num_tokens, block_ids)] of empty requests -> their prefill Batch."""
+    pos, slots, lens = [], [], []
+    for n, blocks in requests:
+        p = torch.arange(n)
+        pos.append(p)
+        slots.append(torch.tensor(blocks, dtype=torch.int64)[p // cache.block_size] * cache.block_size
+                     + p % cache.block_size)
+        lens.append(n)
+    ends = torch.tensor(lens).cumsum(0) - 1
+    return Batch(torch.cat(pos).to(device), torch.cat(slots).to(device), True, seq_lens=lens,
+                 logits_index=None if all_logits else ends.to(device))
+
+
+def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
+    """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones."""
+    b = len(requests)
+    width = max(len(blocks) for _, blocks in requests)
+    table = torch.zeros(b, width, dtype=torch.int32)
+    pos, slots = [], []
+    for i, (n, blocks) in enumerate(requests):
+        table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        p = torch.arange(n, n + s_q)
+        pos.append(p)
+        slots.append(table[i, p // cache.block_size].long() * cache.block_size + p % cache.block_size)
+    lens = torch.tensor([n + s_q for n, _ in requests], dtype=torch.int32)
+    return Batch(torch.cat(pos).to(device), torch.cat(slots).to(device), False, block_table=table.to(device),
+                 cache_seqlens=lens.to(device), logits_index=(torch.arange(b) * s_q + s_q - 1).to(device))

@@ -1,0 +1,128 @@
+"""The model's building blocks: RMSNorm, linears (bf16/fp32, or FP8 e4m3 + 128x128 weight_scale_inv
+through dsv3_kernels.fp8_linear), column/row-parallel linears, the vocab-parallel embedding and
+head, and the dense SwiGLU MLP. Parameter names are Hugging Face's."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dsv3_kernels as dk
+
+from . import parallel
+
+BLOCK = 128  # FP8 weight blocks: 128 x 128
+
+
+def _param(*shape, dtype, device):
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Module(nn.Module):
+    """nn.Module with `backend`: the dsv3_kernels backend its ops use (None: dispatch's rule);
+    Transformer.backend sets it on every module."""
+    backend = None
+
+
+class RMSNorm(Module):
+    """Hugging Face's DeepseekV3RMSNorm: normalized in fp32, rounded to x's dtype, times weight."""
+
+    def __init__(self, dim, eps=1e-6, dtype=torch.float32, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype, device=device)
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Linear(Module):
+    """y = x @ weight.T (no bias: DeepSeek-V3 has none).
+
+    weight: [out, in] of `dtype`, or with fp8 float8_e4m3fn plus weight_scale_inv float32
+    [ceil(out/128), in/128] (dequantized = block * scale). A linear whose input width is not a
+    multiple of 128 cannot run the FP8 GEMM and stays in `dtype` (the loader dequantizes it).
+    parallel: None (replicated); "column": this rank holds out/world rows (outputs);
+    "row": in/world columns, and the caller sums the ranks' partial outputs.
+    """
+
+    def __init__(self, in_features, out_features, dtype, fp8=False, parallel=None, device=None):
+        super().__init__()
+        self.full_shape = (out_features, in_features)
+        self.parallel = parallel
+        if parallel == "column":
+            lo, hi = parallel_shard(out_features, "output features")
+            out_features = hi - lo
+        elif parallel == "row":
+            lo, hi = parallel_shard(in_features, "input features")
+            in_features = hi - lo
+        self.in_features, self.out_features = in_features, out_features
+        self.fp8 = fp8 and in_features % BLOCK == 0
+        if self.fp8:
+            self.weight = _param(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
+            self.weight_scale_inv = _param(-(-out_features // BLOCK), in_features // BLOCK, dtype=torch.float32,
+                                           device=device)
+        else:
+            self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+            self.weight_scale_inv = None
+
+    def forward(self, x):
+        if self.fp8:
+            return dk.fp8_linear(x, self.weight, self.weight_scale_inv, out_dtype=x.dtype, backend=self.backend)
+        return F.linear(x, self.weight)
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (FP8 blocks times their scales)."""
+        if not self.fp8:
+            return self.weight.to(dtype)
+        return dk.weight_dequant(self.weight, self.weight_scale_inv, dtype, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, {'fp8' if self.fp8 else self.weight.dtype}"
+                + (f", {self.parallel}-parallel" if self.parallel else ""))
+
+
+def parallel_shard(size, what):
+    return parallel.shard_range(size, what)
+
+
+class VocabEmbedding(Module):
+    """Embedding split over ranks by vocabulary rows; each token's row comes from its owner rank."""
+
+    def __init__(self, vocab_size, dim, dtype, device=None):
+        super().__init__()
+        self.full_shape = (vocab_size, dim)
+        self.parallel = "column"
+        self.lo, self.hi = parallel.shard_range(vocab_size, "vocab_size")
+        self.weight = _param(self.hi - self.lo, dim, dtype=dtype, device=device)
+
+    def forward(self, ids):
+        if parallel.world_size() == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.lo) & (ids < self.hi)
+        out = F.embedding((ids - self.lo).clamp(0, self.hi - self.lo - 1), self.weight)
+        return parallel.all_reduce(out * mine[:, None].to(out.dtype))
+
+
+class LMHead(Linear):
+    """The output projection, column-parallel over the vocabulary; logits gathered on every rank."""
+
+    def __init__(self, dim, vocab_size, dtype, device=None):
+        super().__init__(dim, vocab_size, dtype, fp8=False, parallel="column", device=device)
+
+    def forward(self, x):
+        return parallel.all_gather_last_dim(super().forward(x))
+
+
+class MLP(Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)); gate/up column- and down row-parallel,
+    so the output is this rank's partial sum (the caller all-reduces)."""
+
+    def __init__(self, dim, inter, dtype, fp8=False, device=None):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device)
+        self.up_proj = Linear(dim, inter, dtype, fp8, "column", device)
+        self.down_proj = Linear(inter, dim, dtype, fp8, "row", device)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,271 @@
+"""Load Hugging Face DeepSeek-V3 checkpoints into dsv3.model.Transformer.
+
+A model directory holds config.json, model.safetensors (or shards listed by
+model.safetensors.index.json) and tokenizer.json. Weights are bf16/fp32, or FP8 (e4m3 `X.weight`
+with fp32 `X.weight_scale_inv` over 128x128 blocks, DeepSeek-V3's release). Files are memory-mapped
+and every tensor-parallel rank reads only its slices. The per-expert keys
+`mlp.experts.N.{gate,up,down}_proj.weight` become the fused w13 / w2 the expert kernels take. The
+multi-token-prediction layer (index num_hidden_layers) is skipped. Any missing, unexpected or
+wrongly shaped tensors raise one CheckpointError listing them all; a corrupt or truncated file
+raises CheckpointError naming it.
+"""
+
+import json
+import logging
+import os
+import re
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import dsv3_kernels as dk
+
+from . import parallel
+from .config import ModelArgs
+from .layers import BLOCK, Linear, RMSNorm, VocabEmbedding
+from .model import Transformer
+from .moe import Experts, Gate
+
+log = logging.getLogger("dsv3")
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's files do not hold the tensors the config describes, or are damaged."""
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def checkpoint_files(model_dir) -> dict:
+    """{tensor name: safetensors file} from the index, or from the single model.safetensors."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from None
+        missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(model_dir, f))})
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that are not in {model_dir}: {missing}")
+        return {k: os.path.join(model_dir, f) for k, f in weight_map.items()}
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+    with _open(single) as f:
+        return {k: single for k in f.keys()}
+
+
+def _open(path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+class _Reader:
+    """Open shards on demand (a weight's scale may live in another shard)."""
+
+    def __init__(self, files):
+        self.files, self._open = files, {}
+
+    def slice(self, name):
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = _open(path).__enter__()
+        return self._open[path].get_slice(name)
+
+    def close(self):
+        for f in self._open.values():
+            f.__exit__(None, None, None)
+        self._open.clear()
+
+
+def _rank_range(mod, dim):
+    """The [lo, hi) this rank holds of the module's logical weight along `dim` (0 rows, 1 cols)."""
+    parallel_dim = {"column": 0, "row": 1}.get(mod.parallel)
+    if parallel_dim != dim:
+        return 0, mod.full_shape[dim]
+    return parallel.shard_range(mod.full_shape[dim], "a weight dim")
+
+
+class _Loader:
+    def __init__(self, model: Transformer, files: dict):
+        self.model, self.reader = model, _Reader(files)
+        self.errors = {"wrong shape": [], "missing": [], "unexpected": []}
+        self.used = set()
+
+    # -- reading one logical weight as a float tensor or as FP8 blocks --
+    def _source(self, name, shape):
+        """(weight slice, scale slice or None) of checkpoint tensor `name`, checked against `shape`."""
+        if name not in self.reader.files:
+            self.errors["missing"].append(name)
+            return None, None
+        self.used.add(name)
+        w = self.reader.slice(name)
+        if tuple(w.get_shape()) != tuple(shape):
+            self.errors["wrong shape"].append(f"{name}: {tuple(w.get_shape())}, expected {tuple(shape)}")
+            return None, None
+        if w.get_dtype() != "F8_E4M3":
+            return w, None
+        scale_name = name + "_scale_inv"
+        want = (_cdiv(shape[0], BLOCK), _cdiv(shape[1], BLOCK))
+        if scale_name not in self.reader.files:
+            self.errors["missing"].append(scale_name)
+            return None, None
+        self.used.add(scale_name)
+        s = self.reader.slice(scale_name)
+        if tuple(s.get_shape()) != want:
+            self.errors["wrong shape"].append(f"{scale_name}: {tuple(s.get_shape())}, expected {want}")
+            return None, None
+        return w, s
+
+    def _float(self, w, s, rows, cols):
+        """The [rows, cols] part of a source weight as a float32 tensor (FP8 dequantized)."""
+        if s is None:
+            return w[rows.start:rows.stop, cols.start:cols.stop].float()
+        full = dk.weight_dequant(w[:], s[:], torch.float32)
+        return full[rows, cols]
+
+    def _store(self, w, s, rows, cols, weight, scale_inv):
+        """Copy rows x cols of the source into weight (+ scale_inv when it is FP8)."""
+        if weight.dtype != torch.float8_e4m3fn:
+            weight.copy_(self._float(w, s, rows, cols))
+            return
+        if s is not None and rows.start % BLOCK == 0 and cols.start % BLOCK == 0:  # FP8 as stored
+            weight.copy_(w[rows.start:rows.stop, cols.start:cols.stop])
+            scale_inv.copy_(s[rows.start // BLOCK:_cdiv(rows.stop, BLOCK), cols.start // BLOCK:cols.stop // BLOCK])
+            return
+        q, qs = dk.weight_quant(self._float(w, s, rows, cols).to(weight.device))  # quantize on load
+        weight.copy_(q)
+        scale_inv.copy_(qs)
+
+    def linear(self, name, mod):
+        w, s = self._source(name, mod.full_shape)
+        if w is not None:
+            rows, cols = slice(*_rank_range(mod, 0)), slice(*_rank_range(mod, 1))
+            self._store(w, s, rows, cols, mod.weight, getattr(mod, "weight_scale_inv", None))
+
+    def plain(self, name, param):
+        w, s = self._source(name, param.shape)
+        if w is not None:
+            param.copy_(w[:] if s is None else dk.weight_dequant(w[:], s[:], torch.float32))
+
+    def experts(self, prefix, mod: Experts, args: ModelArgs):
+        d, i = args.hidden_size, args.moe_intermediate_size
+        for e in range(args.n_routed_experts):
+            local = mod.lo <= e < mod.hi
+            for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
+                name = f"{prefix}.{e}.{proj}.weight"
+                if not local:  # another rank's expert: present, not read
+                    if name not in self.reader.files:
+                        self.errors["missing"].append(name)
+                    self.used.update((name, name + "_scale_inv"))
+                    continue
+                w, s = self._source(name, shape)
+                if w is None:
+                    continue
+                el = e - mod.lo
+                weight, scale = (mod.w2[el], None if mod.w2_scale_inv is None else mod.w2_scale_inv[el]) \
+                    if proj == "down_proj" else (mod.w13[el], None if mod.w13_scale_inv is None else mod.w13_scale_inv[el])
+                if proj != "down_proj":
+                    half = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
+                    weight = weight[half]
+                    if scale is not None:
+                        scale = scale[half.start // BLOCK:half.stop // BLOCK]
+                self._store(w, s, slice(0, shape[0]), slice(0, shape[1]), weight, scale)
+
+
+def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True) -> Transformer:
+    """Build the Transformer of `model_dir`'s config.json and load its weights.
+
+    dtype: activations and unquantized weights (bfloat16; float32 for the reference path).
+    fp8: None keeps the checkpoint's format; True quantizes a bf16/fp32 checkpoint to FP8 (128x128
+    blocks) on load; False dequantizes an FP8 checkpoint. With torch.distributed initialized
+    (torchrun), this rank's shard only. Returns the model in eval mode on `device`.
+    """
+    args = ModelArgs.from_json(model_dir)
+    if fp8 is None:
+        fp8 = args.fp8
+    args.quantization_config = dict(FP8_CONFIG) if fp8 else None
+    files = checkpoint_files(model_dir)
+    model = Transformer(args, dtype, fp8, device=device, backend=backend)
+    loader = _Loader(model, files)
+    lm_head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    jobs = []  # (checkpoint file of the first tensor read, name, how to load)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (Linear, VocabEmbedding)):
+            key = lm_head_name if name == "lm_head" else f"{name}.weight"
+            jobs.append((key, lambda k=key, m=mod: loader.linear(k, m)))
+        elif isinstance(mod, RMSNorm):
+            jobs.append((f"{name}.weight", lambda k=f"{name}.weight", m=mod: loader.plain(k, m.weight)))
+        elif isinstance(mod, Gate):
+            for p in ("weight", "e_score_correction_bias"):
+                jobs.append((f"{name}.{p}", lambda k=f"{name}.{p}", t=getattr(mod, p): loader.plain(k, t)))
+        elif isinstance(mod, Experts):
+            jobs.append((f"{name}.0.gate_proj.weight", lambda k=name, m=mod: loader.experts(k, m, args)))
+    # read shard by shard (the progress bar's unit), in the order of the files
+    order = {f: i for i, f in enumerate(dict.fromkeys(sorted(files.values())))}
+    jobs.sort(key=lambda j: order.get(files.get(j[0]), -1))
+    show = progress and parallel.rank() == 0
+    bar = _progress(len(order), show)
+    current = None
+    try:
+        with torch.no_grad():
+            for key, job in jobs:
+                f = files.get(key)
+                if f != current and f is not None:
+                    if current is not None:
+                        bar.update(1)
+                    current = f
+                job()
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"reading {current}: {e} (corrupt or truncated file?)") from None
+    finally:
+        bar.update(len(order) - bar.n)
+        bar.close()
+        loader.reader.close()
+    mtp = [k for k in files if (m := _LAYER.match(k)) and int(m.group(1)) >= args.num_hidden_layers]
+    if mtp:
+        log.info("skipping %d tensors of the multi-token-prediction layer(s) %s", len(mtp),
+                 sorted({int(_LAYER.match(k).group(1)) for k in mtp}))
+    loader.errors["unexpected"] = sorted(set(files) - loader.used - set(mtp))
+    problems = [f"{kind} ({len(v)}): " + ", ".join(v[:20]) + (" ..." if len(v) > 20 else "")
+                for kind, v in loader.errors.items() if v]
+    if problems:
+        raise CheckpointError(f"{model_dir} does not match its config.json:\n  " + "\n  ".join(problems))
+    model.reset_absorbed()
+    return model.eval()
+
+
+def _progress(total, show):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        show = False
+    if not show:
+        class _Quiet:
+            n = 0
+
+            def update(self, k):
+                self.n += k
+
+            def close(self):
+                pass
+        return _Quiet()
+    return tqdm(total=total, desc="loading shards", unit="shard")
+
+
+def load_tokenizer(model_dir):
+    """The `tokenizers` Tokenizer of model_dir/tokenizer.json."""
+    from tokenizers import Tokenizer
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+    return Tokenizer.from_file(path)

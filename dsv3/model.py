@@ -1,0 +1,126 @@
+"""DeepSeek-V3 (and models of its architecture) on dsv3_kernels, with Hugging Face's parameter
+names: Transformer.state_dict() keys are the checkpoint's, except the routed experts, which the
+loader fuses into mlp.experts.w13 / w2 (see dsv3/load.py).
+
+Each step runs N tokens of B requests laid out flat (cache.Batch): prefill (new requests,
+materialized attention) or decode (absorbed attention over the paged latent cache).
+"""
+
+import torch
+from torch import nn
+
+from . import parallel
+from .attention import MLA
+from .cache import Batch, LatentCache
+from .config import ModelArgs
+from .layers import MLP, LMHead, Module, RMSNorm, VocabEmbedding
+from .moe import MoE
+from .rope import Rope
+
+
+class DecoderLayer(Module):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+        self.self_attn = MLA(args, dtype, fp8, device)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+        self.mlp = (MoE(args, dtype, fp8, device) if args.is_moe_layer(layer_id)
+                    else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
+
+    def forward(self, x, batch, kv_cache, rope):
+        x = x + parallel.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_cache, rope))
+        return x + parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Body(Module):
+    """Hugging Face's `model.` prefix: embed_tokens, layers, norm."""
+
+    def __init__(self, args, dtype, fp8, device):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, fp8, device) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+
+
+class Transformer(Module):
+    """The causal LM. dtype: activations and unquantized weights (bfloat16; float32 is the
+    reference precision); fp8: linears and experts hold e4m3 + weight_scale_inv (128x128 blocks).
+    backend: the dsv3_kernels backend of every op (None: dispatch's rule; "torch": the reference)."""
+
+    def __init__(self, args: ModelArgs, dtype=torch.bfloat16, fp8=None, device=None, backend=None):
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        self.fp8 = args.fp8 if fp8 is None else fp8
+        self.model = Body(args, dtype, self.fp8, device)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        self.rope = Rope(args, device)
+        self.set_backend(backend)
+
+    @property
+    def device(self):
+        return self.model.norm.weight.device
+
+    def set_backend(self, backend):
+        for m in self.modules():
+            if isinstance(m, Module):
+                m.backend = backend
+        return self
+
+    def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None) -> LatentCache:
+        """A paged latent cache for this model (dtype: the activations' by default)."""
+        return LatentCache(len(self.model.layers), num_blocks, block_size, dtype or self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: Batch, cache: LatentCache) -> torch.Tensor:
+        """input_ids int64 [N] -> logits float32 [len(batch.logits_index) or N, vocab_size]."""
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, batch, cache.kv[i], self.rope)
+        if batch.logits_index is not None:
+            x = x[batch.logits_index]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def reset_absorbed(self):
+        """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
+        for layer in self.model.layers:
+            layer.self_attn.reset_absorbed()
+
+
+@torch.no_grad()
+def init_random_(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
+    """Random weights (benchmarks, tests): normal(0, std) linears (FP8 ones quantized), unit norms,
+    a small positive e_score_correction_bias. Same values on every rank for the same seed."""
+    import dsv3_kernels as dk
+    from .layers import Linear
+    from .moe import Experts, Gate
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, RMSNorm):
+            mod.weight.fill_(1.0)
+        elif isinstance(mod, (Linear, VocabEmbedding)):
+            w = randn(*mod.weight.shape)
+            if getattr(mod, "fp8", False):
+                q, s = dk.weight_quant(w.to(mod.weight.device))
+                mod.weight.copy_(q)
+                mod.weight_scale_inv.copy_(s)
+            else:
+                mod.weight.copy_(w)
+        elif isinstance(mod, Gate):
+            mod.weight.copy_(randn(*mod.weight.shape))
+            mod.e_score_correction_bias.copy_(torch.rand(mod.e_score_correction_bias.shape, generator=g) * 0.05)
+        elif isinstance(mod, Experts):
+            for w, s in ((mod.w13, mod.w13_scale_inv), (mod.w2, mod.w2_scale_inv)):
+                for e in range(w.shape[0]):
+                    x = randn(*w.shape[1:])
+                    if s is None:
+                        w[e].copy_(x)
+                    else:
+                        q, qs = dk.weight_quant(x.to(w.device))
+                        w[e].copy_(q)
+                        s[e].copy_(qs)
+    model.reset_absorbed()
+    return model

@@ -1,0 +1,81 @@
+"""DeepSeekMoE: the group-limited sigmoid gate, the routed experts and the shared experts.
+
+gate (Hugging Face's `mlp.gate`): router logits = x @ weight.T in fp32, then dsv3_kernels.moe_route
+(scores + e_score_correction_bias choose topk_group groups and num_experts_per_tok experts; the
+unbiased scores, renormalized, times routed_scaling_factor weigh them).
+experts: each expert's gate_proj/up_proj rows fused into w13 [E, 2I, D] and down_proj into
+w2 [E, D, I] (bf16 or FP8 + weight_scale_inv), run by dsv3_kernels.fused_moe.
+With tensor parallelism each rank holds E/world experts; a token's choices of other ranks' experts
+get weight 0 here, and the all-reduce of the layer output adds the owners' results.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import dsv3_kernels as dk
+
+from . import parallel
+from .config import ModelArgs
+from .layers import BLOCK, MLP, Module, _param
+
+
+class Gate(Module):
+    def __init__(self, args: ModelArgs, device=None):
+        super().__init__()
+        self.args = args
+        self.weight = _param(args.n_routed_experts, args.hidden_size, dtype=torch.float32, device=device)
+        self.e_score_correction_bias = _param(args.n_routed_experts, dtype=torch.float32, device=device)
+
+    def forward(self, x):
+        """x [T, D] -> (topk_weights float32 [T, k], topk_ids int32 [T, k]) over all experts."""
+        a = self.args
+        logits = F.linear(x.float(), self.weight)
+        return dk.moe_route(logits, self.e_score_correction_bias, a.n_group, a.topk_group, a.num_experts_per_tok,
+                            a.routed_scaling_factor, a.scoring_func, a.norm_topk_prob, backend=self.backend)
+
+
+class Experts(Module):
+    """This rank's routed experts: w13 [E_local, 2I, D], w2 [E_local, D, I], bf16 (fp32 in the
+    float32 reference model) or e4m3 with w13_scale_inv / w2_scale_inv (128x128 blocks)."""
+
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+        super().__init__()
+        self.lo, self.hi = parallel.shard_range(args.n_routed_experts, "n_routed_experts")
+        e, d, i = self.hi - self.lo, args.hidden_size, args.moe_intermediate_size
+        self.fp8 = fp8 and d % BLOCK == 0 and i % BLOCK == 0
+        # the expert kernels take bf16 or FP8; fp32 experts run on the torch backend only
+        wdtype = torch.float8_e4m3fn if self.fp8 else (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        self.w13 = _param(e, 2 * i, d, dtype=wdtype, device=device)
+        self.w2 = _param(e, d, i, dtype=wdtype, device=device)
+        if self.fp8:
+            self.w13_scale_inv = _param(e, 2 * i // BLOCK, d // BLOCK, dtype=torch.float32, device=device)
+            self.w2_scale_inv = _param(e, d // BLOCK, i // BLOCK, dtype=torch.float32, device=device)
+        else:
+            self.w13_scale_inv = self.w2_scale_inv = None
+
+    def forward(self, x, topk_weights, topk_ids):
+        if parallel.world_size() > 1:  # other ranks' experts: weight 0 on a local expert
+            local = (topk_ids >= self.lo) & (topk_ids < self.hi)
+            topk_weights = topk_weights * local
+            topk_ids = torch.where(local, topk_ids - self.lo, 0).to(torch.int32)
+        h = x.to(torch.float32 if self.w13.dtype == torch.float32 else torch.bfloat16)
+        out = dk.fused_moe(h, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale_inv, self.w2_scale_inv,
+                           backend=self.backend)
+        return out.to(x.dtype)
+
+
+class MoE(Module):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+        super().__init__()
+        self.gate = Gate(args, device)
+        self.experts = Experts(args, dtype, fp8, device)
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8,
+                                   device) if args.n_shared_experts else None)
+
+    def forward(self, x):
+        """x [T, D] -> this rank's partial output [T, D] (routed + shared; the caller all-reduces)."""
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

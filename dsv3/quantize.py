@@ -1,0 +1,64 @@
+"""Write an FP8 copy of a bf16/fp32 DeepSeek-V3 checkpoint in DeepSeek-V3's own format.
+
+Every 2-D linear weight of the decoder layers (attention projections, dense MLP, shared and routed
+experts; not the router gate, norms, embedding or lm_head, as in DeepSeek's release) becomes
+float8_e4m3fn `X.weight` + float32 `X.weight_scale_inv` [ceil(N/128), ceil(K/128)], and config.json
+gets quantization_config (weight_block_size [128, 128]).
+Run: python -m dsv3.quantize SRC_DIR DST_DIR
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+import dsv3_kernels as dk
+
+from .load import FP8_CONFIG, _open, checkpoint_files
+
+
+def is_quantized_weight(name: str, shape) -> bool:
+    """DeepSeek-V3's FP8 tensors: the decoder layers' linear weights except the router gate."""
+    return (name.startswith("model.layers.") and name.endswith("proj.weight") and len(shape) == 2
+            and ".mlp.gate." not in name)
+
+
+def quantize_checkpoint(src, dst):
+    files = checkpoint_files(src)
+    out = {}
+    for path in sorted(set(files.values())):
+        with _open(path) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+                    out[name] = t  # already FP8
+                elif is_quantized_weight(name, t.shape):
+                    out[name], out[name + "_scale_inv"] = dk.weight_quant(t.float().contiguous())
+                else:
+                    out[name] = t.contiguous()
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = dict(FP8_CONFIG)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(src, extra)):
+            shutil.copy(os.path.join(src, extra), dst)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("src")
+    p.add_argument("dst")
+    a = p.parse_args(argv)
+    quantize_checkpoint(a.src, a.dst)
+    print(f"wrote {a.dst}")
+
+
+if __name__ == "__main__":
+    main()
