@@ -1,4 +1,8 @@
-"""Tiny DeepSeek-V3 checkpoints written by transformers' save_pretrained (the peer model)."""
+"""Tiny DeepSeek-V3 checkpoints written by transformers' save_pretrained (the peer model).
+
+Test modules here import what they use: `from hf_checkpoints import hf_checkpoint, make_hf_checkpoint`
+(pytest puts this folder on sys.path; a second conftest.py would clash with tests/conftest.py).
+"""
 
 import os
 
