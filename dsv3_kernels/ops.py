@@ -6,8 +6,6 @@ FP8 here is float8_e4m3fn with DeepSeek-V3's block scales: activations per token
 channels (1x128), weights per 128x128 block, fp32 scales, dequantized = fp8 * scale.
 """
 
-import os
-
 import torch
 
 from . import dispatch
@@ -517,8 +515,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route.
     Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
     the activations to 1x128 blocks before each GEMM).
-    float32 hidden with float32 (or FP8) experts runs on the torch backend only, unrounded: the
-    fp32 reference path of a whole model (dsv3) uses it.
+    float32 hidden with float32 experts is the unrounded reference precision of a whole model (dsv3's
+    fp32 path): the cpu, triton and torch backends take it (on a GPU it goes to triton).
     """
     _check_tensor("hidden", hidden, (torch.bfloat16, torch.float32), ndim=2)
     fp8 = _check_expert_weight("w13", w13, "w13_scale_inv", w13_scale_inv, hidden.dtype)
@@ -542,12 +540,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         tensors.update(w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
     _check_same_device(**tensors)
     _check_ids_in_range(topk_ids, e)
-    if hidden.dtype == torch.float32:
-        if backend is None and os.environ.get(dispatch.ENV_VAR, "auto").strip().lower() in ("", "auto"):
-            backend = "torch"
-        if backend != "torch":
-            raise dispatch.BackendUnavailableError(
-                f"fused_moe: float32 hidden runs on the torch backend only (the kernels take bfloat16), "
-                f"got backend {backend or os.environ.get(dispatch.ENV_VAR)!r}")
-    return _run("fused_moe", hidden.device, backend, hidden, w13, w2, topk_weights, topk_ids,
-                w13_scale_inv, w2_scale_inv)
+    if hidden.dtype == torch.float32 and fp8:
+        raise TypeError("float32 hidden needs float32 experts (FP8 experts take bfloat16 hidden)")
+    chosen = dispatch.resolve("fused_moe", hidden.device, backend)
+    if chosen == "cuda" and backend is None and hidden.dtype == torch.float32:
+        chosen = dispatch.resolve("fused_moe", hidden.device, "triton")  # what the CUDA kernel does not take
+    return dispatch.implementation("fused_moe", chosen)(hidden, w13, w2, topk_weights, topk_ids,
+                                                        w13_scale_inv, w2_scale_inv)

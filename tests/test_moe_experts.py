@@ -287,8 +287,9 @@ def test_fused_moe(device, backend, case, fp8):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * (float(want.abs().max()) if t else 1))
 
 
-def test_fused_moe_float32_reference_is_unrounded():
-    """float32 experts (the fp32 reference path of the dsv3 model) against a float64 loop."""
+@pytest.mark.ops("fused_moe")
+def test_fused_moe_float32_is_unrounded(device, backend):
+    """float32 experts (the fp32 reference precision of the dsv3 model) against a float64 loop."""
     t, topk, e, d, i = 33, 4, 8, 64, 48
     hidden, w13, w2 = torch.randn(t, d), torch.randn(e, 2 * i, d) / d**0.5, torch.randn(e, d, i) / i**0.5
     ids, weights = make_ids(t, topk, e), torch.rand(t, topk)
@@ -297,8 +298,10 @@ def test_fused_moe_float32_reference_is_unrounded():
         for j in range(topk):
             gate, up = (w13[ids[tok, j]].double() @ hidden[tok].double()).chunk(2)
             want[tok] += weights[tok, j].double() * (w2[ids[tok, j]].double() @ (F.silu(gate) * up))
-    got = dk.fused_moe(hidden, w13, w2, weights, ids, backend="torch")
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for impl in ("torch", backend):
+        got = dk.fused_moe(*(x.to(device) for x in (hidden, w13, w2, weights, ids)), backend=impl).cpu()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.ops("fused_moe")

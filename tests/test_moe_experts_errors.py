@@ -56,14 +56,14 @@ def test_fused_moe_fp8_errors(change, error, match):
         dk.fused_moe(**args, backend="torch")
 
 
-def test_fused_moe_float32_runs_on_torch_only():
+def test_fused_moe_float32_needs_float32_experts():
     args = _fused_args()
-    args.update(hidden=args["hidden"].float(), w13=args["w13"].float(), w2=args["w2"].float())
-    assert dk.fused_moe(**args).dtype == torch.float32  # auto: the torch backend
-    with pytest.raises(dk.BackendUnavailableError, match="float32 hidden runs on the torch backend only"):
-        dk.fused_moe(**args, backend="cpu")
+    args.update(hidden=args["hidden"].float())
     with pytest.raises(TypeError, match="w13 must have dtype"):
-        dk.fused_moe(**(args | dict(w13=args["w13"].to(torch.bfloat16))), backend="torch")
+        dk.fused_moe(**args, backend="torch")
+    fp8 = _fused_args(fp8=True)
+    with pytest.raises(TypeError, match="float32 hidden needs float32 experts"):
+        dk.fused_moe(**(fp8 | dict(hidden=fp8["hidden"].float())), backend="torch")
 
 
 def test_fused_moe_fp8_needs_128_multiples():

@@ -107,8 +107,9 @@ inline bool check_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, con
                             const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                             const std::optional<at::Tensor>& w13_scale_inv,
                             const std::optional<at::Tensor>& w2_scale_inv) {
-  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && hidden.scalar_type() == at::kBFloat16,
-              "hidden must be a contiguous bfloat16 [T, D] tensor");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() &&
+                  (hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kFloat),
+              "hidden must be a contiguous bfloat16 (or float32) [T, D] tensor");
   const int64_t d = hidden.size(1);
   TORCH_CHECK(w13.dim() == 3 && w13.is_contiguous() && w13.size(2) == d && w13.size(1) % 2 == 0,
               "w13 must be a contiguous [E, 2I, D] tensor");
@@ -117,7 +118,9 @@ inline bool check_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, con
               "w2 must be a contiguous [E, D, I] tensor");
   TORCH_CHECK(d % 8 == 0 && i % 8 == 0, "D and I must be multiples of 8");
   const bool fp8 = w13.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 || w13.scalar_type() == at::kBFloat16, "w13 must be bfloat16 or float8_e4m3fn");
+  const bool f32 = hidden.scalar_type() == at::kFloat;
+  TORCH_CHECK(!f32 || w13.scalar_type() == at::kFloat, "float32 hidden needs float32 w13 and w2");
+  TORCH_CHECK(f32 || fp8 || w13.scalar_type() == at::kBFloat16, "w13 must be bfloat16 or float8_e4m3fn");
   TORCH_CHECK(w2.scalar_type() == w13.scalar_type(), "w2 must have w13's dtype");
   TORCH_CHECK(fp8 == w13_scale_inv.has_value() && fp8 == w2_scale_inv.has_value(),
               "w13_scale_inv and w2_scale_inv must be given exactly for float8_e4m3fn weights");

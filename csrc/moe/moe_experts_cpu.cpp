@@ -450,10 +450,39 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& top
 
 // ---------------------------------------------------------------- fused_moe
 
+// float32 experts: the reference precision of a whole model (dsv3's fp32 path), nothing rounded.
+// Per expert, its tokens through two ATen (BLAS) GEMMs, accumulated in expert order as the
+// reference's loop does; speed is not the point of this path, agreement with it is.
+at::Tensor fused_moe_f32(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+  const int64_t t = hidden.size(0), topk = topk_ids.size(1), experts = w13.size(0), inter = w13.size(1) / 2;
+  at::Tensor out = at::zeros_like(hidden);
+  if (out.numel() == 0) return out;
+  const int32_t* ids = topk_ids.const_data_ptr<int32_t>();
+  const Grouping grp = group_by_expert(ids, t * topk, experts, 1, t * topk);
+  at::Tensor pair = at::from_blob(const_cast<int64_t*>(grp.pair.data()), {grp.offsets[experts]}, at::kLong);
+  at::Tensor weights = topk_weights.reshape({-1});
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t lo = grp.offsets[e], hi = grp.offsets[e + 1];
+    if (hi == lo) continue;
+    at::Tensor pairs = pair.slice(0, lo, hi);
+    at::Tensor tok = at::floor_divide(pairs, topk);
+    at::Tensor gate_up = at::mm(hidden.index_select(0, tok), w13[e].t());
+    at::Tensor act = at::silu(gate_up.slice(1, 0, inter)) * gate_up.slice(1, inter, 2 * inter);
+    at::Tensor y = at::mm(act, w2[e].t()) * weights.index_select(0, pairs).unsqueeze(1);
+    out.index_add_(0, tok, y);
+  }
+  for (int64_t tok = 0; tok < t; ++tok)  // a token with an id outside [0, E) gets NaN
+    for (int64_t j = 0; j < topk; ++j)
+      if (grp.inverse[tok * topk + j] < 0) out[tok].fill_(std::numeric_limits<float>::quiet_NaN());
+  return out;
+}
+
 at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                          const std::optional<at::Tensor>& w13_scale_inv, const std::optional<at::Tensor>& w2_scale_inv) {
   const bool fp8 = check_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv);
+  if (hidden.scalar_type() == at::kFloat) return fused_moe_f32(hidden, w13, w2, topk_weights, topk_ids);
   const int64_t t = hidden.size(0), d = hidden.size(1), experts = w13.size(0), inter = w13.size(1) / 2;
   const int64_t topk = topk_ids.size(1), dblocks = d / kBlock, iblocks = inter / kBlock;
   at::Tensor out = at::empty({t, d}, hidden.options());

@@ -135,6 +135,8 @@ at::Tensor fused_moe_cuda(const at::Tensor& hidden, const at::Tensor& w13, const
                           const std::optional<at::Tensor>& w2_scale_inv) {
   const bool fp8 = check_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv);
   TORCH_CHECK(hidden.is_cuda(), "fused_moe: the CUDA kernel needs CUDA tensors");
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16, "fused_moe: the CUDA kernel takes bfloat16 hidden "
+              "(float32 experts run on the triton, cpu and torch backends)");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const auto [x, x_scale, offsets, inverse] = moe_permute_cuda(hidden, topk_ids, w13.size(0), 1, fp8);
   const auto scale = [fp8](const at::Tensor& s) { return fp8 ? std::optional<at::Tensor>(s) : std::nullopt; };

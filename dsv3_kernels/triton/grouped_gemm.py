@@ -34,11 +34,12 @@ def _cdiv(a, b):
 def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_rows_ptr, tile_start_ptr,
                          N, K, E, NUM_SEGS,
                          FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr):
+                         BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
+                         IEEE: tl.constexpr):
     """c rows of segment s (s = 0: head, 1..E: expert s-1, E+1: tail) = a rows @ b[s-1].T.
 
     a [M, K] bf16 or e4m3 (as [M, K/128] fp32), b [E, N, K] (bs [E, ceil(N/128), K/128] fp32),
-    c [M, N]; seg_lo/seg_rows int32 [NUM_SEGS], tile_start int32 [NUM_SEGS + 1] (exclusive prefix
+    c [M, N]; float32 a and b (the fp32 fused_moe) multiply in IEEE fp32 (IEEE), not TF32; seg_lo/seg_rows int32 [NUM_SEGS], tile_start int32 [NUM_SEGS + 1] (exclusive prefix
     of the segments' M tiles). With FP8 each 128-wide K block's product is scaled into the fp32
     total (DeepSeek-V3's promotion).
     """
@@ -82,7 +83,10 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_ro
             if DOT_FP32:  # the interpreter's bf16 dot is wrong
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc += tl.dot(a, tl.trans(b))
+            if IEEE:
+                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(b))
     c_ptrs = c_ptr + rm[:, None] * N + rn[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -125,8 +129,9 @@ def _segments(expert_offsets, m, block_m):
 def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
     m, k = a.shape
     e, n, _ = b.shape
-    fp8 = a.dtype == FP8_DTYPE
-    c = torch.empty((m, n), dtype=_kernel_dtype(torch.bfloat16), device=a.device)
+    fp8, fp32 = a.dtype == FP8_DTYPE, a.dtype == torch.float32
+    out_dtype = torch.float32 if fp32 else torch.bfloat16  # float32 only inside the fp32 fused_moe
+    c = torch.empty((m, n), dtype=_kernel_dtype(out_dtype), device=a.device)
     if m > 0:
         block_m, block_n, num_warps, num_stages = gemm_config(m, e)
         seg_lo, seg_rows, tile_start = _segments(expert_offsets, m, block_m)
@@ -135,13 +140,13 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
             a, a_scale if fp8 else a, b, b_scale_inv if fp8 else b, c, seg_lo, seg_rows, tile_start,
             n, k, e, e + 2, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=SCALE_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
-            DOT_FP32=INTERPRETED, num_warps=num_warps, num_stages=num_stages)
-    return c.to(torch.bfloat16)
+            DOT_FP32=INTERPRETED, IEEE=fp32, num_warps=num_warps, num_stages=num_stages)
+    return c.to(out_dtype)
 
 
 def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
     """permute (quantized with FP8 experts) -> grouped_gemm(w13) -> silu_mul -> grouped_gemm(w2)
-    -> unpermute, all Triton; the rounding points of reference.moe.fused_moe."""
+    -> unpermute, all Triton; the rounding points of reference.moe.fused_moe (none in float32)."""
     fp8 = w13.dtype == FP8_DTYPE
     permuted, scale, offsets, inverse = parts.moe_permute(hidden, topk_ids, w13.shape[0], 1, fp8)
     gate_up = grouped_gemm(permuted, w13, offsets, scale, w13_scale_inv)

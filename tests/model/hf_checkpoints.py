@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from dsv3.cache import decode_batch, prefill_batch
+
 transformers = pytest.importorskip("transformers")
 
 # kv_lora_rank 512 / qk_rope_head_dim 64 are the MLA kernels' latent layout; the rest is tiny.
@@ -62,3 +64,26 @@ def hf_checkpoint(tmp_path):
         path = str(tmp_path / f"ckpt{len(os.listdir(tmp_path))}")
         return path, make_hf_checkpoint(path, **kwargs)
     return make
+
+
+def run_prefill_and_decode(model, prompts, steps, follow=None):
+    """Prefill `prompts` together, then `steps` greedy decode steps for all of them (feeding the
+    tokens of `follow`, another run's token lists, instead of this model's own choices if given).
+    Returns (per-prompt prefill logits [len, V], per-step logits [B, V], the full token lists)."""
+    cache = model.new_cache(num_blocks=16, block_size=16)
+    cache.kv.fill_(float("nan"))  # every slot read must have been written by then
+    blocks = [cache.allocator.allocate(cache.blocks_for(len(p) + steps)) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p], device=model.device)
+    logits = model(ids, prefill_batch([(len(p), b) for p, b in zip(prompts, blocks)], cache, model.device, all_logits=True), cache)
+    prefill = list(logits.split([len(p) for p in prompts]))
+    seqs = [list(p) + [int(lg[-1].argmax())] for p, lg in zip(prompts, prefill)]
+    if follow is not None:
+        seqs = [f[:len(p) + 1] for p, f in zip(prompts, follow)]
+    step_logits = []
+    for _ in range(steps):
+        batch = decode_batch([(len(s) - 1, b) for s, b in zip(seqs, blocks)], cache, model.device)
+        out = model(torch.tensor([s[-1] for s in seqs], device=model.device), batch, cache)
+        step_logits.append(out)
+        for i, (s, row) in enumerate(zip(seqs, out)):
+            s.append(int(row.argmax()) if follow is None else follow[i][len(s)])
+    return [p.cpu() for p in prefill], [s.cpu() for s in step_logits], seqs
