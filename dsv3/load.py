@@ -190,6 +190,8 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
     blocks) on load; False dequantizes an FP8 checkpoint. With torch.distributed initialized
     (torchrun), this rank's shard only. Returns the model in eval mode on `device`.
     """
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     args = ModelArgs.from_json(model_dir)
     if fp8 is None:
         fp8 = args.fp8
