@@ -156,7 +156,7 @@ def test_compile_fullgraph_moe_route(device, backend):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def _expert_samples(device):
+def _expert_samples(device, backend):
     from test_moe_experts import make_experts, make_ids
     hidden = torch.randn(11, 256, device=device, dtype=torch.bfloat16)
     ids = make_ids(11, 4, 16).to(device)
@@ -172,7 +172,10 @@ def _expert_samples(device):
         "silu_mul": [((gate_up, False), ALL_UTILS), ((gate_up, True), FP8_UTILS)],
         "moe_unpermute": [((permuted, weights, inverse), ALL_UTILS)],
         "fused_moe": [((hidden, w13, w2, weights, ids, None, None), ALL_UTILS),
-                      ((hidden, q13, q2, weights, ids, s13, s2), FP8_UTILS)],
+                      ((hidden, q13, q2, weights, ids, s13, s2), FP8_UTILS),
+                      # float32 experts: on cpu/triton (the CUDA kernel takes bf16; dispatch sends fp32 to triton)
+                      *([((hidden.float(), w13.float(), w2.float(), weights, ids, None, None), ALL_UTILS)]
+                        if backend != "cuda" else [])],
     }
 
 
@@ -181,7 +184,7 @@ EXPERT_OPS = ("moe_permute", "grouped_gemm", "silu_mul", "moe_unpermute", "fused
 
 @pytest.mark.ops(*EXPERT_OPS)
 def test_opcheck_moe_experts(device, backend):
-    for name, cases in _expert_samples(device).items():
+    for name, cases in _expert_samples(device, backend).items():
         for args, utils in cases:
             torch.library.opcheck(_op(name, backend), args, test_utils=utils)
 
