@@ -186,14 +186,18 @@ def _moe_variants():
                 "HAS_BIAS": bias, "RENORMALIZE": True, "BLOCK_T": block_t, "BLOCK_E": block_e,
                 "BLOCK_K": block_k},
                moe.ROUTE_WARPS, 1, ())
-    for (_, block_m, block_n, warps, stages), fp8_in in itertools.product(grouped_gemm.GEMM_CONFIGS, (True, False)):
-        ab = "fp8e4nv" if fp8_in else "bf16"
+    # bf16 and FP8 in every config; float32 (the fp32 reference-precision model, IEEE dot) in one
+    for (_, block_m, block_n, warps, stages), ab in itertools.chain(
+            itertools.product(grouped_gemm.GEMM_CONFIGS, ("fp8e4nv", "bf16")), [(grouped_gemm.GEMM_CONFIGS[0], "fp32")]):
+        fp8_in = ab == "fp8e4nv"
         yield (f"grouped_gemm {ab} {block_m}x{block_n} w{warps} s{stages}", grouped_gemm._grouped_gemm_kernel,
-               {"a_ptr": f"*{ab}", "as_ptr": "*fp32", "b_ptr": f"*{ab}", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+               {"a_ptr": f"*{ab}", "as_ptr": "*fp32", "b_ptr": f"*{ab}", "bs_ptr": "*fp32",
+                "c_ptr": "*fp32" if ab == "fp32" else "*bf16",
                 "seg_lo_ptr": "*i32", "seg_rows_ptr": "*i32", "tile_start_ptr": "*i32", "N": "i32", "K": "i32",
                 "E": "i32", "NUM_SEGS": "i32"},
                {"FP8": fp8_in, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False},
+                "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
+                "IEEE": ab == "fp32"},
                warps, stages, ("K", "N"))  # DeepSeek-V3's N and K; others JIT a scalar-load variant
 
 
