@@ -135,6 +135,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
+    entry_points={"console_scripts": ["dsv3-generate = dsv3.generate:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,
