@@ -297,8 +297,9 @@ def _run(generator, tokenizer, texts, args, out, echo=True):
     s = generator.last_stats
     rate = "no decode step" if s["decode_tokens_per_s"] is None else \
         f"decode {s['decode_tokens_per_s']:.1f} tokens/s ({s['decode_tokens']} tokens)"
-    print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}",
-          file=sys.stderr, flush=True)
+    print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}; "
+          f"KV cache {generator.cache.bytes_per_token} bytes per token", file=sys.stderr if out is sys.stdout else out,
+          flush=True)
 
 
 def main(argv=None):
@@ -326,8 +327,19 @@ def main(argv=None):
             fail(f"no --model given and the default model folder {DEFAULT_MODEL} does not exist; "
                  f"pass --model DIR (a folder with config.json, safetensors and tokenizer.json)")
         model_dir = DEFAULT_MODEL
+    from . import parallel
     from .load import load, load_tokenizer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun (WORLD_SIZE > 1): tensor parallelism; every rank runs the same steps on the
+    # same gathered logits (one seed for all), rank 0 prints
+    rank = parallel.init_from_env(torch.device(device).type)
+    if parallel.world_size() > 1:
+        if args.interactive:
+            fail("--interactive runs in one process (no torchrun)")
+        if torch.device(device).type == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        args.seed = 0 if args.seed is None else args.seed
+    out = sys.stdout if rank == 0 else open(os.devnull, "w")
     try:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -339,7 +351,7 @@ def main(argv=None):
     generator = Generator(model, tokenizer)
     try:
         if args.prompt:
-            _run(generator, tokenizer, args.prompt, args, sys.stdout)
+            _run(generator, tokenizer, args.prompt, args, out)
     except (ValueError, CacheFullError) as e:  # prompts too long for the model or for the cache
         fail(str(e))
     while args.interactive:

@@ -3,6 +3,10 @@
 Every rank holds 1/world of the attention heads, of the dense MLP's and shared expert's
 intermediate columns, of the routed experts and of the vocabulary; the latent KV cache (shared by
 all heads in MLA) is replicated. Without an initialized process group everything is one rank.
+
+    torchrun --nproc_per_node 2 -m dsv3.generate --model DIR --prompt "..."   # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 8 -m dsv3.generate --model DIR --prompt "..."   # 8 GPUs (NCCL)
+Each rank memory-maps the checkpoint and reads only its own slices (dsv3/load.py).
 """
 
 import os

@@ -45,3 +45,20 @@ def test_two_ranks_equal_one_process(hf_checkpoint, tmp_path):  # noqa: F811
 def test_uneven_split_names_the_field(tmp_path):
     messages = _torchrun("uneven", tmp_path=tmp_path)
     assert all("vocab_size = 321 does not split over 2 tensor-parallel ranks" in m for m in messages), messages
+
+
+def test_generate_command_under_torchrun(hf_checkpoint):  # noqa: F811
+    """`torchrun -m dsv3.generate`: 2 ranks print (rank 0 only) the text one process prints."""
+    path, _ = hf_checkpoint()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH", "")])}
+    args = ["--model", path, "--prompt", "def f(x):", "--max-new-tokens", "8", "--dtype", "float32",
+            "--backend", "torch"]
+    one = subprocess.run([sys.executable, "-m", "dsv3.generate", *args], env=env, capture_output=True, text=True,
+                         timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dsv3.generate", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert one.stdout.startswith("def f(x):") and len(one.stdout) > len("def f(x):\n")
+    assert two.stdout == one.stdout
