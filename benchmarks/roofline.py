@@ -132,3 +132,33 @@ def moe_permute_cost(tokens, topk, d, in_bytes=2, out_bytes=2):
     """Each (token, choice) row read and written once, plus the ids and the inverse map."""
     rows = tokens * topk
     return rows, rows * d * (in_bytes + out_bytes) + 8 * rows
+
+
+def model_step_cost(args, batch, new_tokens, context, weight_elt=2, cache_elt=2):
+    """One forward step of a dsv3 Transformer over `batch` requests of `new_tokens` new tokens each,
+    `context` tokens cached before them (args: dsv3.config.ModelArgs). Bytes: every weight a step
+    touches read once (attention, dense MLPs, shared experts, gates, lm_head, and only the
+    distinct routed experts the batch's tokens choose, uniform routes assumed; FP8 weights
+    weight_elt=1 plus their 128x128 scales), the latent cache read once per request
+    (576 x cache_elt per token and layer) and written for the new tokens. FLOPs: 2 per weight per
+    token, plus the attention (scores over 576 and values over 512 per head and key)."""
+    a = args
+    t, h, d = batch * new_tokens, a.num_attention_heads, a.hidden_size
+    q = d * a.q_lora_rank + a.q_lora_rank * h * a.qk_head_dim if a.q_lora_rank else d * h * a.qk_head_dim
+    attn = q + d * 576 + 512 * h * (a.qk_nope_head_dim + a.v_head_dim) + h * a.v_head_dim * d
+    dense = 3 * d * a.intermediate_size
+    expert = 3 * d * a.moe_intermediate_size
+    moe_layers = a.num_hidden_layers - a.first_k_dense_replace
+    touched = experts_touched(t, a.num_experts_per_tok, a.n_routed_experts)
+    scale = 4 / (128 * 128) if weight_elt == 1 else 0  # fp32 block scales per weight
+    per_layer_weights = attn * a.num_hidden_layers + dense * a.first_k_dense_replace \
+        + moe_layers * (a.n_shared_experts * expert + touched * expert)
+    head = d * a.vocab_size
+    gate = moe_layers * a.n_routed_experts * d * 4
+    keys = context + new_tokens
+    cache = a.num_hidden_layers * batch * (keys * 576 + new_tokens * 576) * cache_elt
+    nbytes = per_layer_weights * (weight_elt + scale) + head * 2 + gate + cache
+    used_per_token = attn * a.num_hidden_layers + dense * a.first_k_dense_replace \
+        + moe_layers * (a.n_shared_experts + a.num_experts_per_tok) * expert + head + gate / 4
+    flops = 2 * t * used_per_token + a.num_hidden_layers * t * h * keys * 2 * (576 + 512)
+    return flops, nbytes

@@ -204,8 +204,12 @@ def _check_cache(kv_cache, dtypes):
 
 def _check_decode_metadata(block_table, cache_seqlens, num_blocks, block_size):
     """Value checks of the paging metadata; only where it is on the CPU (free, no device sync)."""
-    lens = cache_seqlens.long()
     limit = block_table.shape[1] * block_size
+    lo, hi = torch.aminmax(cache_seqlens) if cache_seqlens.numel() else (0, 0)
+    if 0 <= lo and hi <= limit and (block_table.numel() == 0 or (int(block_table.min()) >= 0
+                                                                 and int(block_table.max()) < num_blocks)):
+        return  # the common case in two reductions; the detailed search below names the bad entry
+    lens = cache_seqlens.long()
     bad = ((lens < 0) | (lens > limit)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
@@ -368,6 +372,9 @@ def _check_ids_in_range(topk_ids, num_experts):
     """Where the ids are on the CPU (free to read): every id in [0, E). On a GPU a bad id is not
     routed and its token's output is NaN instead (a check would cost a device sync)."""
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(topk_ids)
+        if 0 <= lo and hi < num_experts:
+            return
         bad = ((topk_ids < 0) | (topk_ids >= num_experts)).nonzero()
         if bad.numel():
             t, j = bad[0].tolist()

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 # kv_lora_rank 512 / qk_rope_head_dim 64 are the MLA kernels' latent layout; the rest is tiny.
 BASE = dict(vocab_size=320, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, q_lora_rank=64, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
-            v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+            v_head_dim=32, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
             first_k_dense_replace=1, max_position_embeddings=2048, routed_scaling_factor=2.5,
             bos_token_id=0, eos_token_id=1)
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
