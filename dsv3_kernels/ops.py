@@ -168,10 +168,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
             raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         _check_same_device(x=x, bias=bias)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype {' or '.join(map(str, _FLOAT_DTYPES))}, got {x.dtype}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {_FLOAT_DTYPES}, got {out_dtype}")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+    _check_tensor("weight", weight, (FP8_DTYPE,), ndim=2)
+    _check_tensor("weight_scale_inv", weight_scale_inv, (torch.float32,), ndim=2)
+    _check_same_device(x=x, weight=weight, weight_scale_inv=weight_scale_inv)
+    n, k = weight.shape
+    if k % GEMM_BLOCK or n == 0:
+        raise ValueError(f"weight [N, K] needs N >= 1 and K a multiple of {GEMM_BLOCK}, got {tuple(weight.shape)}")
+    _check_scale_shape("weight_scale_inv", weight_scale_inv, (_cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+    # Everything is checked once here, so the parts run without their wrappers' checks (which cost
+    # more than a decode-sized GEMM on the CPU).
     backend = dispatch.resolve("fp8_linear", x.device, backend)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    x_fp8, x_scale = act_quant(x2, GEMM_BLOCK, scale_fmt, backend=backend)
-    y = fp8_gemm(x_fp8, x_scale, weight, weight_scale_inv, out_dtype, backend=backend)
+    x2 = x.reshape(-1, k).contiguous()
+    x_fp8, x_scale = dispatch.implementation("act_quant", backend)(x2, GEMM_BLOCK, scale_fmt == "ue8m0")
+    y = dispatch.implementation("fp8_gemm", backend)(x_fp8, x_scale, weight, weight_scale_inv, out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
