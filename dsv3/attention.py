@@ -17,15 +17,15 @@ import torch.nn.functional as F
 import dsv3_kernels as dk
 
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
-from .layers import Linear, Module, RMSNorm, _cpu_bf16_gemm
+from .layers import Linear, Module, RMSNorm, cpu_bf16_gemm
 from .rope import apply_rope
 
 
 class MLA(Module):
     def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
         super().__init__()
-        h, qk, self.nope, self.v_dim = args.num_attention_heads, args.qk_head_dim, args.qk_nope_head_dim, args.v_head_dim
-        d = args.hidden_size
+        h, qk, d = args.num_attention_heads, args.qk_head_dim, args.hidden_size
+        self.nope, self.v_dim = args.qk_nope_head_dim, args.v_head_dim
         if args.q_lora_rank is None:
             self.q_proj = Linear(d, h * qk, dtype, fp8, "column", device)
         else:
@@ -104,7 +104,7 @@ class MLA(Module):
         """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU: the C++ grouped
         GEMM with one group per head (bf16 bmm takes ~3x longer there at decode sizes); else bmm."""
         n, h, k = x.shape
-        kernel = _cpu_bf16_gemm(self.backend) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+        kernel = cpu_bf16_gemm(self.backend) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
         if kernel is None:
             return torch.einsum("nhk,hjk->nhj", x, w)
         offsets = torch.arange(0, (h + 1) * n, n, dtype=torch.int32)

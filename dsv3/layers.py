@@ -74,10 +74,11 @@ class Linear(Module):
         if self.fp8:
             return dk.fp8_linear(x, self.weight, self.weight_scale_inv, out_dtype=x.dtype, backend=self.backend)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1]:
-            kernel = _cpu_bf16_gemm(self.backend)
+            kernel = cpu_bf16_gemm(self.backend)
             if kernel is not None:
-                return kernel(x.reshape(-1, x.shape[-1]).contiguous(), self.weight[None], _one_segment(x.numel() // x.shape[-1]),
-                              None, None).view(*x.shape[:-1], self.out_features)
+                x2 = x.reshape(-1, x.shape[-1]).contiguous()
+                y = kernel(x2, self.weight[None], _one_segment(x2.shape[0]), None, None)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     def dequantized(self, dtype) -> torch.Tensor:
@@ -97,7 +98,7 @@ class Linear(Module):
 DECODE_ROWS = 16
 
 
-def _cpu_bf16_gemm(backend):
+def cpu_bf16_gemm(backend):
     """The cpu backend's grouped_gemm kernel, or None where dispatch picks another backend (torch:
     the reference path keeps plain PyTorch)."""
     return _cpu_gemm_kernel(backend, os.environ.get(dispatch.ENV_VAR))

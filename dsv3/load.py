@@ -172,8 +172,8 @@ class _Loader:
                 if w is None:
                     continue
                 el = e - mod.lo
-                weight, scale = (mod.w2[el], None if mod.w2_scale_inv is None else mod.w2_scale_inv[el]) \
-                    if proj == "down_proj" else (mod.w13[el], None if mod.w13_scale_inv is None else mod.w13_scale_inv[el])
+                weight, scale = (mod.w2, mod.w2_scale_inv) if proj == "down_proj" else (mod.w13, mod.w13_scale_inv)
+                weight, scale = weight[el], None if scale is None else scale[el]
                 if proj != "down_proj":
                     half = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
                     weight = weight[half]

@@ -9,12 +9,14 @@ materialized attention) or decode (absorbed attention over the paged latent cach
 import torch
 from torch import nn
 
+import dsv3_kernels as dk
+
 from . import parallel
 from .attention import MLA
 from .cache import Batch, LatentCache
 from .config import ModelArgs
-from .layers import MLP, LMHead, Module, RMSNorm, VocabEmbedding
-from .moe import MoE
+from .layers import MLP, Linear, LMHead, Module, RMSNorm, VocabEmbedding
+from .moe import Experts, Gate, MoE
 from .rope import Rope
 
 
@@ -90,9 +92,6 @@ class Transformer(Module):
 def init_random_(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
     """Random weights (benchmarks, tests): normal(0, std) linears (FP8 ones quantized), unit norms,
     a small positive e_score_correction_bias; drawn on the model's device."""
-    import dsv3_kernels as dk
-    from .layers import Linear
-    from .moe import Experts, Gate
     device = model.device
     g = torch.Generator(device).manual_seed(seed)  # on the model's device: a 671B slice is tens of GB
 

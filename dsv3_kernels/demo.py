@@ -165,7 +165,8 @@ def model_demo(dev, steps=16):
 
     want, exact, rate = generate(reference)
     print(f"greedy tokens of the fp32 reference path: {want}")
-    print(f"{'model':>16s} {'decode tokens/s':>16s} {'logits calc_diff':>17s} {'same argmax':>12s}  (fed the reference's tokens)")
+    print(f"{'model':>16s} {'decode tokens/s':>16s} {'logits calc_diff':>17s} {'same argmax':>12s}  "
+          "(fed the reference's tokens)")
     print(f"{'fp32 reference':>16s} {rate:16.1f} {0:17.1e} {steps:>9d}/{steps}")
     for backend in dk.available_backends("fused_moe", dev):
         if backend == "torch" or (backend == "triton" and dev == "cpu"):

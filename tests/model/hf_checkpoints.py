@@ -74,7 +74,8 @@ def run_prefill_and_decode(model, prompts, steps, follow=None):
     cache.kv.fill_(float("nan"))  # every slot read must have been written by then
     blocks = [cache.allocator.allocate(cache.blocks_for(len(p) + steps)) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p], device=model.device)
-    logits = model(ids, prefill_batch([(len(p), b) for p, b in zip(prompts, blocks)], cache, model.device, all_logits=True), cache)
+    batch = prefill_batch([(len(p), b) for p, b in zip(prompts, blocks)], cache, model.device, all_logits=True)
+    logits = model(ids, batch, cache)
     prefill = list(logits.split([len(p) for p in prompts]))
     seqs = [list(p) + [int(lg[-1].argmax())] for p, lg in zip(prompts, prefill)]
     if follow is not None:
