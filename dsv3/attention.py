@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import dsv3_kernels as dk
 
+from . import parallel
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
 from .layers import Linear, Module, RMSNorm, cpu_bf16_gemm
 from .rope import apply_rope
@@ -26,6 +27,9 @@ class MLA(Module):
         super().__init__()
         h, qk, d = args.num_attention_heads, args.qk_head_dim, args.hidden_size
         self.nope, self.v_dim = args.qk_nope_head_dim, args.v_head_dim
+        # whole heads per rank: the column splits below could otherwise cut a head in two
+        lo, hi = parallel.shard_range(h, "num_attention_heads")
+        self.num_heads = hi - lo
         if args.q_lora_rank is None:
             self.q_proj = Linear(d, h * qk, dtype, fp8, "column", device)
         else:
@@ -36,7 +40,6 @@ class MLA(Module):
         self.kv_a_layernorm = RMSNorm(KV_LORA_RANK, 1e-6, dtype, device)
         self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, "column", device)
         self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, "row", device)
-        self.num_heads = self.kv_b_proj.out_features // (self.nope + self.v_dim)  # this rank's heads
         self.softmax_scale = args.softmax_scale()
         self.dtype = dtype
         self._absorbed = None

@@ -48,17 +48,18 @@ class Linear(Module):
     multiple of 128 cannot run the FP8 GEMM and stays in `dtype` (the loader dequantizes it).
     parallel: None (replicated); "column": this rank holds out/world rows (outputs);
     "row": in/world columns, and the caller sums the ranks' partial outputs.
+    what: the config field the split dimension comes from (named by the error of an uneven split).
     """
 
-    def __init__(self, in_features, out_features, dtype, fp8=False, parallel=None, device=None):
+    def __init__(self, in_features, out_features, dtype, fp8=False, parallel=None, device=None, what=None):
         super().__init__()
         self.full_shape = (out_features, in_features)
         self.parallel = parallel
         if parallel == "column":
-            lo, hi = shard_range(out_features, "output features")
+            lo, hi = shard_range(out_features, what or "output features")
             out_features = hi - lo
         elif parallel == "row":
-            lo, hi = shard_range(in_features, "input features")
+            lo, hi = shard_range(in_features, what or "input features")
             in_features = hi - lo
         self.in_features, self.out_features = in_features, out_features
         self.fp8 = fp8 and in_features % BLOCK == 0
@@ -138,7 +139,7 @@ class LMHead(Linear):
     """The output projection, column-parallel over the vocabulary; logits gathered on every rank."""
 
     def __init__(self, dim, vocab_size, dtype, device=None):
-        super().__init__(dim, vocab_size, dtype, fp8=False, parallel="column", device=device)
+        super().__init__(dim, vocab_size, dtype, fp8=False, parallel="column", device=device, what="vocab_size")
 
     def forward(self, x):
         return parallel.all_gather_last_dim(super().forward(x))
@@ -146,13 +147,13 @@ class LMHead(Linear):
 
 class MLP(Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)); gate/up column- and down row-parallel,
-    so the output is this rank's partial sum (the caller all-reduces)."""
+    so the output is this rank's partial sum (the caller all-reduces). what: inter's config field."""
 
-    def __init__(self, dim, inter, dtype, fp8=False, device=None):
+    def __init__(self, dim, inter, dtype, fp8=False, device=None, what="intermediate_size"):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device)
-        self.up_proj = Linear(dim, inter, dtype, fp8, "column", device)
-        self.down_proj = Linear(inter, dim, dtype, fp8, "row", device)
+        self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
+        self.up_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
+        self.down_proj = Linear(inter, dim, dtype, fp8, "row", device, what)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

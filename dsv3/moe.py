@@ -70,7 +70,8 @@ class MoE(Module):
         self.gate = Gate(args, device)
         self.experts = Experts(args, dtype, fp8, device)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8,
-                                   device) if args.n_shared_experts else None)
+                                   device, what="moe_intermediate_size * n_shared_experts")
+                               if args.n_shared_experts else None)
 
     def forward(self, x):
         """x [T, D] -> this rank's partial output [T, D] (routed + shared; the caller all-reduces)."""

@@ -6,7 +6,11 @@ all heads in MLA) is replicated. Without an initialized process group everything
 
     torchrun --nproc_per_node 2 -m dsv3.generate --model DIR --prompt "..."   # 2 CPU processes (gloo)
     torchrun --nproc_per_node 8 -m dsv3.generate --model DIR --prompt "..."   # 8 GPUs (NCCL)
-Each rank memory-maps the checkpoint and reads only its own slices (dsv3/load.py).
+Each rank memory-maps the checkpoint and reads only its own slices (dsv3/load.py). N must divide
+num_attention_heads, vocab_size, n_routed_experts, intermediate_size and moe_intermediate_size *
+n_shared_experts (else a ValueError names the field). A script of one's own calls
+init_from_env() before dsv3.load(...) and runs the same steps on every rank
+(tests/model/tp_worker.py is one).
 """
 
 import os
@@ -26,9 +30,9 @@ def world_size() -> int:
 def init_from_env(device_type: str = "cpu") -> int:
     """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's index."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        if device_type == "cuda":
+        if device_type == "cuda":  # before NCCL's init: its communicator binds the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return rank()
 
 
