@@ -55,13 +55,14 @@ class Linear(Module):
         super().__init__()
         self.full_shape = (out_features, in_features)
         self.parallel = parallel
+        # the part of the checkpoint's [out, in] weight this rank holds (the loader reads these)
+        self.rows, self.cols = slice(0, out_features), slice(0, in_features)
         if parallel == "column":
-            lo, hi = shard_range(out_features, what or "output features")
-            out_features = hi - lo
+            self.rows = slice(*shard_range(out_features, what or "output features"))
         elif parallel == "row":
-            lo, hi = shard_range(in_features, what or "input features")
-            in_features = hi - lo
-        self.in_features, self.out_features = in_features, out_features
+            self.cols = slice(*shard_range(in_features, what or "input features"))
+        self.in_features, self.out_features = self.cols.stop - self.cols.start, self.rows.stop - self.rows.start
+        in_features, out_features = self.in_features, self.out_features
         self.fp8 = fp8 and in_features % BLOCK == 0
         if self.fp8:
             self.weight = _param(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
@@ -123,8 +124,8 @@ class VocabEmbedding(Module):
     def __init__(self, vocab_size, dim, dtype, device=None):
         super().__init__()
         self.full_shape = (vocab_size, dim)
-        self.parallel = "column"
         self.lo, self.hi = parallel.shard_range(vocab_size, "vocab_size")
+        self.rows, self.cols = slice(self.lo, self.hi), slice(0, dim)  # as Linear's, for the loader
         self.weight = _param(self.hi - self.lo, dim, dtype=dtype, device=device)
 
     def forward(self, ids):

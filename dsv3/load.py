@@ -87,17 +87,9 @@ class _Reader:
         self._open.clear()
 
 
-def _rank_range(mod, dim):
-    """The [lo, hi) this rank holds of the module's logical weight along `dim` (0 rows, 1 cols)."""
-    parallel_dim = {"column": 0, "row": 1}.get(mod.parallel)
-    if parallel_dim != dim:
-        return 0, mod.full_shape[dim]
-    return parallel.shard_range(mod.full_shape[dim], "a weight dim")
-
-
 class _Loader:
-    def __init__(self, model: Transformer, files: dict):
-        self.model, self.reader = model, _Reader(files)
+    def __init__(self, files: dict):
+        self.reader = _Reader(files)
         self.errors = {"wrong shape": [], "missing": [], "unexpected": []}
         self.used = set()
 
@@ -149,8 +141,7 @@ class _Loader:
     def linear(self, name, mod):
         w, s = self._source(name, mod.full_shape)
         if w is not None:
-            rows, cols = slice(*_rank_range(mod, 0)), slice(*_rank_range(mod, 1))
-            self._store(w, s, rows, cols, mod.weight, getattr(mod, "weight_scale_inv", None))
+            self._store(w, s, mod.rows, mod.cols, mod.weight, getattr(mod, "weight_scale_inv", None))
 
     def plain(self, name, param):
         w, s = self._source(name, param.shape)
@@ -198,7 +189,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
     args.quantization_config = dict(FP8_CONFIG) if fp8 else None
     files = checkpoint_files(model_dir)
     model = Transformer(args, dtype, fp8, device=device, backend=backend)
-    loader = _Loader(model, files)
+    loader = _Loader(files)
     lm_head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     jobs = []  # (checkpoint file of the first tensor read, name, how to load)
     for name, mod in model.named_modules():
