@@ -354,6 +354,8 @@ def main(argv=None):
             _run(generator, tokenizer, args.prompt, args, out)
     except (ValueError, CacheFullError) as e:  # prompts too long for the model or for the cache
         fail(str(e))
+    finally:
+        parallel.shutdown()
     while args.interactive:
         print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline().rstrip("\r\n")

@@ -36,6 +36,14 @@ def init_from_env(device_type: str = "cpu") -> int:
     return rank()
 
 
+def shutdown():
+    """Leave the process group (every rank, before exiting: a rank that exits without it can abort
+    in gloo's teardown while the other still talks to it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of the ranks' partial results (row-parallel outputs), in place."""
     if world_size() > 1:

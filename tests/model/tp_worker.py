@@ -38,7 +38,7 @@ def main(model_dir, out):
     dist.all_gather_object(gathered, result)
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
+    parallel.shutdown()
 
 
 if __name__ == "__main__":
