@@ -131,7 +131,7 @@ setup(
     version="0.1.0",
     description="Fast, verified kernels for DeepSeek-V3 inference: FP8 block-scaled GEMM, MLA decode, MoE",
     packages=find_packages(include=["dsv3_kernels", "dsv3_kernels.*", "dsv3", "dsv3.*"]),
-    package_data={"dsv3_kernels": ["verified.json"]},
+    package_data={"dsv3_kernels": ["verified.json"], "dsv3": ["default_model/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors", "tokenizers", "tqdm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "transformers>=5"]},

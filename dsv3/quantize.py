@@ -22,8 +22,8 @@ from .load import FP8_CONFIG, _open, checkpoint_files
 
 def is_quantized_weight(name: str, shape) -> bool:
     """DeepSeek-V3's FP8 tensors: the decoder layers' linear weights except the router gate."""
-    return (name.startswith("model.layers.") and name.endswith("proj.weight") and len(shape) == 2
-            and ".mlp.gate." not in name)
+    return (name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
+            and ".mlp.gate." not in name)  # 2-D: not the norms; kv_a_proj_with_mqa included
 
 
 def quantize_checkpoint(src, dst):

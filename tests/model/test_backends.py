@@ -2,8 +2,11 @@
 bf16 within bf16 tolerance, FP8 within FP8 tolerance; an FP8 checkpoint (DeepSeek-V3's format)
 matches its dequantized model; greedy generation is the same token for token on every backend."""
 
+import os
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from dsv3.load import load
 from dsv3.quantize import quantize_checkpoint
@@ -50,6 +53,9 @@ def test_fp8_checkpoint_matches_its_dequantized_model(hf_checkpoint, tmp_path, d
     path, _ = hf_checkpoint()
     fp8_path = str(tmp_path / "fp8")
     quantize_checkpoint(path, fp8_path)
+    with safe_open(os.path.join(fp8_path, "model.safetensors"), "pt") as f:  # every linear, as DeepSeek's
+        assert f.get_slice("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() != "F8_E4M3"
     model = load(fp8_path, torch.bfloat16, device, backend=backend, progress=False)
     attn = model.model.layers[0].self_attn
     assert model.fp8 and attn.o_proj.weight.dtype == torch.float8_e4m3fn

@@ -1,0 +1,102 @@
+"""Held-out loss (nats per byte) and expert load of a dsv3 model on a text, through the kernels.
+
+The text's tokens are cut into windows of `window - 1` tokens, each run as its own request after
+a BOS token, so every token is predicted exactly once with the context of its window; the windows
+run as packed prefill batches with all positions' logits. nats/byte = the summed negative log
+likelihood / the text's UTF-8 bytes (byte-level BPE: the same as the predicted tokens' bytes).
+The expert load is the fraction of routed (token, choice) pairs each expert of each MoE layer got.
+
+    python -m dsv3.evaluate --model DIR --text FILE [--backend cpu] [--window 512]
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from .cache import prefill_batch
+from .moe import Gate
+
+
+@torch.inference_mode()
+def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: int = 8) -> dict:
+    """-> {"nats_per_byte", "nats_per_token", "tokens", "bytes", "expert_load": [[fraction] * E] per
+    MoE layer}. window: tokens per request, BOS included (at most max_position_embeddings)."""
+    bos = model.args.bos_token_id
+    if bos is None:
+        raise ValueError("evaluate needs a model with a bos_token_id (each window starts with it)")
+    if not 2 <= window <= model.args.max_position_embeddings:
+        raise ValueError(f"window must be in [2, max_position_embeddings = {model.args.max_position_embeddings}], "
+                         f"got {window}")
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError("text has no tokens")
+    chunks = [ids[i:i + window - 1] for i in range(0, len(ids), window - 1)]
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    loads = [torch.zeros(model.args.n_routed_experts, dtype=torch.int64) for _ in gates]
+
+    def count(load):
+        def hook(module, inputs, out):  # out: (topk_weights, topk_ids); returns None (keeps the output)
+            load.add_(torch.bincount(out[1].flatten().long().cpu(), minlength=load.numel()))
+        return hook
+
+    hooks = [g.register_forward_hook(count(c)) for g, c in zip(gates, loads)]
+    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64)
+    device, nll = model.device, 0.0
+    try:
+        for start in range(0, len(chunks), windows_per_batch):
+            group = chunks[start:start + windows_per_batch]
+            blocks = [cache.allocator.allocate(cache.blocks_for(len(c) + 1)) for c in group]
+            batch = prefill_batch([(len(c) + 1, b) for c, b in zip(group, blocks)], cache, device, all_logits=True)
+            inputs = torch.tensor([t for c in group for t in [bos] + c], device=device)
+            logits = model(inputs, batch, cache)
+            # each request's rows 0..len-1 predict its tokens; its last row (after the last token) nothing
+            rows, targets, at = [], [], 0
+            for c in group:
+                rows.extend(range(at, at + len(c)))
+                targets.extend(c)
+                at += len(c) + 1
+            rows = torch.tensor(rows, device=device)
+            nll += torch.nn.functional.cross_entropy(logits[rows], torch.tensor(targets, device=device),
+                                                     reduction="sum").item()
+            for b in blocks:
+                cache.allocator.free(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    nbytes = len(text.encode("utf-8"))
+    return dict(nats_per_byte=nll / nbytes, nats_per_token=nll / len(ids), tokens=len(ids), bytes=nbytes,
+                expert_load=[(c.double() / max(int(c.sum()), 1)).tolist() for c in loads])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dsv3.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    from .load import load, load_tokenizer
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with open(a.text, encoding="utf-8") as f:
+            text = f.read()
+        tokenizer = load_tokenizer(a.model)
+        model = load(a.model, dtype=getattr(torch, a.dtype), device=device,
+                     backend=None if a.backend == "auto" else a.backend)
+        r = evaluate(model, tokenizer, text, a.window)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, window
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    load_max = max((max(x) for x in r["expert_load"]), default=math.nan)
+    print(json.dumps({k: r[k] for k in ("nats_per_byte", "nats_per_token", "tokens", "bytes")}))
+    print(f"busiest expert: {load_max:.3f} of routed tokens (uniform: {1 / model.args.n_routed_experts:.3f})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
