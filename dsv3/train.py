@@ -35,6 +35,7 @@ from dsv3_kernels.reference.moe import moe_route
 
 from . import corpus
 from .config import ModelArgs
+from .load import load, load_tokenizer
 from .rope import Rope, apply_rope
 
 # The shipped model: widths are multiples of 128 (real FP8 blocks), the latent is the kernels'
@@ -133,7 +134,7 @@ class MoE(nn.Module):
         self.gate = Gate(a)
         self.experts = Experts(a)
         self.shared_experts = MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts)
-        self.load = torch.zeros(a.n_routed_experts, dtype=torch.int64)  # (token, choice) pairs since reset
+        self.load = torch.zeros(a.n_routed_experts, dtype=torch.int64)  # training (token, choice) pairs this step
 
     def forward(self, x):
         a, shape = self.a, x.shape
@@ -143,7 +144,8 @@ class MoE(nn.Module):
                                  a.scoring_func, a.norm_topk_prob)
         flat = ids.flatten().long()
         counts = torch.bincount(flat, minlength=a.n_routed_experts)
-        self.load += counts
+        if self.training:  # evaluation does not count towards the balancing
+            self.load += counts
         order = flat.argsort(stable=True)
         token = order // a.num_experts_per_tok
         ex, parts = self.experts, []
@@ -250,8 +252,6 @@ def heldout_nats_per_byte(model, inputs, targets, nbytes: torch.Tensor, chunk: i
     for i in range(0, inputs.shape[0], chunk):
         logits = model(inputs[i:i + chunk])
         nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + chunk].flatten(), reduction="sum").item()
-    for m in model.moe_layers():  # evaluation does not count towards the balancing
-        m.load.zero_()
     return nll / nbytes[targets].sum().item()
 
 
@@ -298,8 +298,7 @@ def _settings(a):
 def _save_state(path, model, opt, step, a, history, seconds):
     tmp = path + ".tmp"
     torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, settings=_settings(a),
-                    history=history, seconds=seconds,
-                    loads=[m.load.clone() for m in model.moe_layers()]), tmp)
+                    history=history, seconds=seconds), tmp)  # no expert loads: update_bias just zeroed them
     os.replace(tmp, path)  # a run killed while saving keeps the previous state
 
 
@@ -328,8 +327,9 @@ def train(a) -> dict:
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"--resume: no {state_path}")
         state = torch.load(state_path, weights_only=False)
-        if state["settings"] != _settings(a):
-            diff = {k: (v, _settings(a).get(k)) for k, v in state["settings"].items() if _settings(a).get(k) != v}
+        given = _settings(a)
+        if state["settings"] != given:
+            diff = {k: (v, given.get(k)) for k, v in state["settings"].items() if given.get(k) != v}
             raise ValueError(f"--resume: the saved run has other settings (saved, given): {diff}")
 
     files = corpus.stdlib_files()[:a.max_files]
@@ -340,8 +340,7 @@ def train(a) -> dict:
     if state is None:
         tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
         tokenizer.save(tok_path)
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(tok_path)  # the saved file, also on resume
+    tokenizer = load_tokenizer(a.out)  # the saved file, also on resume
     bos, eos = margs.bos_token_id, margs.eos_token_ids[0]
     stream = corpus.encode_documents(tokenizer, train_texts, bos, eos)
     heldout = corpus.encode_documents(tokenizer, heldout_texts, bos, eos)
@@ -362,8 +361,6 @@ def train(a) -> dict:
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        for m, load in zip(model.moe_layers(), state["loads"]):
-            m.load.copy_(load)
         step, history, seconds = state["step"], state["history"], state["seconds"]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {len(train_texts)} training files ({stream.numel():,} tokens), {len(heldout_texts)} held out "
@@ -414,7 +411,6 @@ def export(model, margs: ModelArgs, tokenizer, heldout_texts, a, record: dict) -
     from safetensors.torch import save_file
 
     from .evaluate import evaluate
-    from .load import load
     from .quantize import quantize_checkpoint
     bf16_dir, fp8_dir = os.path.join(a.out, "bf16"), os.path.join(a.out, "fp8")
     os.makedirs(bf16_dir, exist_ok=True)
