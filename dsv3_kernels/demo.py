@@ -5,10 +5,9 @@
   different lengths, its error against the fp32 reference and its speed against plain PyTorch;
 - MoE: DeepSeek-V3's routing (256 experts, 8 groups, top-8) and the routed experts with FP8
   weights on a layer reduced to fit a small machine (D=1024, I=256 on the CPU), against the
-  fp32 per-expert loop and the plain bf16 loop;
-- the dsv3 model: a small random DeepSeek-V3-architecture model decoding greedily on each backend
-  in fp32, bf16 and FP8, against the fp32 reference path.
-Run: python -m dsv3_kernels.demo [--device cpu|cuda]
+  fp32 per-expert loop and the plain bf16 loop.
+Run: python -m dsv3_kernels.demo [--device cpu|cuda]. The model built on these kernels has its own
+demo: python -m dsv3.demo.
 """
 
 import math
@@ -73,7 +72,6 @@ def main(argv=None):
 
     mla_demo(dev)
     moe_demo(dev)
-    model_demo(dev)
 
 
 def mla_demo(dev, heads=16, seqlens=(4096, 1000, 3000, 37, 2048, 4096, 1, 512), block_size=64):
@@ -105,7 +103,6 @@ def mla_demo(dev, heads=16, seqlens=(4096, 1000, 3000, 37, 2048, 4096, 1, 512), 
         print(f"{name:>14s} {t * 1e3:9.2f} {nbytes / t / 1e9:11.1f} {err:16.2e} {t_naive / t:8.2f}x")
 
 
-
 def moe_demo(dev, tokens=64, experts=256):
     d, inter = (7168, 2048) if dev == "cuda" else (1024, 256)
     hidden = torch.randn(tokens, d, device=dev, dtype=torch.bfloat16)
@@ -134,70 +131,6 @@ def moe_demo(dev, tokens=64, experts=256):
         t = _time(fn, dev, reps)
         t_loop = t_loop or t
         print(f"{name:>14s} {t * 1e3:9.2f} {nbytes / t / 1e9:16.1f} {calc_diff(fn(), exact):18.2e} {t_loop / t:12.2f}x")
-
-
-def model_demo(dev, steps=16):
-    """A small random DeepSeek-V3-architecture model (dsv3) with FP8 weights: greedy decoding on
-    each backend, against the fp32 reference path (the trained model ships with issue 6)."""
-    from dsv3.cache import decode_batch, prefill_batch
-    from dsv3.config import tiny
-    from dsv3.model import Transformer, init_random_
-    args = tiny(hidden_size=256, q_lora_rank=128, num_hidden_layers=3, vocab_size=1024)
-    print(f"\nModel: DeepSeek-V3 architecture, random weights: {args.num_hidden_layers} layers (MLA with q/kv low rank "
-          f"and YaRN, {args.first_k_dense_replace} dense + DeepSeekMoE {args.n_routed_experts} experts top-"
-          f"{args.num_experts_per_tok} + shared), hidden {args.hidden_size}, vocab {args.vocab_size}")
-    reference = init_random_(Transformer(args, torch.float32, fp8=False, device=dev, backend="torch"), std=0.05)
-    prompt = torch.randint(0, args.vocab_size, (24,), device=dev)
-
-    def generate(model, follow=None):
-        """Greedy decoding (or feeding `follow`'s tokens): (tokens, logits of every step, decode tokens/s)."""
-        cache = model.new_cache(num_blocks=4, block_size=64)
-        blocks = cache.allocator.allocate(1)
-        logits = [model(prompt, prefill_batch([(len(prompt), blocks)], cache, dev), cache)]
-        tokens = [int(logits[-1].argmax())]
-        start = time.perf_counter()
-        for i in range(steps - 1):
-            step = decode_batch([(len(prompt) + i, blocks)], cache, dev)
-            fed = tokens[-1] if follow is None else follow[i]
-            logits.append(model(torch.tensor([fed], device=dev), step, cache))
-            tokens.append(int(logits[-1].argmax()))
-        return tokens, torch.cat(logits), (steps - 1) / (time.perf_counter() - start)
-
-    want, exact, rate = generate(reference)
-    print(f"greedy tokens of the fp32 reference path: {want}")
-    print(f"{'model':>16s} {'decode tokens/s':>16s} {'logits calc_diff':>17s} {'same argmax':>12s}  "
-          "(fed the reference's tokens)")
-    print(f"{'fp32 reference':>16s} {rate:16.1f} {0:17.1e} {steps:>9d}/{steps}")
-    for backend in dk.available_backends("fused_moe", dev):
-        if backend == "torch" or (backend == "triton" and dev == "cpu"):
-            continue
-        for dtype, fp8 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-            model = Transformer(args, dtype, fp8=fp8, device=dev, backend=backend)
-            model.load_state_dict(_converted(reference.state_dict(), model), strict=True)
-            model.reset_absorbed()
-            got, logits, rate = generate(model, follow=want)
-            same = int((logits.argmax(-1) == exact.argmax(-1)).sum())
-            name = f"{backend} {'fp8' if fp8 else str(dtype)[6:]}"
-            print(f"{name:>16s} {rate:16.1f} {calc_diff(logits, exact):17.1e} {same:>9d}/{steps}")
-    print("(FP8 also quantizes the activations; with random weights that moves near-tied expert choices)")
-
-
-def _converted(state, model):
-    """The reference's fp32 weights in `model`'s formats (FP8 quantized with 128x128 scales)."""
-    out = {}
-    targets = model.state_dict()
-    for name, t in targets.items():
-        if name.endswith("_scale_inv"):
-            continue
-        w = state[name]
-        if t.dtype == torch.float8_e4m3fn:  # X.weight -> X.weight_scale_inv, experts.w13 -> experts.w13_scale_inv
-            scale_name = name + "_scale_inv"
-            pairs = [dk.weight_quant(x) for x in (w if w.dim() == 3 else w[None])]
-            q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            out[name], out[scale_name] = (q, s) if w.dim() == 3 else (q[0], s[0])
-        else:
-            out[name] = w.to(t.dtype)
-    return out
 
 
 if __name__ == "__main__":
