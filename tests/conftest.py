@@ -3,6 +3,9 @@
 - Tests that verify ops carry `@pytest.mark.ops("name", ...)` and take the `device` and
   `backend` fixtures; they are parametrized over every device here and every backend that can
   run those ops on it (dsv3_kernels.available_backends), minus the reference itself.
+- A parametrize value wrapped in `native_only(...)` is too large for Triton's interpreter: it runs
+  on the native backends (cpu, cuda, and triton on a GPU) and is deselected for triton on the CPU
+  (the interpreter), where a smaller case of the same kind stands in. The run's summary counts them.
 - `--record-verified PATH` writes, for a run on a GPU, which (op, backend, arch) passed every
   one of its tests; `python -m dsv3_kernels.verified record PATH` merges it into the package.
 """
@@ -47,6 +50,33 @@ def pytest_generate_tests(metafunc):
     devices = [d for d in _devices() if d == "cuda" or not metafunc.definition.get_closest_marker("gpu")]
     combos = [(d, b) for d in devices for b in _kernel_backends(marker.args, d)]
     metafunc.parametrize(("device", "backend"), combos, ids=[f"{d}-{b}" for d, b in combos])
+
+
+def native_only(*values, id=None):
+    """pytest.param(*values) that the interpreter (triton on the CPU) does not run: see above."""
+    return pytest.param(*values, id=id, marks=pytest.mark.native_only)
+
+
+def _interpreted(item):
+    params = getattr(item, "callspec", None) and item.callspec.params
+    return bool(params) and params.get("backend") == "triton" and params.get("device") == "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("native_only") and _interpreted(item) else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+        config._native_only_dropped = len(dropped)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_native_only_dropped", 0)
+    if n:
+        terminalreporter.write_line(f"{n} large cases ran on the native backends only, not in Triton's interpreter "
+                                    "(native_only in tests/conftest.py; smaller cases of the same kind stand in)")
 
 
 @pytest.fixture(autouse=True)
