@@ -68,6 +68,22 @@ def test_act_quant_extremes(device, backend):
 
 
 @pytest.mark.ops("act_quant")
+def test_act_quant_nan_makes_its_block_scale_nan(device, backend):
+    """A NaN (or inf) activation shows in its block's scale, as torch.amax gives, and leaves the
+    other blocks of its row alone."""
+    x = torch.randn(3, 384, device=device)
+    x[1, 130], x[2, 300] = float("nan"), float("inf")
+    q, s = dk.act_quant(x, backend=backend)
+    assert s[1, 1].isnan() and s[2, 2] == float("inf")
+    want_q, want_s = ref.act_quant(x.cpu())
+    keep = ~(s.cpu().isnan() | s.cpu().isinf())
+    assert keep.sum() == 7
+    torch.testing.assert_close(s.cpu()[keep], want_s[keep], rtol=0, atol=0)
+    blocks = keep.repeat_interleave(128, 1)
+    assert torch.equal(q.cpu().view(torch.uint8)[blocks], want_q.view(torch.uint8)[blocks])
+
+
+@pytest.mark.ops("act_quant")
 def test_act_quant_empty(device, backend):
     q, s = dk.act_quant(torch.empty(0, 256, device=device), backend=backend)
     assert q.shape == (0, 256) and s.shape == (0, 2)
