@@ -1,8 +1,8 @@
 """pytest-benchmark harness shared by the benchmark suites.
 
 `bench(...)` times one call of an op (rotating through copies of its inputs so caches do not
-flatter memory-bound cases), stores time, TFLOP/s, GB/s and the roofline fraction in the
-result's extra_info, and at the end of the session the results are written to
+flatter memory-bound cases), stores time, TFLOP/s, bytes moved, GB/s, the fraction of the
+measured copy bandwidth and the roofline fraction in the result's extra_info, and at the end of the session the results are written to
 benchmarks/results/<hardware>-<date>-<suite>.{json,csv} (or --results-dir) and printed as a table.
 On CUDA each timed round is a batch of launches followed by one synchronize; times are per call.
 """
@@ -48,8 +48,10 @@ def _nbytes(obj):
 
 @pytest.fixture
 def bench(benchmark, device):
-    def run(fn, make_args, *, op, shape, provider, flops, nbytes, precision="fp8", baseline=None):
-        """fn(*make_args()) is timed. `baseline` names the provider this one is compared with."""
+    def run(fn, make_args, *, op, shape, provider, flops, nbytes, precision="fp8", baseline=None, flush_bytes=0):
+        """fn(*make_args()) is timed. `baseline` names the provider this one is compared with.
+        flush_bytes > 0 (CPU): before every round, untimed, that many bytes are written, so that data
+        an op keeps across calls (weights) comes from DRAM rather than from the last call's cache."""
         args = make_args()
         cache_bytes = (256 << 20) if device == "cuda" else (128 << 20)
         copies = [args] + [make_args() for _ in range(min(15, cache_bytes // max(1, _nbytes(args))))]
@@ -65,11 +67,19 @@ def bench(benchmark, device):
             benchmark.pedantic(target, rounds=10, warmup_rounds=2)
         else:
             calls = 1
-            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=10, warmup_rounds=2)
+            setup = None
+            if flush_bytes:
+                flush = torch.zeros(flush_bytes, dtype=torch.uint8)
+
+                def setup():
+                    flush.add_(1)
+
+            benchmark.pedantic(lambda: fn(*next(cycle)), setup=setup, rounds=10, warmup_rounds=2)
         seconds = benchmark.stats.stats.median / calls
         row = {
             "op": op, "shape": shape, "provider": provider, "device": device, "us": seconds * 1e6,
-            "tflops": flops / seconds / 1e12, "gbps": nbytes / seconds / 1e9,
+            "tflops": flops / seconds / 1e12, "mbytes": nbytes / 1e6, "gbps": nbytes / seconds / 1e9,
+            "copy_fraction": nbytes / seconds / 1e9 / roofline.hardware(device)["peak_gbps"],
             "roofline": roofline.roofline_fraction(seconds, flops, nbytes, device, precision),
             "baseline": baseline,
         }
@@ -124,11 +134,12 @@ def _print_table(meta, stem):
     hw = meta["hardware"]
     lines = [f"\n{hw['name']}, torch {meta['torch']}, {meta['date']}; ceilings: {hw['peak_gbps']:.0f} GB/s, "
              f"{hw['ceilings']}",
-             f"{'op':15s} {'shape':28s} {'provider':14s} {'time us':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} "
-             f"{'roofline':>8s} {'vs baseline':>14s}"]
+             f"{'op':15s} {'shape':28s} {'provider':14s} {'time us':>10s} {'TFLOP/s':>8s} {'MB':>8s} {'GB/s':>8s} "
+             f"{'of copy':>8s} {'roofline':>8s} {'vs baseline':>14s}"]
     for r in _ROWS:
         vs = f"{r['speedup_vs_baseline']:.2f}x {r['baseline']}" if r["speedup_vs_baseline"] else "-"
         lines.append(f"{r['op']:15s} {r['shape']:28s} {r['provider']:14s} {r['us']:10.1f} {r['tflops']:8.2f} "
-                     f"{r['gbps']:8.1f} {_fmt(r['roofline'], '8.1%')} {vs:>14s}")
+                     f"{r['mbytes']:8.2f} {r['gbps']:8.1f} {r['copy_fraction']:8.1%} {_fmt(r['roofline'], '8.1%')} "
+                     f"{vs:>14s}")
     lines.append(f"written to {stem}.json and .csv")
     print("\n".join(lines))
