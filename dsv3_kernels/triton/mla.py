@@ -97,7 +97,7 @@ def _f32_to_e4m3(v):
 def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse_part_ptr,
                              qk_scale, S_Q, H, NUM_BLOCKS, MAX_BLOCKS, NUM_SPLITS, BLOCK_SIZE,
                              CAUSAL, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                             FP32_DOT: tl.constexpr, FP8: tl.constexpr):
+                             FP32_DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     """Partial attention of BLOCK_R query rows (row = s * H + h) of request b over split `split`
     of its keys. qk_scale = softmax_scale * log2(e). The page size and `causal` are runtime
     arguments (a division and a select per key tile), so one compiled kernel per dtype serves them
@@ -152,9 +152,19 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
         # other=0: slots past the length hold garbage (NaN in the tests), and 0 * NaN = NaN.
         if FP8:
             row = kv_ptr + slot * 656  # bytes: e4m3 [512] | fp32 scales [4] | bf16 k_pe [64]
-            k_nope = _e4m3_to_f32(tl.load(row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0))
+            e4m3 = tl.load(row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0)
+            if INTERPRET:
+                k_nope = _e4m3_to_f32(e4m3)
+            else:  # the hardware conversion (exact)
+                k_nope = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            # Each column's tile scale by selects: a gather or a reshape of the tile costs registers.
             scales = (row + DV).to(tl.pointer_type(tl.float32))
-            k_nope *= tl.load(scales[:, None] + (dv // 128)[None, :], mask=kv_ok[:, None], other=0.0)
+            s0 = tl.load(scales, mask=kv_ok, other=0.0)[:, None]
+            s1 = tl.load(scales + 1, mask=kv_ok, other=0.0)[:, None]
+            s2 = tl.load(scales + 2, mask=kv_ok, other=0.0)[:, None]
+            s3 = tl.load(scales + 3, mask=kv_ok, other=0.0)[:, None]
+            col = dv[None, :]
+            k_nope *= tl.where(col < 256, tl.where(col < 128, s0, s1), tl.where(col < 384, s2, s3))
             k_pe = tl.load((row + DV + 16).to(tl.pointer_type(tl.bfloat16))[:, None] + dr[None, :],
                            mask=kv_ok[:, None], other=0.0)
             if not FP32_DOT:  # bf16 q: exact (e4m3 times a power of two)
@@ -307,6 +317,14 @@ DECODE_CONFIGS = {
     torch.float16: _HALF_CONFIGS,
     torch.float32: ((None, 16, 16, 8, 2),),
 }
+# Over the FP8 cache, keyed by the dots' dtype (bf16 for bf16 q, fp32 for fp16/fp32 q). 16-row
+# tiles only: with 32 rows the dequantized tile pushes the bf16 kernel to 255 registers and spills
+# (triton 3.8, sm_90a: 234 registers at 16 rows). The fp32-dot one runs without software
+# pipelining: two stages of the byte loads spill (5 KB, ptxas at 32 registers), one takes 128.
+FP8_DECODE_CONFIGS = {
+    torch.bfloat16: ((None, 16, 64, 8, 3),),
+    torch.float32: ((None, 16, 16, 8, 1),),
+}
 MERGE_BLOCK_R = 16
 MERGE_WARPS = 4
 CACHE_WRITE_WARPS = 4
@@ -319,9 +337,9 @@ MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 
 
-def decode_config(dtype, n_rows):
-    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of the split kernel."""
-    for max_rows, *config in DECODE_CONFIGS[dtype]:
+def decode_config(dtype, n_rows, fp8_cache=False):
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of the split kernel; dtype: the dots' dtype."""
+    for max_rows, *config in (FP8_DECODE_CONFIGS if fp8_cache else DECODE_CONFIGS)[dtype]:
         if max_rows is None or n_rows <= max_rows:
             return tuple(config)
     raise AssertionError("the last config of each dtype takes any number of rows")
@@ -348,7 +366,7 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     # The FP8 cache's keys go to the dots in bf16 (exact) or fp32: fp16 q takes the fp32 path
     # (e4m3 * scale may not fit fp16).
     dot_dtype = torch.float32 if fp8 and q.dtype == torch.float16 else q.dtype
-    block_r, block_n, num_warps, num_stages = decode_config(dot_dtype, n_rows)
+    block_r, block_n, num_warps, num_stages = decode_config(dot_dtype, n_rows, fp8)
     row_blocks = _cdiv(n_rows, block_r)
     max_blocks = block_table.shape[1]
     max_tiles = max(1, _cdiv(max_blocks * block_size, block_n))  # of the longest possible request
@@ -363,7 +381,7 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
         wrap_triton(_mla_decode_split_kernel)[(row_blocks, splits, b)](
             q, kv_cache, block_table, cache_seqlens, o_part, lse_part, softmax_scale * LOG2E,
             s_q, h, num_blocks, max_blocks, splits, block_size, causal,
-            BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, FP8=fp8, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, FP8=fp8, INTERPRET=INTERPRETED, num_warps=num_warps,
             num_stages=num_stages)
         wrap_triton(_mla_decode_merge_kernel)[(_cdiv(n_rows, MERGE_BLOCK_R), b)](
             o_part, lse_part, out, lse, s_q, h, splits, BLOCK_R=MERGE_BLOCK_R,
