@@ -220,7 +220,7 @@ def _check_cache(kv_cache):
     if kv_cache.shape[2] != width:
         layout = ("656 bytes: c_kv e4m3 512 | 4 fp32 scales | k_pe bf16 64" if kv_cache.dtype == torch.uint8
                   else f"c_kv {MLA_LORA_RANK} | k_pe {MLA_ROPE_DIM}")
-        raise ValueError(f"kv_cache of dtype {kv_cache.dtype} must be [num_blocks, block_size, {width}] "
+        raise ValueError(f"kv_cache must be [num_blocks, block_size, {width}] for dtype {kv_cache.dtype} "
                          f"({layout}), got {tuple(kv_cache.shape)}")
     bs = kv_cache.shape[1]
     if bs < 1 or bs & (bs - 1):

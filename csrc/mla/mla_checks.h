@@ -16,8 +16,8 @@ inline bool is_fp8_cache(const at::Tensor& kv_cache) { return kv_cache.scalar_ty
 
 inline void check_cache_shape(const at::Tensor& kv_cache) {
   const int64_t width = is_fp8_cache(kv_cache) ? int64_t{kFp8TokenBytes} : kHeadDim;
-  TORCH_CHECK(kv_cache.dim() == 3 && kv_cache.size(2) == width, "kv_cache of dtype ", kv_cache.scalar_type(),
-              " must be [num_blocks, block_size, ", width, "], got ", kv_cache.sizes());
+  TORCH_CHECK(kv_cache.dim() == 3 && kv_cache.size(2) == width, "kv_cache must be [num_blocks, block_size, ", width,
+              "] for dtype ", kv_cache.scalar_type(), ", got ", kv_cache.sizes());
 }
 
 inline bool is_attention_dtype(at::ScalarType t) {
