@@ -15,7 +15,8 @@ from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
 from conftest import poison_allocator
-from test_mla import HUGE_BLOCK, SCALE
+from test_mla import SCALE, make_cache
+from test_mla import _write_case as bf16_write_case
 
 FP8_BYTES = ref.FP8_TOKEN_BYTES
 
@@ -26,28 +27,14 @@ def calc_diff(x, y):
     return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
 
 
-def make_fp8_cache(seqlens, block_size, dtype, device, s_q=1, h=16, extra_blocks=2, extra_table=2):
-    """q, the FP8 cache (uint8), block_table, seqlens, and the bf16 cache the FP8 one quantizes."""
-    b = len(seqlens)
-    need = [-(-n // block_size) for n in seqlens]
-    max_blocks = max(need + [1]) + extra_table
-    num_blocks = sum(need) + extra_blocks
-    cache = torch.full((num_blocks, block_size, FP8_BYTES), 0xFF, dtype=torch.uint8)
-    bf16 = torch.full((num_blocks, block_size, ref.HEAD_DIM), float("nan"), dtype=torch.bfloat16)
-    block_table = torch.full((b, max_blocks), HUGE_BLOCK, dtype=torch.int32)
-    perm = torch.randperm(num_blocks).tolist()
-    for i, n in enumerate(seqlens):
-        ids = [perm.pop() for _ in range(need[i])]
-        block_table[i, : need[i]] = torch.tensor(ids, dtype=torch.int32)
-        if n:
-            # Latent values of varied size per token, as after kv_a_layernorm with a learnt weight.
-            tokens = torch.randn(n, ref.HEAD_DIM) * torch.rand(n, 1).mul(2).exp2()
-            slots = torch.tensor(ids).repeat_interleave(block_size)[:n] * block_size + torch.arange(n) % block_size
-            cache.view(-1, FP8_BYTES)[slots] = ref.quantize_tokens(tokens[:, :512], tokens[:, 512:])
-            bf16.view(-1, ref.HEAD_DIM)[slots] = tokens.bfloat16()
-    q = torch.randn(b, s_q, h, ref.HEAD_DIM).to(dtype)
-    seqlens_t = torch.tensor(seqlens, dtype=torch.int32)
-    return [t.to(device) for t in (q, cache, block_table, seqlens_t)] + [bf16.to(device)]
+def make_fp8_cache(seqlens, block_size, dtype, device, s_q=1, h=16):
+    """q, the FP8 cache (uint8), block_table, seqlens, and the bf16 cache the FP8 one quantizes:
+    test_mla.py's cache, each token scaled by 1..4 (varied tile scales), unused slots 0xFF."""
+    q, bf16, block_table, seqlens_t = make_cache(seqlens, block_size, torch.bfloat16, "cpu", s_q=s_q, h=h)
+    bf16 = (bf16.float() * torch.rand(*bf16.shape[:2], 1).mul(2).exp2()).bfloat16()
+    cache = ref.quantize_tokens(bf16[..., :512], bf16[..., 512:])
+    cache[bf16[..., 0].isnan()] = 0xFF
+    return [t.to(device) for t in (q.to(dtype), cache, block_table, seqlens_t, bf16)]
 
 
 def _skip_unsupported(backend, block_size, dtype):
@@ -166,16 +153,12 @@ def test_reference_layout_is_flashmla():
         torch.arange(512) != 384, torch.tensor(0.0)))  # 1e-9 / 2^-13 rounds to e4m3 zero
 
 
-def _write_case(t, dtype, device, fused, num_blocks=5, block_size=16):
-    cache = torch.full((num_blocks, block_size, FP8_BYTES), 0xFF, dtype=torch.uint8)
-    slots = torch.randperm(num_blocks * block_size)[:t]
-    slots[::4] = -1
-    kv_c = (torch.randn(t, 512) * torch.rand(t, 1).mul(6).exp2()).to(dtype)
-    k_pe = torch.randn(t, 64).to(dtype)
-    extra = [None, 1e-6, None, None]
-    if fused:
-        angle = torch.rand(t, 32) * 6.3
-        extra = [torch.rand(512).to(dtype) + 0.5, 1e-6, torch.cos(angle), torch.sin(angle)]
+def _write_case(t, dtype, device, fused):
+    """test_mla.py's write case (padding slots, optional norm weight and RoPE) into a poisoned FP8
+    cache, kv_c's tokens scaled by 1..64 so that the tiles' scales differ."""
+    kv_c, k_pe, _, slots, *extra = bf16_write_case(t, dtype, "cpu", fused)
+    kv_c = (kv_c.float() * torch.rand(t, 1).mul(6).exp2()).to(dtype)
+    cache = torch.full((5, 16, FP8_BYTES), 0xFF, dtype=torch.uint8)
     return [x.to(device) if isinstance(x, torch.Tensor) else x for x in [kv_c, k_pe, cache, slots] + extra]
 
 
@@ -185,9 +168,9 @@ def _write_case(t, dtype, device, fused, num_blocks=5, block_size=16):
 @pytest.mark.parametrize("t", [1, 37])
 def test_fp8_cache_write(device, backend, t, dtype, fused):
     args = _write_case(t, dtype, device, fused)
-    want = args[2].cpu().clone()
-    ref.mla_cache_write(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:2]], want,
-                        *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[3:]])
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    want = cpu_args[2].clone()
+    ref.mla_cache_write(*cpu_args[:2], want, *cpu_args[3:])
     dispatch.implementation("mla_cache_write", backend)(*args)
     got = args[2].cpu()
     written = (want != 0xFF).any(-1)
