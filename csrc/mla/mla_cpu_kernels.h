@@ -332,7 +332,6 @@ template <FloatType D, bool Pairs, bool Fp8 = false>
 DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l,
                                        float* tile, const float* zero_key) {
   static_assert(!Pairs || D == FloatType::kBFloat16, "dim pairs are bf16");
-  static_assert(!Fp8 || D == FloatType::kBFloat16 || !Pairs, "FP8 rows are dequantized to bf16 for pairs");
   uint16_t* fp8_rows = reinterpret_cast<uint16_t*>(tile + kTile * kDim);  // Fp8 && Pairs: [kTile][576] bf16
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());

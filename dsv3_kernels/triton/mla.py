@@ -17,11 +17,12 @@ mla_decode runs in two stages (split-KV, like FlashMLA and the Triton MLA decode
    out (q's dtype) and lse ([B, H, s_q], natural log).
 
 The FP8 cache (uint8 [num_blocks, block_size, 656], FlashMLA's layout: reference/mla.py) is read
-by the same split kernel (FP8=True): each key tile's e4m3 bytes are decoded on the bits (exact, no
-fp8 cast, which the interpreter gets wrong) and multiplied by their tile's scale; the dots then take
-them in q's dtype (exact for bf16, the scales being powers of two) or in fp32 (fp16/fp32 q).
-The cache write quantizes on the bits as well (round to nearest even), so its bytes equal the
-reference's on the GPU and in the interpreter.
+by the same split kernel (FP8=True, own configs: FP8_DECODE_CONFIGS): each key tile's e4m3 bytes
+are converted to fp32 (the hardware conversion on a GPU; decoded on the bits in the interpreter,
+whose fp8 casts are unreliable; both exact) and multiplied by their tile's scale; the dots then
+take them in q's dtype (exact for bf16, the scales being powers of two) or in fp32 (fp16/fp32 q).
+The cache write quantizes on the bits (round to nearest even), so its bytes equal the reference's
+on the GPU and in the interpreter.
 """
 
 import math
