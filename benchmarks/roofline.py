@@ -90,11 +90,13 @@ def weight_dequant_cost(n, k, out_bytes=2):
     return n * k, n * k * (1 + out_bytes) + 4 * -(-n // 128) * -(-k // 128)
 
 
-def mla_decode_cost(batch, s_q, heads, seqlen, elt=2, head_dim=576, dv=512):
+def mla_decode_cost(batch, s_q, heads, seqlen, elt=2, head_dim=576, dv=512, token_bytes=None):
     """Absorbed MLA decode: scores (576 wide) and P @ V (512 wide) for every query row and key;
-    bytes as FlashMLA counts them: the cache of every key once + q + out."""
+    bytes as FlashMLA counts them: the cache of every key once + q + out. token_bytes: one cached
+    token's (default elt * head_dim; the FP8 cache: 656)."""
     flops = 2 * batch * s_q * heads * seqlen * (head_dim + dv)
-    nbytes = elt * (batch * seqlen * head_dim + batch * s_q * heads * (head_dim + dv))
+    token_bytes = elt * head_dim if token_bytes is None else token_bytes
+    nbytes = batch * seqlen * token_bytes + elt * batch * s_q * heads * (head_dim + dv)
     return flops, nbytes
 
 

@@ -26,12 +26,15 @@ TORCH_LIBRARY(dsv3_kernels, m) {
 
   // ---- MLA absorbed-attention decode over a paged latent KV cache ----
   // q [B, s_q, H, 576] (absorbed q_nope 512 | q_pe 64), kv_cache [num_blocks, block_size, 576]
-  // (c_kv 512 | k_pe 64) of q's dtype, block_table int32 [B, max_blocks], cache_seqlens int32 [B]
+  // (c_kv 512 | k_pe 64) of q's dtype or the FP8 cache uint8 [num_blocks, block_size, 656] (per
+  // token: c_kv e4m3 512 B | 4 fp32 scales, one per 128 values | k_pe bf16 128 B; FlashMLA's
+  // layout, dsv3_kernels/reference/mla.py), block_table int32 [B, max_blocks], cache_seqlens int32 [B]
   // (counting the s_q new tokens, the last s_q of each sequence); num_splits 0 = the kernel's choice
   //   -> (out [B, s_q, H, 512] of q's dtype, lse fp32 [B, H, s_q], natural log)
   m.def("mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, float softmax_scale, "
         "bool causal, int num_splits) -> (Tensor, Tensor)");
-  // kv_c [T, 512], k_pe [T, 64] written to kv_cache [num_blocks, block_size, 576] at slot_mapping
+  // kv_c [T, 512], k_pe [T, 64] written (uint8 cache: quantized) to kv_cache [num_blocks, block_size,
+  // 576 | 656 bytes] at slot_mapping
   // int64 [T] (slot = block * block_size + offset; < 0 skips the token). Optional fusions:
   // RMSNorm of kv_c with kv_norm_weight [512] and eps (kv_a_layernorm), interleaved RoPE of k_pe
   // with rope_cos/rope_sin fp32 [T, 32].

@@ -2,7 +2,9 @@
 
 q: q_b_proj(q_a_layernorm(q_a_proj(x))) (or q_proj(x) when q_lora_rank is null) -> per head
 qk_nope | qk_rope. kv_a_proj_with_mqa(x) -> c_kv (512) | k_pe (64, one key shared by all heads).
-The cache stores kv_a_layernorm(c_kv) | rope(k_pe) (dsv3_kernels.mla_cache_write fuses both).
+The cache stores kv_a_layernorm(c_kv) | rope(k_pe) (dsv3_kernels.mla_cache_write fuses both), in
+the activations' dtype or, in the FP8 cache (uint8), quantized; with the FP8 cache prefill attends
+to the latent read back from it, so that a prompt sees the same keys prefilled or decoded.
 - prefill: keys and values materialized per head with kv_b_proj, causal softmax over the new tokens;
 - decode: the absorbed form. W_UK (kv_b_proj's first qk_nope rows of each head) folds into
   q_nope, so scores = q_lat . c_kv + q_pe . k_pe over the 576-wide cache (dsv3_kernels.mla_decode),
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
+from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES, dequantize_tokens
 
 from . import parallel
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
@@ -63,16 +66,22 @@ class MLA(Module):
 
     def forward(self, x, batch, kv_cache, rope):
         """x: [N, hidden] -> this rank's partial o_proj output [N, hidden]; writes the N tokens
-        into kv_cache [num_blocks, block_size, 576] at batch.slot_mapping."""
+        into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., 656]) at
+        batch.slot_mapping."""
         n = x.shape[0]
         q_nope, q_pe = self._query(x)
         cos, sin = rope(batch.positions)
         q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([KV_LORA_RANK, ROPE_DIM], dim=-1)
         c_kv, k_pe = c_kv.contiguous(), k_pe.contiguous()
-        dk.mla_cache_write(c_kv.to(kv_cache.dtype), k_pe.to(kv_cache.dtype), kv_cache, batch.slot_mapping,
+        fp8 = kv_cache.dtype == torch.uint8
+        store = self.dtype if fp8 else kv_cache.dtype  # what the write takes (FP8: it quantizes)
+        dk.mla_cache_write(c_kv.to(store), k_pe.to(store), kv_cache, batch.slot_mapping,
                            self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, backend=self.backend)
-        if batch.prefill:
+        if batch.prefill and fp8:
+            latent = dequantize_tokens(kv_cache.view(-1, FP8_TOKEN_BYTES)[batch.slot_mapping]).to(self.dtype)
+            out = self._prefill(q_nope, q_pe, *latent.split([KV_LORA_RANK, ROPE_DIM], dim=-1), batch.seq_lens)
+        elif batch.prefill:
             out = self._prefill(q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin), batch.seq_lens)
         else:
             out = self._decode(q_nope, q_pe, kv_cache, batch)
@@ -96,7 +105,9 @@ class MLA(Module):
         w_uk_t, w_uv = self.absorbed_weights()
         b = batch.cache_seqlens.shape[0]
         q_lat = self._per_head(q_nope.to(w_uk_t.dtype), w_uk_t)
-        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv_cache.dtype)
+        # q in the cache's dtype; with the FP8 cache (uint8), in the activations'
+        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(self.dtype if kv_cache.dtype == torch.uint8
+                                                                 else kv_cache.dtype)
         q = q.view(b, -1, self.num_heads, KV_LORA_RANK + ROPE_DIM)
         out, _ = dk.mla_decode(q, kv_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
                                causal=True, backend=self.backend)

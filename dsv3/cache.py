@@ -4,15 +4,22 @@ Per token and layer the cache holds 576 values (FlashMLA's layout): the normaliz
 (kv_lora_rank 512, also the value) and the RoPE'd shared key k_pe (64). Tokens live in blocks of
 `block_size` slots; a request owns a list of blocks (its block table), so requests of different
 lengths share one pool without fragmentation.
+With dtype "fp8" a token takes FlashMLA's 656 bytes per layer instead: c_kv in e4m3 with one fp32
+scale per 128 values, k_pe in bf16 (the layout: dsv3_kernels.mla_decode); the kernels quantize as
+they write and dequantize as they read.
 """
 
 import dataclasses
 
 import torch
 
+from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES
+
 from .config import KV_LORA_RANK, ROPE_DIM
 
 HEAD_DIM = KV_LORA_RANK + ROPE_DIM
+FP8 = "fp8"  # the LatentCache dtype of the FP8 cache
+CACHE_DTYPES = {"bf16": torch.bfloat16, FP8: FP8}  # --kv-cache-dtype of the command lines
 
 
 class CacheFullError(RuntimeError):
@@ -41,19 +48,24 @@ class BlockAllocator:
 
 
 class LatentCache:
-    """kv: [num_layers, num_blocks, block_size, 576] of `dtype` (bf16 by default)."""
+    """kv: [num_layers, num_blocks, block_size, 576] of `dtype` (a torch float dtype, bf16 by
+    default), or for dtype "fp8" the FP8 cache uint8 [num_layers, num_blocks, block_size, 656]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int = 64, dtype=torch.bfloat16, device=None):
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if isinstance(dtype, str) and dtype != FP8:
+            raise ValueError(f"dtype must be a torch float dtype or {FP8!r}, got {dtype!r}")
+        width, dtype = (FP8_TOKEN_BYTES, torch.uint8) if dtype == FP8 else (HEAD_DIM, dtype)
         self.block_size = block_size
-        self.kv = torch.zeros(num_layers, num_blocks, block_size, HEAD_DIM, dtype=dtype, device=device)
+        self.kv = torch.zeros(num_layers, num_blocks, block_size, width, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
 
     @property
     def bytes_per_token(self) -> int:
-        """Cache bytes one token takes over all layers (671B in bf16: 61 x 576 x 2 = 70,272)."""
-        return self.kv.shape[0] * HEAD_DIM * self.kv.element_size()
+        """Cache bytes one token takes over all layers (671B: 61 x 576 x 2 = 70,272 in bf16,
+        61 x 656 = 40,016 in fp8)."""
+        return self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -6,7 +6,7 @@ run as packed prefill batches with all positions' logits. nats/byte = the summed
 likelihood / the text's UTF-8 bytes (byte-level BPE: the same as the predicted tokens' bytes).
 The expert load is the fraction of routed (token, choice) pairs each expert of each MoE layer got.
 
-    python -m dsv3.evaluate --model DIR --text FILE [--backend cpu] [--window 512]
+    python -m dsv3.evaluate --model DIR --text FILE [--backend cpu] [--window 512] [--kv-cache-dtype fp8]
 """
 
 import argparse
@@ -16,14 +16,16 @@ import sys
 
 import torch
 
-from .cache import prefill_batch
+from .cache import CACHE_DTYPES, prefill_batch
 from .moe import Gate
 
 
 @torch.inference_mode()
-def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: int = 8) -> dict:
+def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: int = 8, kv_cache_dtype=None) -> dict:
     """-> {"nats_per_byte", "nats_per_token", "tokens", "bytes", "expert_load": [[fraction] * E] per
-    MoE layer}. window: tokens per request, BOS included (at most max_position_embeddings)."""
+    MoE layer, "kv_cache_bytes_per_token"}. window: tokens per request, BOS included (at most
+    max_position_embeddings). kv_cache_dtype: model.new_cache's (with "fp8" the attention reads
+    the quantized latent: dsv3.attention)."""
     bos = model.args.bos_token_id
     if bos is None:
         raise ValueError("evaluate needs a model with a bos_token_id (each window starts with it)")
@@ -43,7 +45,7 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
         return hook
 
     hooks = [g.register_forward_hook(count(c)) for g, c in zip(gates, loads)]
-    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64)
+    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64, dtype=kv_cache_dtype)
     device, nll = model.device, 0.0
     try:
         for start in range(0, len(chunks), windows_per_batch):
@@ -68,7 +70,8 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
             h.remove()
     nbytes = len(text.encode("utf-8"))
     return dict(nats_per_byte=nll / nbytes, nats_per_token=nll / len(ids), tokens=len(ids), bytes=nbytes,
-                expert_load=[(c.double() / max(int(c.sum()), 1)).tolist() for c in loads])
+                expert_load=[(c.double() / max(int(c.sum()), 1)).tolist() for c in loads],
+                kv_cache_bytes_per_token=cache.bytes_per_token)
 
 
 def main(argv=None):
@@ -79,6 +82,9 @@ def main(argv=None):
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
+    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
+                   help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
+                        "bf16 k_pe); default: the activations' dtype")
     a = p.parse_args(argv)
     from .load import load, load_tokenizer
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,11 +94,12 @@ def main(argv=None):
         tokenizer = load_tokenizer(a.model)
         model = load(a.model, dtype=getattr(torch, a.dtype), device=device,
                      backend=None if a.backend == "auto" else a.backend)
-        r = evaluate(model, tokenizer, text, a.window)
+        r = evaluate(model, tokenizer, text, a.window, kv_cache_dtype=CACHE_DTYPES.get(a.kv_cache_dtype))
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, window
         p.exit(2, f"{p.prog}: error: {e}\n")
     load_max = max((max(x) for x in r["expert_load"]), default=math.nan)
-    print(json.dumps({k: r[k] for k in ("nats_per_byte", "nats_per_token", "tokens", "bytes")}))
+    print(json.dumps({k: r[k] for k in ("nats_per_byte", "nats_per_token", "tokens", "bytes",
+                                        "kv_cache_bytes_per_token")}))
     print(f"busiest expert: {load_max:.3f} of routed tokens (uniform: {1 / model.args.n_routed_experts:.3f})",
           file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .cache import Batch, CacheFullError, decode_batch, prefill_batch
+from .cache import CACHE_DTYPES, Batch, CacheFullError, decode_batch, prefill_batch
 
 # The model folder the command line uses without --model.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
@@ -121,17 +121,18 @@ class Generator:
 
     tokenizer: kept for callers (the command line); generate works on ids. cuda_graph: replay
     decode steps as CUDA graphs (default: when the model is on a GPU); captured on first use,
-    for up to GRAPH_BATCH_SIZES[-1] running requests (larger steps run eagerly).
+    for up to GRAPH_BATCH_SIZES[-1] running requests (larger steps run eagerly). kv_cache_dtype:
+    the cache's (model.new_cache: default the activations' dtype, or "fp8").
     After each generate, last_stats holds its timings: prefill_tokens, ttft_s (prefill and the
     first token), decode_tokens, decode_s and decode_tokens_per_s (None without a decode step).
     """
 
-    def __init__(self, model, tokenizer=None, num_blocks=None, block_size=64, cuda_graph=None):
+    def __init__(self, model, tokenizer=None, num_blocks=None, block_size=64, cuda_graph=None, kv_cache_dtype=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_len = model.args.max_position_embeddings
         if num_blocks is None:
             num_blocks = -(-self.max_len // block_size)
-        self.cache = model.new_cache(num_blocks, block_size)
+        self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype)
         self.cuda_graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
         self._graphs = None
         self.last_stats = {}
@@ -271,6 +272,9 @@ def _parser():
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--fp8", action="store_true", help="quantize a bf16/fp32 checkpoint to FP8 on load")
+    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
+                   help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
+                        "bf16 k_pe); default: the activations' dtype")
     return p
 
 
@@ -348,7 +352,7 @@ def main(argv=None):
                      backend=None if args.backend == "auto" else args.backend)
     except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
         fail(str(e))
-    generator = Generator(model, tokenizer)
+    generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype))
     try:
         if args.prompt:
             _run(generator, tokenizer, args.prompt, args, out)

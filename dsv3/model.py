@@ -69,7 +69,8 @@ class Transformer(Module):
         return self
 
     def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None) -> LatentCache:
-        """A paged latent cache for this model (dtype: the activations' by default)."""
+        """A paged latent cache for this model. dtype: a torch float dtype (default: the
+        activations'), or "fp8" for FlashMLA's 656-byte FP8 token (dsv3.cache)."""
         return LatentCache(len(self.model.layers), num_blocks, block_size, dtype or self.dtype, self.device)
 
     @torch.inference_mode()

@@ -200,18 +200,28 @@ MLA_ROPE_DIM = _ref_mla.ROPE_DIM
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+MLA_FP8_TOKEN_BYTES = _ref_mla.FP8_TOKEN_BYTES  # 656: the FP8 cache's token (reference/mla.py)
+_CACHE_DTYPES = _FLOAT_DTYPES + (torch.uint8, FP8_DTYPE)
+
+
 def _as_3d_cache(kv_cache):
-    """FlashMLA's [num_blocks, block_size, 1, 576] cache is accepted as the 3-D one."""
+    """FlashMLA's [num_blocks, block_size, 1, D] cache is accepted as the 3-D one, and its FP8 cache
+    (float8_e4m3fn [.., 656]) as the uint8 bytes the kernels take (a view: writes land in it)."""
     if isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4 and kv_cache.shape[2] == 1:
-        return kv_cache.squeeze(2)
+        kv_cache = kv_cache.squeeze(2)
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.dtype == FP8_DTYPE:
+        kv_cache = kv_cache.view(torch.uint8)
     return kv_cache
 
 
-def _check_cache(kv_cache, dtypes):
-    _check_tensor("kv_cache", kv_cache, dtypes, ndim=3)
-    if kv_cache.shape[2] != MLA_HEAD_DIM:
-        raise ValueError(f"kv_cache must be [num_blocks, block_size, {MLA_HEAD_DIM}] "
-                         f"(c_kv {MLA_LORA_RANK} | k_pe {MLA_ROPE_DIM}), got {tuple(kv_cache.shape)}")
+def _check_cache(kv_cache):
+    _check_tensor("kv_cache", kv_cache, _CACHE_DTYPES, ndim=3)
+    width = MLA_FP8_TOKEN_BYTES if kv_cache.dtype == torch.uint8 else MLA_HEAD_DIM
+    if kv_cache.shape[2] != width:
+        layout = ("656 bytes: c_kv e4m3 512 | 4 fp32 scales | k_pe bf16 64" if kv_cache.dtype == torch.uint8
+                  else f"c_kv {MLA_LORA_RANK} | k_pe {MLA_ROPE_DIM}")
+        raise ValueError(f"kv_cache must be [num_blocks, block_size, {width}] for dtype {kv_cache.dtype} "
+                         f"({layout}), got {tuple(kv_cache.shape)}")
     bs = kv_cache.shape[1]
     if bs < 1 or bs & (bs - 1):
         raise ValueError(f"kv_cache's block_size (dim 1) must be a power of two, got {bs}")
@@ -245,6 +255,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     q: [B, s_q, H, 576] bfloat16/float16/float32: the absorbed query (q_nope @ W_UK: 512 | q_pe: 64).
     kv_cache: [num_blocks, block_size, 576] (or FlashMLA's [num_blocks, block_size, 1, 576]) of q's
       dtype: per token the normalized latent c_kv (512, also the value) | the RoPE'd k_pe (64).
+      Or the FP8 cache, uint8 (or float8_e4m3fn) [num_blocks, block_size, 656] (or [.., 1, 656]),
+      FlashMLA's 656-byte token: bytes [0, 512) c_kv in e4m3, [512, 528) 4 float32 scales (one per
+      128 values, c_kv = e4m3 * scale), [528, 656) k_pe in bf16; q may then be any float dtype.
+      The kernels dequantize it as they read it; the attention math (fp32 accumulation) is the same.
     block_table: int32 [B, max_blocks]: the cache blocks of each request, in order.
     cache_seqlens: int32 [B]: each request's length, counting its s_q new tokens (the last s_q).
     softmax_scale: always explicit (DeepSeek-V3: 192**-0.5 * mscale**2, not 576**-0.5).
@@ -257,17 +271,18 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Metadata values are checked here when they are on the CPU. On a GPU they are not (that would
     cost a device sync per call): a request with an out-of-range length or block index is never
     read out of bounds and gets out = lse = NaN instead.
-    The CUDA kernel takes bfloat16/float16 and block_size a multiple of 64; anything else on a GPU
-    goes to triton unless backend= says otherwise.
+    The CUDA kernel takes bfloat16/float16 (bfloat16 only with the FP8 cache) and block_size a
+    multiple of 64; anything else on a GPU goes to triton unless backend= says otherwise.
     """
     kv_cache = _as_3d_cache(kv_cache)
     _check_tensor("q", q, _FLOAT_DTYPES, ndim=4)
     if q.shape[3] != MLA_HEAD_DIM:
         raise ValueError(f"q must be [B, s_q, H, {MLA_HEAD_DIM}] (absorbed q_nope {MLA_LORA_RANK} | q_pe "
                          f"{MLA_ROPE_DIM}), got {tuple(q.shape)}")
-    _check_cache(kv_cache, _FLOAT_DTYPES)
-    if kv_cache.dtype != q.dtype:
-        raise TypeError(f"kv_cache must have q's dtype {q.dtype}, got {kv_cache.dtype}")
+    _check_cache(kv_cache)
+    fp8_cache = kv_cache.dtype == torch.uint8
+    if kv_cache.dtype != q.dtype and not fp8_cache:
+        raise TypeError(f"kv_cache must have q's dtype {q.dtype} (or be the uint8 FP8 cache), got {kv_cache.dtype}")
     _check_tensor("block_table", block_table, (torch.int32,), ndim=2)
     _check_tensor("cache_seqlens", cache_seqlens, (torch.int32,), ndim=1)
     _check_same_device(q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
@@ -284,7 +299,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
     chosen = dispatch.resolve("mla_decode", q.device, backend)
-    if chosen == "cuda" and backend is None and (q.dtype == torch.float32 or kv_cache.shape[1] % 64):
+    cuda_dtypes = (torch.bfloat16,) if fp8_cache else _HALF_DTYPES
+    if chosen == "cuda" and backend is None and (q.dtype not in cuda_dtypes or kv_cache.shape[1] % 64):
         chosen = dispatch.resolve("mla_decode", q.device, "triton")  # what the CUDA kernel does not take
     return dispatch.implementation("mla_decode", chosen)(
         q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal), num_splits)
@@ -295,8 +311,11 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
     """Write new tokens into the paged latent cache, in place, optionally fusing kv_a_layernorm and RoPE.
 
     kv_c: [T, 512], k_pe: [T, 64] (bfloat16/float16/float32, one dtype); kv_cache: [num_blocks,
-    block_size, 576] (or [.., 1, 576]); slot_mapping: int64 [T], slot = block * block_size + offset,
-    a negative slot skips that token (padding).
+    block_size, 576] (or [.., 1, 576]) of any float dtype, or the FP8 cache uint8/float8_e4m3fn
+    [num_blocks, block_size, 656] (layout in mla_decode's docstring), quantized here as FlashMLA
+    does: per 128 values scale = amax / 448 (>= 1e-4) rounded up to a power of two, c_kv / scale
+    rounded to nearest e4m3; k_pe stored in bf16; slot_mapping: int64 [T], slot = block *
+    block_size + offset, a negative slot skips that token (padding).
     kv_norm_weight: [512] or None: store RMSNorm(kv_c) * kv_norm_weight (Hugging Face's
       DeepseekV3RMSNorm with `eps`) instead of kv_c.
     rope_cos, rope_sin: float32 [T, 32] or None: store k_pe rotated in interleaved pairs
@@ -306,7 +325,7 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
     kv_cache = _as_3d_cache(kv_cache)
     _check_tensor("kv_c", kv_c, _FLOAT_DTYPES, ndim=2)
     _check_tensor("k_pe", k_pe, (kv_c.dtype,), ndim=2)
-    _check_cache(kv_cache, _FLOAT_DTYPES)
+    _check_cache(kv_cache)
     _check_tensor("slot_mapping", slot_mapping, (torch.int64,), ndim=1)
     t = kv_c.shape[0]
     if kv_c.shape[1] != MLA_LORA_RANK or tuple(k_pe.shape) != (t, MLA_ROPE_DIM) or slot_mapping.shape[0] != t:

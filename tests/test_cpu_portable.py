@@ -12,6 +12,7 @@ from dsv3_kernels import _native
 
 
 @pytest.mark.parametrize("test_file, op", [("test_fp8.py", "fp8_gemm"), ("test_mla.py", "mla_decode"),
+                                                ("test_mla_fp8_cache.py", "mla_decode"),
                                                 ("test_moe_experts.py", "fused_moe")])
 def test_portable_cpu_kernels_pass(test_file, op):
     if not _native.has_kernel(op, "CPU"):

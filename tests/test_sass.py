@@ -91,10 +91,13 @@ def gemm_functions(counts, pattern=GEMM_PATTERN):
     return {key: n for key, n in counts.items() if key[0] == "sm_90a" and pattern.search(key[1])}
 
 
-# The MLA decode kernels (mla_decode_sm90.cu): one per dtype; per key tile each runs S = Q K^T as
-# m64n32k16 wgmma (36 k-steps in a loop unrolled by 4) and O += P V as four m64n256k16. The combine and cache-write kernels are plain CUDA.
+# The MLA decode kernels (mla_decode_sm90.cu): one per dtype and one reading the FP8 cache (bf16,
+# its tiles dequantized to bf16 in shared memory first: the same wgmmas); per key tile each runs
+# S = Q K^T as m64n32k16 wgmma (36 k-steps in a loop unrolled by 4) and O += P V as four m64n256k16.
+# The combine and cache-write kernels are plain CUDA.
 MLA_DECODE_PATTERN = re.compile(r"mla_decode_kernel")
-MLA_DECODE_INSTANTIATIONS = 2  # bfloat16, float16
+MLA_DECODE_INSTANTIATIONS = 3  # bfloat16, float16, bfloat16 over the FP8 cache
+MLA_DECODE_FP8_PATTERN = re.compile(r"mla_decode_kernel.*Lb1E")  # the template's kFp8 = true
 MLA_DECODE_SHAPES = ("HGMMA.64x32x16", "HGMMA.64x256x16")
 MLA_OTHER_KERNELS = ("mla_combine_kernel", "mla_cache_write_kernel")
 
@@ -227,6 +230,17 @@ def test_mla_decode_kernels_use_hgmma(sass_text):
     shapes = gmma_shapes(sass_text, MLA_DECODE_PATTERN)
     assert len(shapes) == MLA_DECODE_INSTANTIATIONS, f"expected {MLA_DECODE_INSTANTIATIONS} sm_90a MLA decode kernels, got {sorted(shapes)}"
     assert not mla_decode_problems(shapes), mla_decode_problems(shapes)
+
+
+def test_mla_decode_fp8_cache_kernel_dequantizes_in_hardware(sass_text):
+    """The FP8-cache instantiation exists, runs both wgmmas, and converts e4m3 with the hardware
+    instruction (F2FP.F16.E4M3.UNPACK_B), not a software decode."""
+    shapes = gmma_shapes(sass_text, MLA_DECODE_FP8_PATTERN)
+    assert len(shapes) == 1, sorted(shapes)
+    assert not mla_decode_problems(shapes), mla_decode_problems(shapes)
+    fp8_fn = next(iter(shapes))
+    body = sass_text.split(fp8_fn, 1)[1].split("Function :", 1)[0]
+    assert "F2FP.F16.E4M3.UNPACK_B" in body
 
 
 def test_mla_kernels_present_and_within_registers(sass, resource_usage):

@@ -3,8 +3,12 @@
 // (weight, kv_c), then store in the cache dtype) and optional interleaved RoPE of k_pe (fp32, each
 // product rounded separately as torch does: no FMA contraction). Semantics:
 // dsv3_kernels/reference/mla.py::mla_cache_write. Slots < 0 (padding) and >= capacity are skipped.
+// The FP8 cache (mla_fp8_layout.h): each 128-value tile's amax by warp shuffles, FlashMLA's
+// power-of-two scale on the bits, e4m3 by the hardware conversion (round to nearest even; the
+// values are within +-448 by construction), k_pe in bf16.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include "mla/mla_kernels.cuh"
 
@@ -39,13 +43,41 @@ __device__ __forceinline__ float round_to(FloatType t, float v) {
   }
 }
 
+// max(amax / 448, 1e-4) rounded up to a power of two (IEEE division, then on the bits).
+__device__ __forceinline__ float fp8_tile_scale(float amax) {
+  const float s = fmaxf(__fdiv_rn(amax, 448.f), 1e-4f);
+  return __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & ~0x7FFFFFu);
+}
+
+// x: this lane's kv_c values (columns lane + 32 i), pe: its k_pe pair -> the 656-byte token at dst.
+__device__ __forceinline__ void store_fp8_token(uint8_t* dst, const float (&x)[kLora / 32], float x0, float x1,
+                                                int lane) {
+  constexpr int kPerTile = kFp8Tile / 32;  // values of a tile per lane
+#pragma unroll
+  for (int t = 0; t < kFp8Scales; ++t) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = t * kPerTile; i < (t + 1) * kPerTile; ++i) amax = fmaxf(amax, fabsf(x[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float scale = fp8_tile_scale(amax);
+#pragma unroll
+    for (int i = t * kPerTile; i < (t + 1) * kPerTile; ++i)
+      dst[lane + 32 * i] = __nv_cvt_float_to_fp8(__fdiv_rn(x[i], scale), __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) reinterpret_cast<float*>(dst + kFp8ScaleOffset)[t] = scale;
+  }
+  __nv_bfloat16* pe = reinterpret_cast<__nv_bfloat16*>(dst + kFp8RopeOffset);
+  pe[2 * lane] = __float2bfloat16_rn(x0);
+  pe[2 * lane + 1] = __float2bfloat16_rn(x1);
+}
+
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) mla_cache_write_kernel(const MlaCacheWriteParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (token >= p.num_tokens) return;
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0 || slot >= p.capacity) return;  // padding / out of the cache: skipped (documented)
-  const int64_t src = token * kLora, dst = slot * kHead;
+  const int64_t src = token * kLora;
 
   // kv_c: lane owns columns lane + 32 * i (coalesced).
   float x[kLora / 32];
@@ -67,9 +99,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) mla_cache_write_kernel(co
       x[i] = round_to(prod_t, __fmul_rn(load(p.norm_weight, p.w_dtype, lane + 32 * i), normed));
     }
   }
-#pragma unroll
-  for (int i = 0; i < kLora / 32; ++i) store(p.kv_cache, p.cache_dtype, dst + lane + 32 * i, x[i]);
-
   // k_pe: lane owns the interleaved pair (2 lane, 2 lane + 1), rotated by angle `lane`.
   const int64_t pe = token * kRope + 2 * lane;
   float x0 = load(p.k_pe, p.x_dtype, pe), x1 = load(p.k_pe, p.x_dtype, pe + 1);
@@ -80,6 +109,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) mla_cache_write_kernel(co
     x0 = y0;
     x1 = y1;
   }
+  if (p.cache_fp8) {
+    store_fp8_token(static_cast<uint8_t*>(p.kv_cache) + slot * kFp8TokenBytes, x, x0, x1, lane);
+    return;
+  }
+  const int64_t dst = slot * kHead;
+#pragma unroll
+  for (int i = 0; i < kLora / 32; ++i) store(p.kv_cache, p.cache_dtype, dst + lane + 32 * i, x[i]);
   store(p.kv_cache, p.cache_dtype, dst + kLora + 2 * lane, x0);
   store(p.kv_cache, p.cache_dtype, dst + kLora + 2 * lane + 1, x1);
 }

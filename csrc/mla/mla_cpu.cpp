@@ -8,10 +8,14 @@
 // Metadata is checked per request before anything is read: a request that would read out of
 // bounds gets NaN instead.
 //
+// The FP8 cache (uint8, 656-byte tokens) takes the same kernels, its keys dequantized per tile.
+// mla_cache_write quantizes into it as the reference does (bit for bit: power-of-two scales).
+//
 // Set DSV3_KERNELS_CPU_ISA=scalar to force the portable path (for testing it on AVX-512 hosts).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -34,15 +38,19 @@ constexpr int64_t kMinSplitKeys = 512;
 
 // The portable version of attend_avx512 (same contract), one key at a time; the loop over the
 // rows is contiguous, for the compiler to vectorize. key: kDim floats of scratch.
-template <typename T>
+template <typename T, bool Fp8>
 void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* key, const float*) {
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   std::fill(m, m + kGroupRows, -kInf);
   std::fill(l, l + kGroupRows, 0.0f);
   const float* qt = static_cast<const float*>(g.q);
   for (int64_t j = k.begin; j < k.end; ++j) {
-    const T* src = static_cast<const T*>(key_ptr<float_type_of<T>()>(k, j));
-    for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
+    if constexpr (Fp8) {
+      dequant_fp8_row(static_cast<const uint8_t*>(key_ptr<float_type_of<T>(), true>(k, j)), key);
+    } else {
+      const T* src = static_cast<const T*>(key_ptr<float_type_of<T>()>(k, j));
+      for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
+    }
     float s[kGroupRows] = {};
     for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
       float blk[kGroupRows] = {};
@@ -83,15 +91,16 @@ void layout_bf16_pairs(const c10::BFloat16* q, int rows, void* dst) {
   transpose_bf16_pairs(reinterpret_cast<const uint16_t*>(q), rows, static_cast<uint16_t*>(dst));
 }
 
-template <typename T>
+template <typename T, bool Fp8>
 Attend<T> pick_attend() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (dsv3::fp8::cpu::avx512_bf16_supported()) return {&layout_bf16_pairs, &attend_avx512<FloatType::kBFloat16, true>};
+    if (dsv3::fp8::cpu::avx512_bf16_supported())
+      return {&layout_bf16_pairs, &attend_avx512<FloatType::kBFloat16, true, Fp8>};
   }
-  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false>};
+  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false, Fp8>};
 #endif
-  return {&layout_f32<T>, &attend_portable<T>};
+  return {&layout_f32<T>, &attend_portable<T, Fp8>};
 }
 
 // out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf.
@@ -155,14 +164,15 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
     const scalar_t* pq = q.const_data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    const Attend<scalar_t> kernel = pick_attend<scalar_t>();
+    const Attend<scalar_t> kernel =
+        is_fp8_cache(kv_cache) ? pick_attend<scalar_t, true>() : pick_attend<scalar_t, false>();
     const float scale = static_cast<float>(softmax_scale);
 
     // Row r = s * H + hd of request i: out row i * rows + r, lse at (i * H + hd) * s_q + s.
     auto lse_at = [&](int64_t i, int64_t r) { return lse_ptr + (i * h + r % h) * s_q + r / h; };
 
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qt(kDim * kGroupRows), tile(kTile * kDim), zero_key(kDim, 0.0f);
+      std::vector<float> qt(kDim * kGroupRows), tile(2 * kTile * kDim), zero_key(kDim, 0.0f);
       std::vector<float> o(kGroupRows * kValueDim);
       alignas(64) int32_t last[kGroupRows];
       alignas(64) float m[kGroupRows], l[kGroupRows];
@@ -249,32 +259,64 @@ float round_to(float x, at::ScalarType t) {
   return x;
 }
 
-// One token: kv_c (optionally RMSNorm-ed and scaled) and k_pe (optionally rotated) -> dst [576].
-// The rounding steps are the reference's: normed to kv_c's dtype, normed * weight to their
-// promoted dtype, everything to the cache's.
-template <typename In, typename Out>
-void write_token(const In* kv_c, const In* k_pe, Out* dst, const float* weight, at::ScalarType product_dtype,
-                 float eps, const float* cos, const float* sin) {
+// One token's values before the cast to the cache: kv_c (optionally RMSNorm-ed and scaled) -> c
+// [512] and k_pe (optionally rotated) -> pe [64]. The rounding steps are the reference's: normed to
+// kv_c's dtype, normed * weight to their promoted dtype (the store then rounds to the cache's).
+template <typename In>
+void token_values(const In* kv_c, const In* k_pe, const float* weight, at::ScalarType product_dtype, float eps,
+                  const float* cos, const float* sin, float* c, float* pe) {
   if (weight != nullptr) {
     float ss = 0.0f;
-    for (int64_t c = 0; c < kLoraRank; ++c) ss += static_cast<float>(kv_c[c]) * static_cast<float>(kv_c[c]);
+    for (int64_t i = 0; i < kLoraRank; ++i) ss += static_cast<float>(kv_c[i]) * static_cast<float>(kv_c[i]);
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(kLoraRank) + eps);
-    for (int64_t c = 0; c < kLoraRank; ++c) {
-      const float normed = round_to<In>(static_cast<float>(kv_c[c]) * inv);
-      dst[c] = static_cast<Out>(round_to(weight[c] * normed, product_dtype));
+    for (int64_t i = 0; i < kLoraRank; ++i) {
+      const float normed = round_to<In>(static_cast<float>(kv_c[i]) * inv);
+      c[i] = round_to(weight[i] * normed, product_dtype);
     }
   } else {
-    for (int64_t c = 0; c < kLoraRank; ++c) dst[c] = static_cast<Out>(static_cast<float>(kv_c[c]));
+    for (int64_t i = 0; i < kLoraRank; ++i) c[i] = static_cast<float>(kv_c[i]);
   }
-  Out* pe = dst + kLoraRank;
   if (cos != nullptr) {
     for (int64_t p = 0; p < kRopeDim / 2; ++p) {
       const float x0 = static_cast<float>(k_pe[2 * p]), x1 = static_cast<float>(k_pe[2 * p + 1]);
-      pe[2 * p] = static_cast<Out>(x0 * cos[p] - x1 * sin[p]);
-      pe[2 * p + 1] = static_cast<Out>(x0 * sin[p] + x1 * cos[p]);
+      pe[2 * p] = x0 * cos[p] - x1 * sin[p];
+      pe[2 * p + 1] = x0 * sin[p] + x1 * cos[p];
     }
   } else {
-    for (int64_t c = 0; c < kRopeDim; ++c) pe[c] = static_cast<Out>(static_cast<float>(k_pe[c]));
+    for (int64_t i = 0; i < kRopeDim; ++i) pe[i] = static_cast<float>(k_pe[i]);
+  }
+}
+
+template <typename Out>
+void store_token(const float* c, const float* pe, Out* dst) {
+  for (int64_t i = 0; i < kLoraRank; ++i) dst[i] = static_cast<Out>(c[i]);
+  for (int64_t i = 0; i < kRopeDim; ++i) dst[kLoraRank + i] = static_cast<Out>(pe[i]);
+}
+
+// FlashMLA's tile scale: max(amax / 448, 1e-4) rounded up to a power of two, on the bits (the
+// reference does the same), so c / scale is exact and every backend stores the same bytes.
+float fp8_tile_scale(float amax) {
+  const float s = std::max(amax / 448.0f, 1e-4f);
+  uint32_t bits;
+  std::memcpy(&bits, &s, 4);
+  bits = (bits + 0x7FFFFFu) & ~0x7FFFFFu;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return scale;
+}
+
+// The FP8 cache's 656 bytes (mla_fp8_layout.h): c e4m3 per 128-value tile with its scale, pe in bf16.
+void store_token_fp8(const float* c, const float* pe, uint8_t* dst) {
+  for (int64_t t = 0; t < kLoraRank / kFp8Tile; ++t) {
+    float amax = 0.0f;
+    for (int64_t i = t * kFp8Tile; i < (t + 1) * kFp8Tile; ++i) amax = std::max(amax, std::abs(c[i]));
+    const float scale = fp8_tile_scale(amax);
+    for (int64_t i = t * kFp8Tile; i < (t + 1) * kFp8Tile; ++i) dst[i] = c10::Float8_e4m3fn(c[i] / scale).x;
+    std::memcpy(dst + kFp8ScaleOffset + 4 * t, &scale, 4);
+  }
+  for (int64_t i = 0; i < kRopeDim; ++i) {
+    const c10::BFloat16 h(pe[i]);
+    std::memcpy(dst + kFp8RopeOffset + 2 * i, &h.x, 2);
   }
 }
 
@@ -297,20 +339,32 @@ void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, const a
   }
   const float* pcos = rope_cos ? rope_cos->const_data_ptr<float>() : nullptr;
   const float* psin = rope_sin ? rope_sin->const_data_ptr<float>() : nullptr;
+  const bool fp8 = is_fp8_cache(kv_cache);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_c.scalar_type(), "mla_cache_write_cpu", [&] {
     using in_t = scalar_t;
     const in_t* pc = kv_c.const_data_ptr<in_t>();
     const in_t* pe = k_pe.const_data_ptr<in_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "mla_cache_write_cpu", [&] {
-      scalar_t* dst = kv_cache.data_ptr<scalar_t>();
+    // Stores token i's values into slot `slot` of the cache; a per-dtype lambda.
+    auto write_all = [&](auto store) {
       at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+        float c[kLoraRank], rot[kRopeDim];
         for (int64_t i = begin; i < end; ++i) {
           if (slots[i] < 0 || slots[i] >= capacity) continue;
-          write_token(pc + i * kLoraRank, pe + i * kRopeDim, dst + slots[i] * kHeadDim,
-                      weight.empty() ? nullptr : weight.data(), product_dtype, static_cast<float>(eps),
-                      pcos ? pcos + i * kRopeDim / 2 : nullptr, psin ? psin + i * kRopeDim / 2 : nullptr);
+          token_values(pc + i * kLoraRank, pe + i * kRopeDim, weight.empty() ? nullptr : weight.data(), product_dtype,
+                       static_cast<float>(eps), pcos ? pcos + i * kRopeDim / 2 : nullptr,
+                       psin ? psin + i * kRopeDim / 2 : nullptr, c, rot);
+          store(c, rot, slots[i]);
         }
       });
+    };
+    if (fp8) {
+      uint8_t* dst = kv_cache.data_ptr<uint8_t>();
+      write_all([&](const float* c, const float* rot, int64_t slot) { store_token_fp8(c, rot, dst + slot * kFp8TokenBytes); });
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "mla_cache_write_cpu", [&] {
+      scalar_t* dst = kv_cache.data_ptr<scalar_t>();
+      write_all([&](const float* c, const float* rot, int64_t slot) { store_token(c, rot, dst + slot * kHeadDim); });
     });
   });
 }

@@ -12,6 +12,10 @@
 // key pairs with p rounded to bf16 (FlashMLA does the same; well inside the bf16 tolerance).
 // (bf16, B = 8, H = 16, 4096 keys, 1 thread: 14.3 ms with O by fp32 FMAs, 10.2 ms so.)
 //
+// The FP8 cache (mla_fp8_layout.h) goes
+// through the same loops: each tile's rows are dequantized once, exactly (e4m3 * a power-of-two
+// scale fits bf16), into bf16 rows for the vdpbf16ps path or fp32 rows for the others.
+//
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after avx512_supported() said yes.
 #pragma once
@@ -26,6 +30,7 @@
 #endif
 
 #include "common/float_type.h"
+#include "mla/mla_fp8_layout.h"
 
 namespace dsv3::fp8::cpu {
 // fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
@@ -58,12 +63,42 @@ struct RowGroup {
   float scale;
 };
 
-template <FloatType D>
+// Bytes of one cached token: 576 values of D, or the FP8 cache's 656.
+template <FloatType D, bool Fp8>
+constexpr int64_t row_bytes() {
+  return Fp8 ? kFp8TokenBytes : kDim * (D == FloatType::kFloat32 ? 4 : 2);
+}
+
+template <FloatType D, bool Fp8 = false>
 inline const void* key_ptr(const KeyRange& k, int64_t j) {
-  constexpr int64_t elem = D == FloatType::kFloat32 ? 4 : 2;
   const int64_t bs_mask = (int64_t{1} << k.log2_block) - 1;
   const int64_t slot = static_cast<int64_t>(k.block_row[j >> k.log2_block]) * (bs_mask + 1) + (j & bs_mask);
-  return static_cast<const char*>(k.cache) + slot * kDim * elem;
+  return static_cast<const char*>(k.cache) + slot * row_bytes<D, Fp8>();
+}
+
+// An e4m3 byte's bits moved into an fp32 (sign; exponent and mantissa shifted down 20 bits): the
+// fp32 is e4m3 * 2^-120 exactly, subnormals included (they become fp32 denormals).
+inline uint32_t e4m3_as_f32_bits(uint8_t b) {
+  return (static_cast<uint32_t>(b & 0x80) << 24) | (static_cast<uint32_t>(b & 0x7F) << 20);
+}
+constexpr float kTwoPow120 = 1.329227995784916e36f;
+
+// One FP8-cache token -> 576 fp32 values (c_kv = e4m3 * scale | k_pe), the portable way.
+inline void dequant_fp8_row(const uint8_t* src, float* dst) {
+  float scale[kFp8Scales];
+  std::memcpy(scale, src + kFp8ScaleOffset, sizeof(scale));
+  for (int c = 0; c < kValueDim; ++c) {
+    const uint32_t bits = e4m3_as_f32_bits(src[c]);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    dst[c] = f * kTwoPow120 * scale[c / kFp8Tile];
+  }
+  for (int c = 0; c < kDim - kValueDim; ++c) {
+    uint16_t h;
+    std::memcpy(&h, src + kFp8RopeOffset + 2 * c, 2);
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    std::memcpy(dst + kValueDim + c, &bits, 4);
+  }
 }
 
 #if defined(__x86_64__)
@@ -95,6 +130,28 @@ DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 e4m3 bytes -> e4m3 * scale in fp32, exactly (see e4m3_as_f32_bits; two multiplies, so that
+// no factor overflows for any scale).
+DSV3_MLA_AVX512 inline __m512 dequant16_fp8(const uint8_t* src, __m512 scale) {
+  const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m512 f = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(x, 20), _mm512_set1_epi32(0x87F00000)));
+  return _mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(kTwoPow120)), scale);
+}
+
+// One FP8-cache token -> 576 bf16 values (exact: e4m3 has 4 significant bits).
+DSV3_MLA_AVX512BF16 inline void dequant_fp8_row_bf16(const uint8_t* src, uint16_t* dst) {
+  for (int t = 0; t < kValueDim / kFp8Tile; ++t) {
+    float scale;
+    std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int c = t * kFp8Tile; c < (t + 1) * kFp8Tile; c += 32) {
+      const __m512bh b = _mm512_cvtne2ps_pbh(dequant16_fp8(src + c + 16, vs), dequant16_fp8(src + c, vs));
+      _mm512_storeu_si512(dst + c, (__m512i)b);
+    }
+  }
+  std::memcpy(dst + kValueDim, src + kFp8RopeOffset, 2 * (kDim - kValueDim));
+}
+
 template <FloatType D>
 DSV3_MLA_AVX512 inline __m512 load16(const void* base, int64_t i) {
   if constexpr (D == FloatType::kFloat32) {
@@ -104,6 +161,18 @@ DSV3_MLA_AVX512 inline __m512 load16(const void* base, int64_t i) {
     if constexpr (D == FloatType::kFloat16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+}
+
+// One FP8-cache token -> 576 fp32 values.
+DSV3_MLA_AVX512 inline void dequant_fp8_row_f32(const uint8_t* src, float* dst) {
+  for (int t = 0; t < kValueDim / kFp8Tile; ++t) {
+    float scale;
+    std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int c = t * kFp8Tile; c < (t + 1) * kFp8Tile; c += 16) _mm512_storeu_ps(dst + c, dequant16_fp8(src + c, vs));
+  }
+  for (int c = 0; c < kDim - kValueDim; c += 16)
+    _mm512_storeu_ps(dst + kValueDim + c, load16<FloatType::kBFloat16>(src + kFp8RopeOffset, c));
 }
 
 // o[i][0..512) = o[i] * alpha[i] + sum_t p[t][i] * v[t], for R rows starting at row 0 of o, p, alpha.
@@ -252,15 +321,18 @@ DSV3_MLA_AVX512 inline void unpermute_pairs(float* o, int rows) {
 
 // Attends the group to keys [k.begin, k.end): o [kGroupRows][512] gets the unnormalized output,
 // m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key).
-// tile: kTile * 576 floats of scratch; zero_key: 576 zero floats, standing in for the keys past
-// the end of the last tile (never read from the cache).
+// tile: 2 * kTile * 576 floats of scratch; zero_key: 576 zero floats, standing in for the keys
+// past the end of the last tile (never read from the cache).
+// Fp8 (the cache is the FP8 one, D names the dequantized rows' type): each key is dequantized
+// into the tile's second half (bf16 rows for Pairs) or its first (fp32 rows), then as above.
 // Pairs (bf16, the caller checked avx512_bf16): scores by scores_bf16_pairs (g.q in dim pairs),
 // O by accumulate_pairs, nothing converted to fp32. Otherwise the scores are summed in blocks of
 // kDotBlock (see scores_bf16_pairs).
-template <FloatType D, bool Pairs>
+template <FloatType D, bool Pairs, bool Fp8 = false>
 DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l,
                                        float* tile, const float* zero_key) {
   static_assert(!Pairs || D == FloatType::kBFloat16, "dim pairs are bf16");
+  uint16_t* fp8_rows = reinterpret_cast<uint16_t*>(tile + kTile * kDim);  // Fp8 && Pairs: [kTile][576] bf16
   std::fill(o, o + kGroupRows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 vscale = _mm512_set1_ps(g.scale);
@@ -274,13 +346,26 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     // hardware prefetcher leaves many lines to demand misses (bf16, goal shape, 1 thread: 16.5 ms
     // without, 13 ms with).
     for (int64_t j = j0 + 2 * kTile; j < std::min(j0 + 3 * kTile, k.end); ++j) {
-      const char* row = static_cast<const char*>(key_ptr<D>(k, j));
-      for (int64_t b = 0; b < kDim * (D == FloatType::kFloat32 ? 4 : 2); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+      const char* row = static_cast<const char*>(key_ptr<D, Fp8>(k, j));
+      for (int64_t b = 0; b < row_bytes<D, Fp8>(); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
     }
     // raw: the cache rows (zeros past the end); key: them in fp32 (unless Pairs).
     const float* key[kTile];
     const void* raw[kTile];
     for (int t = 0; t < kTile; ++t) {
+      if constexpr (Fp8) {
+        if (t >= n) {
+          raw[t] = zero_key;
+          key[t] = zero_key;
+        } else if constexpr (Pairs) {
+          dequant_fp8_row_bf16(static_cast<const uint8_t*>(key_ptr<D, true>(k, j0 + t)), fp8_rows + t * kDim);
+          raw[t] = fp8_rows + t * kDim;
+        } else {
+          dequant_fp8_row_f32(static_cast<const uint8_t*>(key_ptr<D, true>(k, j0 + t)), tile + t * kDim);
+          key[t] = tile + t * kDim;
+        }
+        continue;
+      }
       raw[t] = t < n ? key_ptr<D>(k, j0 + t) : zero_key;
       if constexpr (D == FloatType::kFloat32) {
         key[t] = static_cast<const float*>(raw[t]);

@@ -29,9 +29,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
                                                    const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                                                    double softmax_scale, bool causal, int64_t num_splits) {
   check_mla_decode(q, kv_cache, block_table, cache_seqlens, num_splits);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "mla_decode: the CUDA kernel takes bfloat16 or float16, got ", q.scalar_type(),
-              "; use backend=\"triton\" for float32");
+  const bool fp8 = is_fp8_cache(kv_cache);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || (q.scalar_type() == at::kHalf && !fp8),
+              "mla_decode: the CUDA kernel takes bfloat16 or float16 (bfloat16 with the FP8 cache), got ",
+              q.scalar_type(), "; use backend=\"triton\"");
   const int64_t block_size = kv_cache.size(1);
   TORCH_CHECK(block_size % kMlaBlockN == 0, "mla_decode: the CUDA kernel needs kv_cache's block_size to be a "
               "multiple of 64, got ", block_size, "; use backend=\"triton\"");
@@ -77,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   p.num_splits = static_cast<int>(splits);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
+  p.fp8_cache = fp8;
   p.dtype = float_type(q.scalar_type());
   const char* error = mla_decode_sm90_launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "mla_decode: ", error);
@@ -106,7 +108,8 @@ void mla_cache_write_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const 
   p.capacity = kv_cache.size(0) * kv_cache.size(1);
   p.eps = static_cast<float>(eps);
   p.x_dtype = float_type(kv_c.scalar_type());
-  p.cache_dtype = float_type(kv_cache.scalar_type());
+  p.cache_fp8 = is_fp8_cache(kv_cache);
+  p.cache_dtype = p.cache_fp8 ? FloatType::kBFloat16 : float_type(kv_cache.scalar_type());
   p.w_dtype = kv_norm_weight ? float_type(kv_norm_weight->scalar_type()) : p.x_dtype;
   const char* error = mla_cache_write_launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(error == nullptr, "mla_cache_write: CUDA kernel launch failed: ", error);

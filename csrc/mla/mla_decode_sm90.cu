@@ -24,8 +24,20 @@
 // the device, so varlen batches stay balanced and CUDA-graph replays with new lengths are right).
 // num_splits == 1 writes out/lse directly; otherwise each CTA writes its normalized partial O and
 // its lse to the fp32 workspace, and mla_combine_kernel merges the splits by their lse.
+//
+// The FP8 cache (kFp8, bf16 q; layout in mla_fp8_layout.h): a key tile's 64 tokens are 64 x 656
+// contiguous bytes, copied raw (16-byte cp.async, rows past seqlen zero-filled) into the K stage 1
+// region (41,984 of its 73,728 bytes), then dequantized by all 256 threads into K stage 0 in the
+// same swizzled bf16 layout: e4m3 -> f16 (exact) -> fp32, times the tile's scale, -> bf16 (exact
+// for the power-of-two scales mla_cache_write writes). The S and P V wgmmas then run unchanged.
+// Per tile: (1) raw tile in smem + barrier, (2) dequantize, proxy fence + barrier (K visible to
+// wgmma, the raw region free), then the next raw tile's copies start and overlap this tile's
+// math. One K stage instead of two: the dequantization is not overlapped with the wgmmas.
 #include <cmath>
 #include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -116,8 +128,18 @@ __device__ void write_constant(const MlaDecodeParams& p, int b, int row0, int sp
   }
 }
 
-template <class Element>
+// Two e4m3 values (low byte first) times scale -> two bf16 (low half first), exactly when scale is
+// a power of two.
+__device__ __forceinline__ uint32_t dequant_e4m3x2(uint32_t two, float scale) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two), __NV_E4M3);
+  const float lo = __half2float(__ushort_as_half(h.x)), hi = __half2float(__ushort_as_half(h.y));
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo * scale, hi * scale);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+
+template <class Element, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ MlaDecodeParams p) {
+  static_assert(!kFp8 || std::is_same_v<Element, cutlass::bfloat16_t>, "the FP8 cache is read with bf16 q");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = MlaLayouts<Element>;
   extern __shared__ uint8_t smem_raw[];
@@ -199,7 +221,43 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       }
     }
   };
-  load_k_tile(tile_begin, 0);
+  // FP8: raw tokens to the K stage 1 region, then dequantized into K stage 0 (see the header).
+  uint8_t* raw = smem + kOffK1;
+  auto load_raw_tile = [&](int tile) {
+    constexpr int kChunksPerToken = kFp8TokenBytes / 16;  // 41
+    const int64_t t0 = static_cast<int64_t>(tile) * kMlaBlockN;
+    const int64_t blk = block_table[t0 / p.block_size];
+    const uint8_t* src = static_cast<const uint8_t*>(p.kv_cache) + (blk * p.block_size + t0 % p.block_size) * kFp8TokenBytes;
+    for (int c = tid; c < kMlaBlockN * kChunksPerToken; c += kThreads) {
+      const bool pred = t0 + c / kChunksPerToken < seqlen;
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src + (pred ? c * 16 : 0)),
+                                                       *reinterpret_cast<uint128_t*>(raw + c * 16), pred);
+    }
+  };
+  auto dequant_tile = [&]() {
+    // 64 tokens x 72 chunks of 8 values; a chunk is 16 contiguous bytes of the swizzled layout.
+    constexpr int kChunks = kHeadDim / 8;
+    Tensor sK0 = make_tensor(make_smem_ptr(k_smem(0)), typename L::SmemLayoutQK{});
+    for (int c = tid; c < kMlaBlockN * kChunks; c += kThreads) {
+      const int row = c / kChunks, col = (c % kChunks) * 8;
+      const uint8_t* token = raw + row * kFp8TokenBytes;
+      uint4 v;
+      if (col < kLoraRank) {
+        const float scale = reinterpret_cast<const float*>(token + kFp8ScaleOffset)[col / kFp8Tile];
+        const uint2 e = *reinterpret_cast<const uint2*>(token + col);
+        v = make_uint4(dequant_e4m3x2(e.x & 0xFFFFu, scale), dequant_e4m3x2(e.x >> 16, scale),
+                       dequant_e4m3x2(e.y & 0xFFFFu, scale), dequant_e4m3x2(e.y >> 16, scale));
+      } else {
+        v = *reinterpret_cast<const uint4*>(token + kFp8RopeOffset + 2 * (col - kLoraRank));
+      }
+      *reinterpret_cast<uint4*>(&sK0(row, col)) = v;
+    }
+  };
+  if constexpr (kFp8) {
+    load_raw_tile(tile_begin);
+  } else {
+    load_k_tile(tile_begin, 0);
+  }
   cp_async_fence();
 
   // ---- MMAs: both tiled over the two WGs along N (see the layouts header) ----
@@ -238,11 +296,19 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   }
 
   for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int stage = (tile - tile_begin) & 1;
+    const int stage = kFp8 ? 0 : (tile - tile_begin) & 1;
     cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();  // tile (and Q) in smem; every WG is done with the other stage and with sP
-    if (tile + 1 < tile_end) load_k_tile(tile + 1, stage ^ 1);
+    if constexpr (kFp8) {
+      __syncthreads();  // raw tile (and Q) in smem; every WG is done with K stage 0 and with sP
+      dequant_tile();
+      fence_async_shared();
+      __syncthreads();  // K stage 0 (and Q) visible to wgmma; the raw region is free
+      if (tile + 1 < tile_end) load_raw_tile(tile + 1);
+    } else {
+      fence_async_shared();
+      __syncthreads();  // tile (and Q) in smem; every WG is done with the other stage and with sP
+      if (tile + 1 < tile_end) load_k_tile(tile + 1, stage ^ 1);
+    }
     cp_async_fence();
 
     Tensor sK = make_tensor(make_smem_ptr(k_smem(stage)), typename L::SmemLayoutQK{});
@@ -413,10 +479,10 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const __grid_constant_
   if (threadIdx.x == 0) *lse = value_lse;
 }
 
-template <class Element>
+template <class Element, bool kFp8>
 const char* launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const int rows = p.s_q * p.heads;
-  auto kernel = mla_decode_kernel<Element>;
+  auto kernel = mla_decode_kernel<Element, kFp8>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   const dim3 grid((rows + kMlaBlockM - 1) / kMlaBlockM, p.num_splits, p.batch);
@@ -436,9 +502,13 @@ const char* mla_decode_sm90_launch(const MlaDecodeParams& p, cudaStream_t stream
   if (p.batch == 0 || p.s_q * p.heads == 0) return nullptr;
   if (p.block_size % kMlaBlockN != 0) return "mla_decode: block_size must be a multiple of 64";
   if (p.num_splits < 1 || p.num_splits > 65535 || p.batch > 65535) return "mla_decode: grid too large";
+  if (p.fp8_cache) {
+    if (p.dtype != FloatType::kBFloat16) return "mla_decode: the CUDA kernel reads the FP8 cache with bfloat16 q";
+    return launch<cutlass::bfloat16_t, true>(p, stream);
+  }
   switch (p.dtype) {
-    case FloatType::kBFloat16: return launch<cutlass::bfloat16_t>(p, stream);
-    case FloatType::kFloat16: return launch<cutlass::half_t>(p, stream);
+    case FloatType::kBFloat16: return launch<cutlass::bfloat16_t, false>(p, stream);
+    case FloatType::kFloat16: return launch<cutlass::half_t, false>(p, stream);
     default: return "mla_decode: the CUDA kernel takes bfloat16 or float16";
   }
 }

@@ -7,11 +7,13 @@
 #include <cuda_runtime_api.h>
 
 #include "common/float_type.h"
+#include "mla/mla_fp8_layout.h"
 
 namespace dsv3::mla {
 
 // mla_decode on sm_90a (mla_decode_sm90.cu). q [B, s_q, H, 576], kv_cache [num_blocks, block_size,
-// 576] (bf16 or fp16, one dtype), block_table int32 [B, max_blocks], cache_seqlens int32 [B]
+// 576] (bf16 or fp16, one dtype) or with fp8_cache the FP8 cache [num_blocks, block_size, 656 bytes]
+// (mla_fp8_layout.h; q bf16), block_table int32 [B, max_blocks], cache_seqlens int32 [B]
 //   -> out [B, s_q, H, 512] (q's dtype), lse fp32 [B, H, s_q].
 // num_splits > 1 needs the workspace: o_part fp32 [B, s_q*H, num_splits, 512] and lse_part fp32
 // [B, s_q*H, num_splits]; with num_splits == 1 the kernel writes out/lse directly (no workspace).
@@ -31,6 +33,7 @@ struct MlaDecodeParams {
   int num_splits;
   float softmax_scale;
   bool causal;
+  bool fp8_cache;   // kv_cache is the FP8 cache (then dtype is kBFloat16)
   FloatType dtype;  // kBFloat16 or kFloat16
 };
 
@@ -41,7 +44,8 @@ constexpr int kMlaBlockM = 64;
 const char* mla_decode_sm90_launch(const MlaDecodeParams& p, cudaStream_t stream);
 
 // mla_cache_write (mla_cache_write.cu): kv_c [T, 512], k_pe [T, 64] (x_dtype) into kv_cache
-// [capacity slots, 576] (cache_dtype) at slot_mapping int64 [T]; slots < 0 or >= capacity are
+// [capacity slots, 576] (cache_dtype), or with cache_fp8 quantized into the FP8 cache [capacity
+// slots, 656 bytes] (mla_fp8_layout.h), at slot_mapping int64 [T]; slots < 0 or >= capacity are
 // skipped. norm_weight [512] (w_dtype) or nullptr; rope_cos/rope_sin fp32 [T, 32] or nullptr.
 struct MlaCacheWriteParams {
   const void* kv_c;
@@ -54,7 +58,8 @@ struct MlaCacheWriteParams {
   int64_t num_tokens;
   int64_t capacity;  // num_blocks * block_size
   float eps;
-  FloatType x_dtype, cache_dtype, w_dtype;
+  bool cache_fp8;
+  FloatType x_dtype, cache_dtype, w_dtype;  // cache_dtype: unused with cache_fp8
 };
 
 const char* mla_cache_write_launch(const MlaCacheWriteParams& p, cudaStream_t stream);

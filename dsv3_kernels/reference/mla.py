@@ -16,6 +16,15 @@ The conventions every backend follows (FlashMLA's formats, DeepSeek-V3's absorbe
   block are never read. (ops.mla_decode raises an error instead where the metadata is on the CPU.)
 - mla_cache_write stores RMSNorm(kv_c) (optional, fused kv_a_layernorm) and RoPE(k_pe) (optional,
   interleaved pairs: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), DeepSeek-V3's complex form).
+- The FP8 cache (a uint8 cache [num_blocks, block_size, 656]) is FlashMLA's 656-byte token
+  ("V32_FP8Sparse", the one its sparse decode reads), bytes of one token:
+    [0, 512)    c_kv in float8_e4m3fn, tile i = values [128 i, 128 i + 128)
+    [512, 528)  4 float32 scales, one per tile: c_kv = e4m3 * scale
+    [528, 656)  k_pe in bfloat16 (64 values, not quantized)
+  The write quantizes each tile as FlashMLA does: scale = amax / 448 (clamped to >= 1e-4) rounded
+  up to a power of two, e4m3 = round_to_nearest_even(c_kv / scale) (exact division: |x| <= 448).
+  Decode dequantizes to fp32 and does the math above; with power-of-two scales every backend's
+  dequantized values are exact, so only the attention's own rounding differs.
 """
 
 import torch
@@ -23,18 +32,55 @@ import torch
 KV_LORA_RANK = 512  # c_kv, the value
 ROPE_DIM = 64  # k_pe
 HEAD_DIM = KV_LORA_RANK + ROPE_DIM  # 576 values per cached token
+FP8_TILE = 128  # c_kv values per fp32 scale in the FP8 cache
+FP8_SCALES = KV_LORA_RANK // FP8_TILE
+FP8_SCALE_OFFSET = KV_LORA_RANK  # bytes
+FP8_ROPE_OFFSET = FP8_SCALE_OFFSET + 4 * FP8_SCALES  # 528
+FP8_TOKEN_BYTES = FP8_ROPE_OFFSET + 2 * ROPE_DIM  # 656
+
+
+def is_fp8_cache(kv_cache) -> bool:
+    """The cache's dtype decides its format: uint8 is the 656-byte FP8 one."""
+    return kv_cache.dtype == torch.uint8
+
+
+def fp8_tile_scale(amax: torch.Tensor) -> torch.Tensor:
+    """FlashMLA's scale of a 128-value tile: max(amax / 448, 1e-4) rounded up to a power of two
+    (on the bits, so no log2 rounding can pick the wrong power)."""
+    s = torch.clamp_min(amax.float() / 448.0, 1e-4)
+    bits = s.view(torch.int32)
+    return ((bits + 0x7FFFFF) & ~0x7FFFFF).view(torch.float32)
+
+
+def quantize_tokens(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+    """c_kv [..., 512], k_pe [..., 64] (any float dtype) -> the FP8 cache bytes uint8 [..., 656]."""
+    x = c_kv.float().unflatten(-1, (FP8_SCALES, FP8_TILE))
+    scale = fp8_tile_scale(x.abs().amax(-1))
+    e4m3 = (x / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).flatten(-2)
+    return torch.cat([e4m3.view(torch.uint8), scale.contiguous().view(torch.uint8),
+                      k_pe.to(torch.bfloat16).contiguous().view(torch.uint8)], dim=-1)
+
+
+def dequantize_tokens(raw: torch.Tensor) -> torch.Tensor:
+    """FP8 cache bytes uint8 [..., 656] -> fp32 [..., 576] (c_kv = e4m3 * scale | k_pe)."""
+    e4m3 = raw[..., :FP8_SCALE_OFFSET].contiguous().view(torch.float8_e4m3fn).float()
+    scale = raw[..., FP8_SCALE_OFFSET:FP8_ROPE_OFFSET].contiguous().view(torch.float32)
+    c_kv = (e4m3.unflatten(-1, (FP8_SCALES, FP8_TILE)) * scale.unsqueeze(-1)).flatten(-2)
+    k_pe = raw[..., FP8_ROPE_OFFSET:].contiguous().view(torch.bfloat16).float()
+    return torch.cat([c_kv, k_pe], dim=-1)
 
 
 def _request_keys(kv_cache, block_row, seqlen):
     """The seqlen cached tokens [seqlen, 576] of one request (fp32), or None if its metadata is
     invalid (see the module docstring)."""
-    num_blocks, block_size, _ = kv_cache.shape
+    num_blocks, block_size, width = kv_cache.shape
     if seqlen < 0 or seqlen > block_row.numel() * block_size:
         return None
     blocks = block_row[: -(-seqlen // block_size)].long()
     if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
         return None
-    return kv_cache[blocks].reshape(-1, HEAD_DIM)[:seqlen].float()
+    tokens = kv_cache[blocks].reshape(-1, width)[:seqlen]
+    return dequantize_tokens(tokens) if is_fp8_cache(kv_cache) else tokens.float()
 
 
 def causal_mask(s_q: int, seqlen: int, causal: bool, device=None) -> torch.Tensor:
@@ -104,6 +150,9 @@ def mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight=None, eps
         k_pe = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    if is_fp8_cache(kv_cache):
+        kv_cache.view(-1, FP8_TOKEN_BYTES)[slots] = quantize_tokens(kv_c[keep], k_pe[keep])
+        return
     flat = kv_cache.view(-1, HEAD_DIM)
     flat[slots, :KV_LORA_RANK] = kv_c[keep].to(kv_cache.dtype)
     flat[slots, KV_LORA_RANK:] = k_pe[keep].to(kv_cache.dtype)

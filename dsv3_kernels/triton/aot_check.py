@@ -143,31 +143,39 @@ def _kernel_variants():
 
 def _mla_variants():
     """MLA: one split kernel and one merge kernel per dtype (page size, causal, lengths and split
-    counts are runtime arguments); the cache write with each of its fusions, cache and weight of
-    kv_c's dtype (other dtype mixes differ only in their load/store conversions)."""
+    counts are runtime arguments), and the split kernel over the FP8 cache ("fp8cache": bf16 q on
+    the bf16 configs, fp16/fp32 q on the fp32 one); the cache write with each of its fusions,
+    cache and weight of kv_c's dtype (other dtype mixes differ only in their load/store
+    conversions), and into the FP8 cache."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    for dtype in dtypes:
+    decode_cases = [(dtype, dtype, False) for dtype in dtypes] + [
+        (torch.bfloat16, torch.bfloat16, True), (torch.float16, torch.float32, True), (torch.float32, torch.float32, True)]
+    for dtype, dot_dtype, fp8_cache in decode_cases:
         ty = _TRITON_TYPE[dtype]
-        for _, block_r, block_n, warps, stages in mla.DECODE_CONFIGS[dtype]:
-            yield (f"mla_decode_split {ty} r{block_r} n{block_n} w{warps} s{stages}",
+        configs = mla.FP8_DECODE_CONFIGS if fp8_cache else mla.DECODE_CONFIGS
+        for _, block_r, block_n, warps, stages in configs[dot_dtype]:
+            cache = (" fp8cache" + (" fp32dot" if dot_dtype != dtype else "")) if fp8_cache else ""
+            yield (f"mla_decode_split {ty}{cache} r{block_r} n{block_n} w{warps} s{stages}",
                    mla._mla_decode_split_kernel,
-                   {"q_ptr": f"*{ty}", "kv_ptr": f"*{ty}", "bt_ptr": "*i32", "seqlens_ptr": "*i32",
-                    "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "qk_scale": "fp32", "S_Q": "i32",
-                    "H": "i32", "NUM_BLOCKS": "i32", "MAX_BLOCKS": "i32", "NUM_SPLITS": "i32",
+                   {"q_ptr": f"*{ty}", "kv_ptr": "*u8" if fp8_cache else f"*{ty}", "bt_ptr": "*i32",
+                    "seqlens_ptr": "*i32", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "qk_scale": "fp32",
+                    "S_Q": "i32", "H": "i32", "NUM_BLOCKS": "i32", "MAX_BLOCKS": "i32", "NUM_SPLITS": "i32",
                     "BLOCK_SIZE": "i32", "CAUSAL": "i1"},
-                   {"BLOCK_R": block_r, "BLOCK_N": block_n, "FP32_DOT": dtype == torch.float32},
+                   {"BLOCK_R": block_r, "BLOCK_N": block_n, "FP32_DOT": dot_dtype == torch.float32,
+                    "FP8": fp8_cache, "INTERPRET": False},
                    warps, stages, ("BLOCK_SIZE",))
         yield (f"mla_decode_merge {ty}", mla._mla_decode_merge_kernel,
                {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": f"*{ty}", "lse_ptr": "*fp32",
                 "S_Q": "i32", "H": "i32", "NUM_SPLITS": "i32"},
                {"BLOCK_R": mla.MERGE_BLOCK_R, "INTERPRET": False}, mla.MERGE_WARPS, 1, ())
-    for dtype, norm, rope in itertools.product(dtypes, (False, True), (False, True)):
+    for dtype, norm, rope, fp8_cache in itertools.product(dtypes, (False, True), (False, True), (False, True)):
         ty = _TRITON_TYPE[dtype]
-        yield (f"mla_cache_write {ty} norm={norm} rope={rope}", mla._mla_cache_write_kernel,
-               {"kv_c_ptr": f"*{ty}", "k_pe_ptr": f"*{ty}", "cache_ptr": f"*{ty}", "slot_ptr": "*i64",
-                "w_ptr": f"*{ty}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32",
+        yield (f"mla_cache_write {ty}{' fp8cache' if fp8_cache else ''} norm={norm} rope={rope}",
+               mla._mla_cache_write_kernel,
+               {"kv_c_ptr": f"*{ty}", "k_pe_ptr": f"*{ty}", "cache_ptr": "*u8" if fp8_cache else f"*{ty}",
+                "slot_ptr": "*i64", "w_ptr": f"*{ty}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32",
                 "CAPACITY": "i32"},
-               {"NORM": norm, "ROPE": rope, "INTERPRET": False}, mla.CACHE_WRITE_WARPS, 1, ())
+               {"NORM": norm, "ROPE": rope, "INTERPRET": False, "FP8": fp8_cache}, mla.CACHE_WRITE_WARPS, 1, ())
 
 
 def _moe_variants():

@@ -15,6 +15,14 @@ mla_decode runs in two stages (split-KV, like FlashMLA and the Triton MLA decode
    output and log2-sum-exp to an fp32 workspace.
 2. `_mla_decode_merge_kernel`, grid (row blocks, B): merges the splits by their LSE and writes
    out (q's dtype) and lse ([B, H, s_q], natural log).
+
+The FP8 cache (uint8 [num_blocks, block_size, 656], FlashMLA's layout: reference/mla.py) is read
+by the same split kernel (FP8=True, own configs: FP8_DECODE_CONFIGS): each key tile's e4m3 bytes
+are converted to fp32 (the hardware conversion on a GPU; decoded on the bits in the interpreter,
+whose fp8 casts are unreliable; both exact) and multiplied by their tile's scale; the dots then
+take them in q's dtype (exact for bf16, the scales being powers of two) or in fp32 (fp16/fp32 q).
+The cache write quantizes on the bits (round to nearest even), so its bytes equal the reference's
+on the GPU and in the interpreter.
 """
 
 import math
@@ -62,10 +70,35 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_f32(b):
+    """uint8 e4m3 bits -> their value in fp32, exactly (normal: the bits moved into fp32's
+    exponent and mantissa; subnormal: m * 2^-9)."""
+    x = b.to(tl.int32)
+    e = (x >> 3) & 15
+    m = x & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((x & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def _f32_to_e4m3(v):
+    """fp32 v with |v| <= 448 -> uint8 e4m3 bits, rounded to nearest even. Normal results round the
+    fp32 mantissa to 3 bits (a carry moves into the exponent); below 2^-6 the subnormal code is
+    round(|v| * 2^9), by the 2^23 trick."""
+    a = tl.abs(v)
+    bits = a.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    return (code | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
 def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse_part_ptr,
                              qk_scale, S_Q, H, NUM_BLOCKS, MAX_BLOCKS, NUM_SPLITS, BLOCK_SIZE,
                              CAUSAL, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                             FP32_DOT: tl.constexpr):
+                             FP32_DOT: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     """Partial attention of BLOCK_R query rows (row = s * H + h) of request b over split `split`
     of its keys. qk_scale = softmax_scale * log2(e). The page size and `causal` are runtime
     arguments (a division and a select per key tile), so one compiled kernel per dtype serves them
@@ -116,10 +149,31 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
         blk_ok = (blk >= 0) & (blk < NUM_BLOCKS)
         n_bad += (in_len & ~blk_ok).to(tl.int32)
         kv_ok = in_len & blk_ok
-        kv_row = (blk.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE) * D
+        slot = blk.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
         # other=0: slots past the length hold garbage (NaN in the tests), and 0 * NaN = NaN.
-        k_nope = tl.load(kv_ptr + kv_row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0.0)
-        k_pe = tl.load(kv_ptr + kv_row[:, None] + DV + dr[None, :], mask=kv_ok[:, None], other=0.0)
+        if FP8:
+            row = kv_ptr + slot * 656  # bytes: e4m3 [512] | fp32 scales [4] | bf16 k_pe [64]
+            e4m3 = tl.load(row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0)
+            if INTERPRET:
+                k_nope = _e4m3_to_f32(e4m3)
+            else:  # the hardware conversion (exact)
+                k_nope = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            # Each column's tile scale by selects: a gather or a reshape of the tile costs registers.
+            scales = (row + DV).to(tl.pointer_type(tl.float32))
+            s0 = tl.load(scales, mask=kv_ok, other=0.0)[:, None]
+            s1 = tl.load(scales + 1, mask=kv_ok, other=0.0)[:, None]
+            s2 = tl.load(scales + 2, mask=kv_ok, other=0.0)[:, None]
+            s3 = tl.load(scales + 3, mask=kv_ok, other=0.0)[:, None]
+            col = dv[None, :]
+            k_nope *= tl.where(col < 256, tl.where(col < 128, s0, s1), tl.where(col < 384, s2, s3))
+            k_pe = tl.load((row + DV + 16).to(tl.pointer_type(tl.bfloat16))[:, None] + dr[None, :],
+                           mask=kv_ok[:, None], other=0.0)
+            if not FP32_DOT:  # bf16 q: exact (e4m3 times a power of two)
+                k_nope = k_nope.to(q_nope.dtype)
+        else:
+            kv_row = slot * D
+            k_nope = tl.load(kv_ptr + kv_row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0.0)
+            k_pe = tl.load(kv_ptr + kv_row[:, None] + DV + dr[None, :], mask=kv_ok[:, None], other=0.0)
 
         s = (_dot(q_nope, tl.trans(k_nope), FP32_DOT) + _dot(q_pe, tl.trans(k_pe), FP32_DOT)) * qk_scale
         visible = kv_ok[None, :] & (keys[None, :] <= last_key[:, None])
@@ -190,13 +244,14 @@ def _mla_decode_merge_kernel(o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, S_Q, H,
 @triton.jit
 def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_ptr, sin_ptr,
                             eps, CAPACITY, NORM: tl.constexpr, ROPE: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            INTERPRET: tl.constexpr, FP8: tl.constexpr):
     """Token t: cache[slot] = (RMSNorm(kv_c[t]) * w if NORM else kv_c[t]) | (RoPE(k_pe[t]) if ROPE
     else k_pe[t]); slots < 0 (padding) and past the cache are skipped. The roundings are the
-    reference's: normed to kv_c's dtype, the product to torch's promoted dtype, then the cache's."""
+    reference's: normed to kv_c's dtype, the product to torch's promoted dtype, then the cache's.
+    FP8: the 656-byte token instead (reference.mla.quantize_tokens)."""
     DV: tl.constexpr = 512
     HALF_R: tl.constexpr = 32
-    D: tl.constexpr = 576
+    D: tl.constexpr = 656 if FP8 else 576
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
     ok = (slot >= 0) & (slot < CAPACITY)
@@ -212,7 +267,21 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
         x = normed * tl.load(w_ptr + dv).to(tl.float32)
         if w_ptr.dtype.element_ty == kv_ty:  # else torch promotes the product to fp32
             x = _to(x, kv_ty, INTERPRET).to(tl.float32)
-    tl.store(row + dv, _to(x, cache_ty, INTERPRET), mask=ok)
+    if FP8:
+        # Per 128-value tile: scale = max(amax / 448, 1e-4) rounded up to a power of two on the
+        # bits; x / scale is then exact (div_rn: IEEE division on the GPU too).
+        tiles = tl.reshape(x, (4, 128))
+        s = tl.maximum(tl.div_rn(tl.max(tl.abs(tiles), axis=1), 448.0), 1e-4)
+        scale = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -8388608).to(tl.float32, bitcast=True)
+        e4m3 = _f32_to_e4m3(tl.reshape(tl.div_rn(tiles, scale[:, None]), (DV,)))
+        tl.store(row + dv, e4m3, mask=ok)
+        tl.store((row + DV).to(tl.pointer_type(tl.float32)) + tl.arange(0, 4), scale, mask=ok)
+        pe_row = (row + DV + 16).to(tl.pointer_type(tl.bfloat16))
+        pe_ty = tl.bfloat16
+    else:
+        tl.store(row + dv, _to(x, cache_ty, INTERPRET), mask=ok)
+        pe_row = row + DV
+        pe_ty = cache_ty
 
     i = tl.arange(0, HALF_R)
     x0 = tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i).to(tl.float32)
@@ -221,8 +290,8 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
         c = tl.load(cos_ptr + t * HALF_R + i)
         s = tl.load(sin_ptr + t * HALF_R + i)
         x0, x1 = x0 * c - x1 * s, x0 * s + x1 * c
-    tl.store(row + DV + 2 * i, _to(x0, cache_ty, INTERPRET), mask=ok)
-    tl.store(row + DV + 2 * i + 1, _to(x1, cache_ty, INTERPRET), mask=ok)
+    tl.store(pe_row + 2 * i, _to(x0, pe_ty, INTERPRET), mask=ok)
+    tl.store(pe_row + 2 * i + 1, _to(x1, pe_ty, INTERPRET), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +318,14 @@ DECODE_CONFIGS = {
     torch.float16: _HALF_CONFIGS,
     torch.float32: ((None, 16, 16, 8, 2),),
 }
+# Over the FP8 cache, keyed by the dots' dtype (bf16 for bf16 q, fp32 for fp16/fp32 q). 16-row
+# tiles only: with 32 rows the dequantized tile pushes the bf16 kernel to 255 registers and spills
+# (triton 3.8, sm_90a: 234 registers at 16 rows). The fp32-dot one runs without software
+# pipelining: two stages of the byte loads spill (5 KB, ptxas at 32 registers), one takes 128.
+FP8_DECODE_CONFIGS = {
+    torch.bfloat16: ((None, 16, 64, 8, 3),),
+    torch.float32: ((None, 16, 16, 8, 1),),
+}
 MERGE_BLOCK_R = 16
 MERGE_WARPS = 4
 CACHE_WRITE_WARPS = 4
@@ -261,9 +338,9 @@ MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 
 
-def decode_config(dtype, n_rows):
-    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of the split kernel."""
-    for max_rows, *config in DECODE_CONFIGS[dtype]:
+def decode_config(dtype, n_rows, fp8_cache=False):
+    """(BLOCK_R, BLOCK_N, num_warps, num_stages) of the split kernel; dtype: the dots' dtype."""
+    for max_rows, *config in (FP8_DECODE_CONFIGS if fp8_cache else DECODE_CONFIGS)[dtype]:
         if max_rows is None or n_rows <= max_rows:
             return tuple(config)
     raise AssertionError("the last config of each dtype takes any number of rows")
@@ -286,7 +363,11 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     b, s_q, h, _ = q.shape
     num_blocks, block_size, _ = kv_cache.shape
     n_rows = s_q * h
-    block_r, block_n, num_warps, num_stages = decode_config(q.dtype, n_rows)
+    fp8 = kv_cache.dtype == torch.uint8
+    # The FP8 cache's keys go to the dots in bf16 (exact) or fp32: fp16 q takes the fp32 path
+    # (e4m3 * scale may not fit fp16).
+    dot_dtype = torch.float32 if fp8 and q.dtype == torch.float16 else q.dtype
+    block_r, block_n, num_warps, num_stages = decode_config(dot_dtype, n_rows, fp8)
     row_blocks = _cdiv(n_rows, block_r)
     max_blocks = block_table.shape[1]
     max_tiles = max(1, _cdiv(max_blocks * block_size, block_n))  # of the longest possible request
@@ -297,11 +378,11 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     out = torch.empty((b, s_q, h, KV_LORA_RANK), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if b > 0:
-        fp32_dot = INTERPRETED or q.dtype == torch.float32
+        fp32_dot = INTERPRETED or dot_dtype == torch.float32
         wrap_triton(_mla_decode_split_kernel)[(row_blocks, splits, b)](
             q, kv_cache, block_table, cache_seqlens, o_part, lse_part, softmax_scale * LOG2E,
             s_q, h, num_blocks, max_blocks, splits, block_size, causal,
-            BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, FP8=fp8, INTERPRET=INTERPRETED, num_warps=num_warps,
             num_stages=num_stages)
         wrap_triton(_mla_decode_merge_kernel)[(_cdiv(n_rows, MERGE_BLOCK_R), b)](
             o_part, lse_part, out, lse, s_q, h, splits, BLOCK_R=MERGE_BLOCK_R,
@@ -322,4 +403,4 @@ def _mla_cache_write_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.
         kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight if norm else kv_c,
         rope_cos if rope else kv_c, rope_sin if rope else kv_c, eps,
         kv_cache.shape[0] * kv_cache.shape[1], NORM=norm, ROPE=rope, INTERPRET=INTERPRETED,
-        num_warps=CACHE_WRITE_WARPS)
+        FP8=kv_cache.dtype == torch.uint8, num_warps=CACHE_WRITE_WARPS)

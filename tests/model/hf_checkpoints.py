@@ -66,12 +66,14 @@ def hf_checkpoint(tmp_path):
     return make
 
 
-def run_prefill_and_decode(model, prompts, steps, follow=None):
+def run_prefill_and_decode(model, prompts, steps, follow=None, kv_cache_dtype=None):
     """Prefill `prompts` together, then `steps` greedy decode steps for all of them (feeding the
-    tokens of `follow`, another run's token lists, instead of this model's own choices if given).
+    tokens of `follow`, another run's token lists, instead of this model's own choices if given),
+    over a cache of kv_cache_dtype (model.new_cache's).
     Returns (per-prompt prefill logits [len, V], per-step logits [B, V], the full token lists)."""
-    cache = model.new_cache(num_blocks=16, block_size=16)
-    cache.kv.fill_(float("nan"))  # every slot read must have been written by then
+    cache = model.new_cache(num_blocks=16, block_size=16, dtype=kv_cache_dtype)
+    # every slot read must have been written by then (0xFF bytes: NaN in the FP8 cache too)
+    cache.kv.fill_(0xFF if cache.kv.dtype == torch.uint8 else float("nan"))
     blocks = [cache.allocator.allocate(cache.blocks_for(len(p) + steps)) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p], device=model.device)
     batch = prefill_batch([(len(p), b) for p, b in zip(prompts, blocks)], cache, model.device, all_logits=True)
