@@ -220,14 +220,45 @@ DSV3_AVX512 inline void dequant_a_avx512(const uint8_t* a, const float* a_scale,
   }
 }
 
+// v's two 256-bit halves added.
+DSV3_AVX512 inline __m256 fold_halves(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+}
+
+// The lane sums of 4 accumulators as one vector [sum a, sum b, sum c, sum d]: a transposing
+// reduction, 13 instructions where 4 separate horizontal sums take 32 (with K = 256, as in the
+// down projection of small experts, those sums cost as much as the dot products).
+DSV3_AVX512 inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(fold_halves(a), fold_halves(b)),
+                                   _mm256_hadd_ps(fold_halves(c), fold_halves(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+
+// acc[O / NR][O % NR], or zeros past the last output.
+template <int O, int MR, int NR>
+DSV3_AVX512 inline __m512 tile_acc(__m512 (&acc)[MR][NR]) {
+  if constexpr (O < MR * NR) return acc[O / NR][O % NR];
+  else return _mm512_setzero_ps();
+}
+
+// Outputs [O, MR * NR) of a tile: their lane sums four at a time into v.
+template <int O, int MR, int NR>
+DSV3_AVX512 inline void tile_sums(__m512 (&acc)[MR][NR], float* v) {
+  if constexpr (O < MR * NR) {
+    _mm_storeu_ps(v + O, sum4(tile_acc<O, MR, NR>(acc), tile_acc<O + 1, MR, NR>(acc), tile_acc<O + 2, MR, NR>(acc),
+                              tile_acc<O + 3, MR, NR>(acc)));
+    tile_sums<O + 4, MR, NR>(acc, v);
+  }
+}
+
+// c[i * ldc + j] (+)= the lane sum of acc[i][j]. The indices are compile-time (templates, not a
+// loop over a lambda), so that the accumulators stay in registers in the caller's K loop.
 template <int MR, int NR>
 DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc, bool accumulate) {
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      const float v = _mm512_reduce_add_ps(acc[i][j]);
-      c[i * ldc + j] = accumulate ? c[i * ldc + j] + v : v;
-    }
-  }
+  float v[(MR * NR + 3) / 4 * 4];
+  tile_sums<0, MR, NR>(acc, v);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + v[i * NR + j] : v[i * NR + j];
 }
 
 // Decode micro-kernel (few rows of A, CPUs without avx512_bf16): B is read as fp8 straight from memory and converted
