@@ -38,20 +38,6 @@ struct Acc4 {
   __m512 c0, c1, c2, c3;
 };
 
-// v's two 256-bit halves added.
-DSV3_AVX512BF16 inline __m256 fold_halves(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-}
-
-// The lane sums of a row's 4 accumulators as one vector [sum c0, sum c1, sum c2, sum c3]: a
-// transposing reduction (13 instructions where 4 separate horizontal sums take 32; with K = 256,
-// as in the down projection of small experts, those sums cost as much as the dot products).
-DSV3_AVX512BF16 inline __m128 sum4(const Acc4& r) {
-  const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(fold_halves(r.c0), fold_halves(r.c1)),
-                                   _mm256_hadd_ps(fold_halves(r.c2), fold_halves(r.c3)));
-  return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-}
-
 // One K step of one row: r.cj += a-row . b_j over 32 values.
 DSV3_AVX512BF16 __attribute__((always_inline)) inline void dot_step(Acc4& r, __m512bh av, __m512bh b0, __m512bh b1,
                                                                    __m512bh b2, __m512bh b3) {
@@ -90,12 +76,12 @@ DSV3_AVX512BF16 void dot_tile_bf16(const uint16_t* a, int64_t lda, const uint16_
     if constexpr (MR > 4) dot_step(r4, row(4), b0, b1, b2, b3);
     if constexpr (MR > 5) dot_step(r5, row(5), b0, b1, b2, b3);
   }
-  _mm_storeu_ps(c, sum4(r0));
-  if constexpr (MR > 1) _mm_storeu_ps(c + ldc, sum4(r1));
-  if constexpr (MR > 2) _mm_storeu_ps(c + 2 * ldc, sum4(r2));
-  if constexpr (MR > 3) _mm_storeu_ps(c + 3 * ldc, sum4(r3));
-  if constexpr (MR > 4) _mm_storeu_ps(c + 4 * ldc, sum4(r4));
-  if constexpr (MR > 5) _mm_storeu_ps(c + 5 * ldc, sum4(r5));
+  _mm_storeu_ps(c, fp8k::sum4(r0.c0, r0.c1, r0.c2, r0.c3));
+  if constexpr (MR > 1) _mm_storeu_ps(c + ldc, fp8k::sum4(r1.c0, r1.c1, r1.c2, r1.c3));
+  if constexpr (MR > 2) _mm_storeu_ps(c + 2 * ldc, fp8k::sum4(r2.c0, r2.c1, r2.c2, r2.c3));
+  if constexpr (MR > 3) _mm_storeu_ps(c + 3 * ldc, fp8k::sum4(r3.c0, r3.c1, r3.c2, r3.c3));
+  if constexpr (MR > 4) _mm_storeu_ps(c + 4 * ldc, fp8k::sum4(r4.c0, r4.c1, r4.c2, r4.c3));
+  if constexpr (MR > 5) _mm_storeu_ps(c + 5 * ldc, fp8k::sum4(r5.c0, r5.c1, r5.c2, r5.c3));
 }
 
 // Runtime row count (1..kMRdot) -> tile instantiation.
