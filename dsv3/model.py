@@ -83,6 +83,15 @@ class Transformer(Module):
             x = x[batch.logits_index]
         return self.lm_head(self.model.norm(x)).float()
 
+    @torch.inference_mode()
+    def idle(self):
+        """A step with no tokens: expert parallelism's rank whose requests have finished (or that
+        has none) while others still run takes part in every MoE layer's all-to-all."""
+        x = torch.empty(0, self.args.hidden_size, dtype=self.dtype, device=self.device)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp(x)
+
     def reset_absorbed(self):
         """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
         for layer in self.model.layers:

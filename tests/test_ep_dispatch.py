@@ -109,13 +109,16 @@ def _expert_parallel_moe(hidden, w13, w2, ids, weights, world, quant, backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_expert_parallel_layer_equals_fused_moe(backend, world):
-    """fp32: 1e-5 of fused_moe over all experts on one rank; a token with no choices gets 0."""
+@pytest.mark.parametrize("world, routes", [(1, "random"), (2, "random"), (4, "random"), (4, "rank_0_only")])
+def test_expert_parallel_layer_equals_fused_moe(backend, world, routes):
+    """fp32: 1e-5 of fused_moe over all experts on one rank; a token with no choices gets 0.
+    rank_0_only: every choice is one of rank 0's 2 experts, so the other ranks receive nothing."""
     t, topk, e, d, i = 30, 4, 8, 128, 64
     hidden = torch.randn(t, d)
     w13, w2 = torch.randn(e, 2 * i, d) / d ** 0.5, torch.randn(e, d, i) / i ** 0.5
     ids, weights = make_routes(t, topk, e)
+    if routes == "rank_0_only":
+        ids = torch.where(ids >= 0, ids % 2, -1).to(torch.int32)
     want = dk.fused_moe(hidden, w13, w2, weights, ids, backend="torch")
     got = _expert_parallel_moe(hidden, w13, w2, ids, weights, world, False, backend)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
