@@ -164,3 +164,18 @@ def test_ep_dispatch_errors(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         dk.ep_dispatch(**args)
+
+
+@pytest.mark.ops("ep_dispatch", "ep_combine")
+def test_compile_fullgraph(device, backend):
+    """Outputs of sizes fixed by the shapes: dispatch and combine trace into one graph."""
+    torch._dynamo.reset()
+    ids, weights = make_routes(9, 4, 16)
+    hidden = torch.randn(9, 128, dtype=torch.bfloat16, device=device)
+
+    def f(hidden, ids, weights):
+        send, _, _, _, _, inverse = dk.ep_dispatch(hidden, ids, weights, 16, 4, backend=backend)
+        return dk.ep_combine(send * 2, inverse, backend=backend)
+
+    args = (hidden, ids.to(device), weights.to(device))
+    assert torch.equal(torch.compile(f, fullgraph=True)(*args), f(*args))
