@@ -335,7 +335,7 @@ def _run_expert_parallel(generator, tokenizer, texts, args, out):
     traffic = parallel.per_token([g[3] for g in gathered])
     if traffic is not None:
         print(f"expert parallel over {world} ranks: {traffic['bytes']:.0f} bytes sent per token per MoE layer "
-              f"({traffic['rows']:.2f} rows, dispatch and return; {traffic['bytes_to_other_ranks']:.0f} to other "
+              f"({traffic['rows']:.3f} rows, dispatch and return; {traffic['bytes_to_other_ranks']:.0f} to other "
               f"ranks)", file=sys.stderr if out is sys.stdout else out, flush=True)
 
 
