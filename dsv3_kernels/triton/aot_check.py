@@ -13,7 +13,7 @@ register spills.
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled). All 210 variants take a few
+interpreter's kernels are plain Python and cannot be compiled). All 239 variants take a few
 minutes on a cold Triton cache (seconds when cached); `only=` selects a subset."""
 
 import itertools
