@@ -289,6 +289,11 @@ def _parser():
                         "prompts with its own cache, routed experts split over ranks, tokens sent to them all-to-all)")
     p.add_argument("--fp8-dispatch", action="store_true", help="--parallel ep: send the tokens to the experts in "
                                                                "FP8 (e4m3 + 1x128 scales: about half the bytes)")
+    p.add_argument("--eplb", metavar="FILE", default=None,
+                   help="--parallel ep: redundant experts placed by DeepSeek's EPLB rule from the expert loads in FILE "
+                        "(python -m dsv3.evaluate --expert-load FILE)")
+    p.add_argument("--redundant-experts", type=int, default=0, help="with --eplb: extra expert slots in all (a "
+                                                                    "multiple of the ranks with n_routed_experts)")
     p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
                    help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
                         "bf16 k_pe); default: the activations' dtype")
@@ -334,7 +339,10 @@ def _run_expert_parallel(generator, tokenizer, texts, args, out):
                  generator, out)
     traffic = parallel.per_token([g[3] for g in gathered])
     if traffic is not None:
-        print(f"expert parallel over {world} ranks: {traffic['bytes']:.0f} bytes sent per token per MoE layer "
+        from .moe import Experts
+        slots = next(m.num_slots for m in generator.model.modules() if isinstance(m, Experts))
+        print(f"expert parallel over {world} ranks ({slots} expert slots per MoE layer): "
+              f"{traffic['bytes']:.0f} bytes sent per token per MoE layer "
               f"({traffic['rows']:.3f} rows, dispatch and return; {traffic['bytes_to_other_ranks']:.0f} to other "
               f"ranks)", file=sys.stderr if out is sys.stdout else out, flush=True)
 
@@ -393,8 +401,8 @@ def main(argv=None):
     # under torchrun (WORLD_SIZE > 1): tensor parallelism, every rank runs the same steps on the
     # same gathered logits (one seed for all); or expert parallelism, each rank its own prompts
     # (seed + rank). Rank 0 prints.
-    if args.fp8_dispatch and args.parallel != "ep":
-        fail("--fp8-dispatch needs --parallel ep")
+    if (args.fp8_dispatch or args.eplb) and args.parallel != "ep":
+        fail(f"{'--fp8-dispatch' if args.fp8_dispatch else '--eplb'} needs --parallel ep")
     rank = parallel.init_from_env(torch.device(device).type, args.parallel, args.fp8_dispatch)
     if parallel.world_size() > 1:
         if args.interactive:
@@ -406,10 +414,17 @@ def main(argv=None):
     try:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+        if args.eplb and parallel.world_size() > 1:
+            from . import eplb
+            from .config import ModelArgs
+            config = ModelArgs.from_json(model_dir)
+            moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+            parallel.set_mode("ep", args.fp8_dispatch,
+                              eplb.plan(args.eplb, moe_layers, parallel.world_size(), args.redundant_experts))
         tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before a long load
         model = load(model_dir, dtype=getattr(torch, args.dtype), device=device, fp8=True if args.fp8 else None,
                      backend=None if args.backend == "auto" else args.backend)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
+    except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, --eplb's file
         fail(str(e))
     generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype))
     try:

@@ -26,7 +26,7 @@ class DecoderLayer(Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.self_attn = MLA(args, dtype, fp8, device)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.mlp = (MoE(args, dtype, fp8, device) if args.is_moe_layer(layer_id)
+        self.mlp = (MoE(args, dtype, fp8, device, layer_id) if args.is_moe_layer(layer_id)
                     else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
 
     def forward(self, x, batch, kv_cache, rope):

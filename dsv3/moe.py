@@ -38,13 +38,30 @@ class Gate(Module):
 
 class Experts(Module):
     """This rank's routed experts: w13 [E_local, 2I, D], w2 [E_local, D, I], bf16 (fp32 in the
-    float32 reference model) or e4m3 with w13_scale_inv / w2_scale_inv (128x128 blocks)."""
+    float32 reference model) or e4m3 with w13_scale_inv / w2_scale_inv (128x128 blocks).
+    logical: the checkpoint's expert in each local slot (the loader reads these): [lo, hi), or
+    with redundant experts (expert parallelism, dsv3/eplb.py) the placement's, some twice or more
+    over the ranks; `replicas` [E, max replicas] then holds each expert's slots numbered over all
+    ranks (rank * slots per rank + slot), repeated to the width, and n_replicas [E] their count."""
 
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0):
         super().__init__()
         self.n_routed_experts = args.n_routed_experts
         self.lo, self.hi = parallel.expert_range(args.n_routed_experts)
-        e, d, i = self.hi - self.lo, args.hidden_size, args.moe_intermediate_size
+        slots = parallel.expert_slots(args.n_routed_experts, layer)
+        self.logical = slots[parallel.rank()]
+        self.num_slots = len(slots) * len(self.logical)  # over all ranks
+        self.replicas = self.n_replicas = None
+        if self.num_slots > args.n_routed_experts:
+            where = [[] for _ in range(args.n_routed_experts)]
+            for r, s in enumerate(slots):
+                for j, x in enumerate(s):
+                    where[x].append(r * len(s) + j)
+            width = max(len(w) for w in where)
+            self.replicas = torch.tensor([w + w[:1] * (width - len(w)) for w in where], dtype=torch.int64,
+                                         device=device)
+            self.n_replicas = torch.tensor([len(w) for w in where], dtype=torch.int64, device=device)
+        e, d, i = len(self.logical), args.hidden_size, args.moe_intermediate_size
         self.fp8 = fp8 and d % BLOCK == 0 and i % BLOCK == 0
         # the expert kernels take bf16 or FP8; fp32 experts run on the torch backend only
         wdtype = torch.float8_e4m3fn if self.fp8 else (torch.float32 if dtype == torch.float32 else torch.bfloat16)
@@ -74,8 +91,14 @@ class Experts(Module):
         [T, D]: each token once to each rank owning one of its experts, through that rank's experts
         (its choices as the rank sees them: local ids, NO_EXPERT for the others), back, summed."""
         world, fp8 = parallel.world_size(), parallel.fp8_dispatch()
+        if self.replicas is not None:  # each choice to one replica of its expert, spread by token and choice
+            ids = topk_ids.long()
+            t, k = ids.shape
+            spread = torch.arange(t, device=ids.device)[:, None] + torch.arange(k, device=ids.device)
+            pick = spread % self.n_replicas[ids]
+            topk_ids = self.replicas[ids, pick].to(torch.int32)
         send, scale, ids, weights, offsets, inverse = dk.ep_dispatch(
-            x.to(self._dtype()), topk_ids, topk_weights, self.n_routed_experts, world, fp8, backend=self.backend)
+            x.to(self._dtype()), topk_ids, topk_weights, self.num_slots, world, fp8, backend=self.backend)
         counts = offsets.diff().tolist()  # the split sizes are host values (a device sync on a GPU)
         parts = [send, ids, weights] + ([scale] if fp8 else [])
         received, recv_counts = parallel.all_to_all_rows(parts, counts)
@@ -91,10 +114,10 @@ class Experts(Module):
 
 
 class MoE(Module):
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0):
         super().__init__()
         self.gate = Gate(args, device)
-        self.experts = Experts(args, dtype, fp8, device)
+        self.experts = Experts(args, dtype, fp8, device, layer)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8,
                                    device, what="moe_intermediate_size * n_shared_experts")
                                if args.n_shared_experts else None)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 MODES = ("tp", "ep")
-_config = {"mode": "tp", "fp8_dispatch": False}
+_config = {"mode": "tp", "fp8_dispatch": False, "placement": None}
 
 # Expert-parallel traffic of this process, summed over MoE layers (bytes_per_token() reads it).
 traffic = {"tokens": 0, "rows": 0, "bytes": 0, "bytes_to_other_ranks": 0}
@@ -47,12 +47,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def set_mode(mode: str = "tp", fp8_dispatch: bool = False):
+def set_mode(mode: str = "tp", fp8_dispatch: bool = False, placement: dict = None):
     """Choose the parallel mode (before building the model: it decides what each rank holds).
-    fp8_dispatch (ep): send the tokens to the experts as e4m3 + 1x128 scales."""
+    fp8_dispatch (ep): send the tokens to the experts as e4m3 + 1x128 scales. placement (ep):
+    {layer index: the logical expert of each slot of each rank} with redundant experts
+    (dsv3/eplb.py); without it rank r holds experts [r * E/world, (r+1) * E/world)."""
     if mode not in MODES:
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
-    _config.update(mode=mode, fp8_dispatch=bool(fp8_dispatch))
+    if placement is not None and mode != "ep":
+        raise ValueError("a placement of redundant experts needs mode ep")
+    _config.update(mode=mode, fp8_dispatch=bool(fp8_dispatch), placement=placement)
 
 
 def mode() -> str:
@@ -125,6 +129,21 @@ def expert_range(n_routed_experts: int) -> tuple:
         raise ValueError(f"n_routed_experts = {n_routed_experts} does not split over {n} "
                          f"{'expert' if _config['mode'] == 'ep' else 'tensor'}-parallel ranks")
     return r * n_routed_experts // n, (r + 1) * n_routed_experts // n
+
+
+def expert_slots(n_routed_experts: int, layer: int) -> list:
+    """Every rank's experts in layer `layer` (the logical expert of each of its slots; equal
+    counts): the placement's with redundant experts, else E/world consecutive ones each."""
+    placement = _config["placement"]
+    if placement is not None and expert_parallel():
+        slots = placement[layer]
+        if len(slots) != world_size() or sorted(set(x for s in slots for x in s)) != list(range(n_routed_experts)):
+            raise ValueError(f"the placement of layer {layer} must give {world_size()} ranks slots covering all "
+                             f"{n_routed_experts} experts")
+        return slots
+    n = world_size()
+    expert_range(n_routed_experts)  # the split must be exact
+    return [list(range(r * n_routed_experts // n, (r + 1) * n_routed_experts // n)) for r in range(n)]
 
 
 def any_rank(flag: bool, device=None) -> bool:

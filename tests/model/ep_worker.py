@@ -2,16 +2,20 @@
     torchrun --standalone --nproc_per_node N ep_worker.py MODEL_DIR OUT_FILE
 Each rank loads the model in mode ep (attention, dense layers and shared experts whole; routed
 experts E/N), takes its own share of REQUESTS (rank 1 takes none) and runs them with run_requests,
-then with FP8 dispatch; rank 0 saves every rank's results to OUT_FILE."""
+then with FP8 dispatch, then with N redundant experts placed by EPLB for skewed loads; rank 0
+saves every rank's results to OUT_FILE."""
 
 import sys
 
 import torch
 import torch.distributed as dist
 
-from dsv3 import parallel
+from dsv3 import eplb, parallel
 from dsv3.cache import decode_batch, prefill_batch
 from dsv3.load import load
+
+# A skewed expert load (16 experts): EPLB replicates the first ones
+LOAD = [0.3, 0.2, 0.1] + [0.4 / 13] * 13
 
 # (prompt, decode steps): different lengths, and requests that finish before others
 REQUESTS = [([5, 17, 250, 3, 99, 41, 7], 4), ([200, 11, 64, 8, 300, 123, 9, 77, 18, 2, 66], 2),
@@ -70,6 +74,11 @@ def main(model_dir, out):
     parallel.set_mode("ep", fp8_dispatch=True)
     result["fp8"] = run_requests(model, requests)
     result["traffic"] = dict(parallel.traffic)
+    world = parallel.world_size()
+    parallel.set_mode("ep", placement={1: eplb.place(LOAD, world, world)})  # layer 1: the MoE layer
+    model = load(model_dir, torch.float32, backend="torch", progress=False)
+    result["eplb_slots"] = model.model.layers[1].mlp.experts.logical
+    result["eplb"] = run_requests(model, requests)
     gathered = [None] * parallel.world_size()
     dist.all_gather_object(gathered, result)
     if rank == 0:

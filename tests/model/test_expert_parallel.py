@@ -42,6 +42,8 @@ def test_ranks_with_their_own_requests_equal_one_process(hf_checkpoint, tmp_path
     assert ranks[1]["requests"] == [] and all(r["requests"] == share(k, world) for k, r in enumerate(ranks))
     assert [r["experts"] for r in ranks] == [(k * 16 // world, (k + 1) * 16 // world) for k in range(world)]
     assert all(r["heads"] == 4 for r in ranks)  # attention whole on every rank
+    slots = [r["eplb_slots"] for r in ranks]  # 16 experts + `world` replicas: expert 0 (30% of the load) twice
+    assert all(len(s) == 16 // world + 1 for s in slots) and sum(s.count(0) for s in slots) >= 2
     for r in ranks:
         for i, (prefill, steps, tokens) in zip(r["requests"], r["run"]):
             w_prefill, w_steps, w_tokens = want[i]
@@ -50,6 +52,11 @@ def test_ranks_with_their_own_requests_equal_one_process(hf_checkpoint, tmp_path
             for g, w in zip(steps, w_steps):
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
             assert tokens == w_tokens
+        for i, (prefill, steps, tokens) in zip(r["requests"], r["eplb"]):  # redundant experts: the same math
+            torch.testing.assert_close(prefill, want[i][0], rtol=0, atol=1e-5)
+            for g, w in zip(steps, want[i][1]):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+            assert tokens == want[i][2]
         for i, (prefill, steps, tokens) in zip(r["requests"], r["fp8"]):  # e4m3 rows: FP8 rounding
             assert calc_diff(prefill, want[i][0]) < 1e-3
             same = next((n for n, (a, b) in enumerate(zip(tokens, want[i][2])) if a != b), len(tokens))
@@ -60,25 +67,32 @@ def test_ranks_with_their_own_requests_equal_one_process(hf_checkpoint, tmp_path
     assert 2 <= traffic["rows"] <= 2 * min(4, world)  # each token once per rank it needs, both ways
 
 
-def test_generate_command_under_torchrun(hf_checkpoint):  # noqa: F811
-    """`torchrun -m dsv3.generate --parallel ep` with 3 prompts over 4 ranks (one without any):
-    rank 0 prints in prompt order the text one process prints, and the traffic per token."""
+def test_generate_command_under_torchrun(hf_checkpoint, tmp_path):  # noqa: F811
+    """`torchrun -m dsv3.generate --parallel ep` with 3 prompts over 4 ranks (one without any) and
+    4 redundant experts placed from the loads `dsv3.evaluate --expert-load` measured: rank 0 prints
+    in prompt order the text one process prints, and the traffic per token."""
+    from dsv3 import evaluate
     path, _ = hf_checkpoint()
+    text, loads = tmp_path / "text.py", str(tmp_path / "loads.json")
+    text.write_text("def f(x):\n    return x + 1\n\nimport os\nprint(os.getcwd())\n" * 8)
+    assert evaluate.main(["--model", path, "--text", str(text), "--dtype", "float32", "--backend", "torch",
+                          "--window", "64", "--expert-load", loads]) == 0
     args = ["--model", path, "--prompt", "def f(x):", "--prompt", "import os", "--prompt", "for i in range(10):",
             "--max-new-tokens", "6", "--dtype", "float32", "--backend", "torch"]
     one = subprocess.run([sys.executable, "-m", "dsv3.generate", *args], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    ep = _torchrun(4, "-m", "dsv3.generate", "--parallel", "ep", *args)
+    ep = _torchrun(4, "-m", "dsv3.generate", "--parallel", "ep", "--eplb", loads, "--redundant-experts", "4", *args)
     assert ep.stdout == one.stdout and one.stdout.count("--- prompt") == 3
-    assert "expert parallel over 4 ranks" in ep.stderr
+    assert "expert parallel over 4 ranks (20 expert slots per MoE layer)" in ep.stderr
 
 
-def test_fp8_dispatch_needs_ep(capsys):
+@pytest.mark.parametrize("option", [["--fp8-dispatch"], ["--eplb", "loads.json"]])
+def test_ep_options_need_ep(capsys, option):
     from dsv3.generate import main
     with pytest.raises(SystemExit) as e:
-        main(["--prompt", "x", "--fp8-dispatch"])
-    assert e.value.code == 2 and "--fp8-dispatch needs --parallel ep" in capsys.readouterr().err
+        main(["--prompt", "x", *option])
+    assert e.value.code == 2 and f"{option[0]} needs --parallel ep" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL path needs 2 GPUs")
@@ -118,3 +132,18 @@ def test_what_a_rank_holds(rank_1_of_4_ep):
     assert shared.in_features == args.moe_intermediate_size * args.n_shared_experts
     with pytest.raises(ValueError, match="n_routed_experts = 18 does not split over 4 expert-parallel ranks"):
         Transformer(tiny(n_routed_experts=18, n_group=6, topk_group=2), torch.float32, device="meta")
+
+
+def test_eplb_places_replicas_of_the_heavy_experts():
+    from dsv3 import eplb
+    load = [0.35, 0.1, 0.1, 0.1, 0.1, 0.1, 0.075, 0.075]
+    ranks = eplb.place(load, 4, 4)  # 12 slots, 3 per rank
+    assert all(len(r) == 3 for r in ranks) and sorted({x for r in ranks for x in r}) == list(range(8))
+    flat = [x for r in ranks for x in r]
+    # 4 more replicas, each to the highest load per replica (0.35, 0.175, 0.117 > 0.1; then 0.1, the first)
+    assert flat.count(0) == 4 and flat.count(1) == 2 and all(r.count(0) == 1 for r in ranks)
+    per_rank = [sum(load[x] / flat.count(x) for x in r) for r in ranks]
+    assert max(per_rank) - min(per_rank) <= 0.025 + 1e-9  # without replicas: 0.35 + ... on one rank
+    assert max(sum(load[x] for x in r) for r in eplb.place(load, 4, 0)) >= 0.35
+    with pytest.raises(ValueError, match="8 \\+ 1 must be a multiple of the 4 ranks"):
+        eplb.place(load, 4, 1)
