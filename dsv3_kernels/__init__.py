@@ -12,7 +12,7 @@ from .ops import (NO_EXPERT, act_quant, available_backends, ep_combine, ep_dispa
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "ENV_VAR", "NO_EXPERT", "act_quant", "available_backends",
-    "ep_combine", "ep_dispatch", "fp8_gemm", "fp8_linear", "fused_moe", "grouped_gemm", "mla_cache_write", "mla_decode", "moe_permute",
-    "moe_route", "moe_unpermute", "silu_mul", "weight_dequant", "weight_quant",
+    "ep_combine", "ep_dispatch", "fp8_gemm", "fp8_linear", "fused_moe", "grouped_gemm", "mla_cache_write",
+    "mla_decode", "moe_permute", "moe_route", "moe_unpermute", "silu_mul", "weight_dequant", "weight_quant",
 ]
 __version__ = "0.1.0"
