@@ -47,9 +47,9 @@ class Experts(Module):
     def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0):
         super().__init__()
         self.n_routed_experts = args.n_routed_experts
-        self.lo, self.hi = parallel.expert_range(args.n_routed_experts)
         slots = parallel.expert_slots(args.n_routed_experts, layer)
         self.logical = slots[parallel.rank()]
+        self.lo, self.hi = self.logical[0], self.logical[-1] + 1  # the range tensor parallelism holds
         self.num_slots = len(slots) * len(self.logical)  # over all ranks
         self.replicas = self.n_replicas = None
         if self.num_slots > args.n_routed_experts:

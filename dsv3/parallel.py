@@ -137,9 +137,10 @@ def expert_slots(n_routed_experts: int, layer: int) -> list:
     placement = _config["placement"]
     if placement is not None and expert_parallel():
         slots = placement[layer]
-        if len(slots) != world_size() or sorted(set(x for s in slots for x in s)) != list(range(n_routed_experts)):
-            raise ValueError(f"the placement of layer {layer} must give {world_size()} ranks slots covering all "
-                             f"{n_routed_experts} experts")
+        if (len(slots) != world_size() or len({len(s) for s in slots}) != 1
+                or sorted({x for s in slots for x in s}) != list(range(n_routed_experts))):
+            raise ValueError(f"the placement of layer {layer} must give {world_size()} ranks equally many slots "
+                             f"covering all {n_routed_experts} experts")
         return slots
     n = world_size()
     expert_range(n_routed_experts)  # the split must be exact
