@@ -15,6 +15,10 @@ shapes (D=7168, I=2048); on the CPU a reduced layer (E=64, D=1024, I=256, the is
                 top-6 (the CPU goal's case: T=1..64 at >= 70% of the measured copy bandwidth, the
                 "of copy" column), with the last-level cache flushed before every call so that the
                 weights come from DRAM, as in a model whose other layers run between two calls
+  ep_dispatch   expert parallelism's packing by destination rank (E=256 over W=8 ranks, top-8,
+                D=7168; bf16 rows or FP8 quantized as packed), GB/s of hidden read + rows,
+                scales and local choices written; ep_combine, the per-token sum of the rows that
+                come back (bf16), GB/s of rows read + output written
 The Triton interpreter on the CPU is a correctness tool and is not timed.
 Run: pytest benchmarks/bench_moe.py [--device cpu|cuda]
 """
@@ -40,6 +44,8 @@ FUSED_TOKENS = {"cuda": EXPERT_TOKENS["cuda"], "cpu": [1, 8, 64, 1024]}
 FUSED_TOPK = {"cuda": TOPK, "cpu": 6}
 CPU_FLUSH_BYTES = 64 << 20  # twice the 32 MiB L3 of the CPU the README's numbers come from
 PERMUTE_TOKENS = {"cuda": [1, 128, 1024, 16384], "cpu": [1, 128, 1024]}
+EP_TOKENS = {"cuda": [1, 128, 1024, 8192], "cpu": [1, 128, 1024]}
+EP_WORLD, EP_D = 8, 7168
 
 
 def _backends(op, device):
@@ -66,6 +72,14 @@ def pytest_generate_tests(metafunc):
         cases = [(t, d, p) for t in PERMUTE_TOKENS[device] for d in (8, 7168) for p in _backends("moe_permute", device)
                  if not (p == "torch" and t > 1024)]
         metafunc.parametrize("permute_case", cases, ids=[f"T{t}-D{d}-{p}" for t, d, p in cases])
+    if "ep_case" in metafunc.fixturenames:
+        cases = [(t, q, p) for t in EP_TOKENS[device] for q in (False, True) for p in _backends("ep_dispatch", device)
+                 if not (p == "torch" and t > 128)]
+        metafunc.parametrize("ep_case", cases, ids=[f"T{t}-{'fp8' if q else 'bf16'}-{p}" for t, q, p in cases])
+    if "combine_case" in metafunc.fixturenames:
+        cases = [(t, p) for t in EP_TOKENS[device] for p in _backends("ep_combine", device)
+                 if not (p == "torch" and t > 128)]
+        metafunc.parametrize("combine_case", cases, ids=[f"T{t}-{p}" for t, p in cases])
     if "gemm_case" in metafunc.fixturenames:
         e, d, i = LAYER[device]
         peers = ["loop"] + (["grouped_mm"] if _grouped_mm_works(device) else [])
@@ -185,3 +199,50 @@ def test_fused_moe(bench, device, fused_case):
     bench(fn, make_args, op="fused_moe", shape=f"T={tokens} E={e} k={topk} D={d} I={i} {'fp8' if fp8 else 'bf16'}",
           provider=provider, flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop",
           flush_bytes=CPU_FLUSH_BYTES if device == "cpu" else 0)
+
+
+def _ep_routes(tokens, device):
+    """Random top-8 routes over 256 experts and the rows they make over EP_WORLD ranks (a token's
+    distinct destination ranks, measured on these routes)."""
+    weights, ids = _routes(tokens, 256, device)
+    rows = int((ref_moe.ep_destinations(ids.cpu(), 256, EP_WORLD) >= 0).sum())
+    return weights, ids, rows
+
+
+def test_ep_dispatch(bench, device, ep_case):
+    tokens, quant, provider = ep_case
+    torch.manual_seed(0)
+    _, _, rows = _ep_routes(tokens, device)
+    row_bytes = EP_D * (1 if quant else 2) + (EP_D // 128 * 4 if quant else 0) + TOPK * 8
+    nbytes = tokens * EP_D * 2 + rows * row_bytes
+
+    def make_args():
+        torch.manual_seed(0)  # the same routes (and row count) in every copy
+        weights, ids, _ = _ep_routes(tokens, device)
+        return torch.randn(tokens, EP_D, device=device, dtype=torch.bfloat16), ids, weights
+
+    def fn(hidden, ids, weights):
+        return dk.ep_dispatch(hidden, ids, weights, 256, EP_WORLD, quant, backend=provider)
+
+    bench(fn, make_args, op="ep_dispatch", shape=f"T={tokens} E=256 W={EP_WORLD} k={TOPK} D={EP_D} "
+          f"{'fp8' if quant else 'bf16'} ({rows / max(tokens, 1):.2f} rows/token)", provider=provider, flops=0,
+          nbytes=nbytes, precision="fp8" if quant else "bf16", baseline="torch")
+
+
+def test_ep_combine(bench, device, combine_case):
+    tokens, provider = combine_case
+    torch.manual_seed(0)
+    _, ids, rows = _ep_routes(tokens, device)
+    inverse = dk.ep_dispatch(torch.zeros(tokens, 128, device=device), ids, torch.ones(ids.shape, device=device),
+                             256, EP_WORLD)[5]
+    nbytes = (rows + tokens) * EP_D * 2
+
+    def make_args():
+        return torch.randn(rows, EP_D, device=device, dtype=torch.bfloat16), inverse
+
+    def fn(returned, inv):
+        return dk.ep_combine(returned, inv, backend=provider)
+
+    bench(fn, make_args, op="ep_combine", shape=f"T={tokens} W={EP_WORLD} D={EP_D} bf16 "
+          f"({rows / max(tokens, 1):.2f} rows/token)", provider=provider, flops=0, nbytes=nbytes, precision="bf16",
+          baseline="torch")

@@ -70,4 +70,12 @@ TORCH_LIBRARY(dsv3_kernels, m) {
   // [T, topk], topk_ids int32 [T, topk] -> bf16 [T, D]: the routed experts' SwiGLU MLPs, weighted
   m.def("fused_moe(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
         "Tensor? w13_scale_inv, Tensor? w2_scale_inv) -> Tensor");
+  // Expert parallelism's packing by destination rank (rank r owns experts [r*E/W, (r+1)*E/W)):
+  // hidden [T, D], topk_ids int32 / topk_weights fp32 [T, topk] -> (send [P, D] (quant: e4m3),
+  // send_scale fp32 [P, D/128] or [0], send_ids int32 [P, topk] (ids local to the row's rank, -1
+  // for other ranks' choices), send_weights fp32 [P, topk], rank_offsets int32 [W+1], inverse int32
+  // [T, S]): moe_permute of each token over its S = min(topk, W) distinct destination ranks,
+  // P = T * S; rows past rank_offsets[W] are zero with ids -1 and weights 0.
+  m.def("ep_dispatch(Tensor hidden, Tensor topk_ids, Tensor topk_weights, int num_experts, int world_size, "
+        "bool quant) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -85,6 +85,9 @@ def main(argv=None):
     p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
                    help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
                         "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--expert-load", metavar="FILE", default=None,
+                   help="write the expert loads ({\"expert_load\": [[share] * E] per MoE layer}) to FILE as JSON "
+                        "(what dsv3.generate --eplb reads)")
     a = p.parse_args(argv)
     from .load import load, load_tokenizer
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,6 +100,9 @@ def main(argv=None):
         r = evaluate(model, tokenizer, text, a.window, kv_cache_dtype=CACHE_DTYPES.get(a.kv_cache_dtype))
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, window
         p.exit(2, f"{p.prog}: error: {e}\n")
+    if a.expert_load:
+        with open(a.expert_load, "w") as f:
+            json.dump({"expert_load": r["expert_load"]}, f)
     load_max = max((max(x) for x in r["expert_load"]), default=math.nan)
     print(json.dumps({k: r[k] for k in ("nats_per_byte", "nats_per_token", "tokens", "bytes",
                                         "kv_cache_bytes_per_token")}))

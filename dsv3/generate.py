@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from . import parallel
 from .cache import CACHE_DTYPES, Batch, CacheFullError, decode_batch, prefill_batch
 
 # The model folder the command line uses without --model.
@@ -125,6 +126,8 @@ class Generator:
     the cache's (model.new_cache: default the activations' dtype, or "fp8").
     After each generate, last_stats holds its timings: prefill_tokens, ttft_s (prefill and the
     first token), decode_tokens, decode_s and decode_tokens_per_s (None without a decode step).
+    With expert parallelism (dsv3/parallel.py) each rank generates its own prompts (maybe none) and
+    steps until every rank is done (a finished rank runs Transformer.idle steps), eagerly.
     """
 
     def __init__(self, model, tokenizer=None, num_blocks=None, block_size=64, cuda_graph=None, kv_cache_dtype=None):
@@ -133,7 +136,9 @@ class Generator:
         if num_blocks is None:
             num_blocks = -(-self.max_len // block_size)
         self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype)
-        self.cuda_graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
+        # expert parallelism's all-to-all split sizes are host values: no graph capture
+        self.cuda_graph = model.device.type == "cuda" and not parallel.expert_parallel() if cuda_graph is None \
+            else cuda_graph
         self._graphs = None
         self.last_stats = {}
 
@@ -174,7 +179,8 @@ class Generator:
         blocks for prompt + max_new_tokens of every prompt (nothing is run then).
         """
         self.validate(prompts, max_new_tokens, temperature, top_p)
-        if not prompts:
+        ep = parallel.expert_parallel()  # every rank steps until all are done
+        if not prompts and not ep:
             return []
         device, cache, eos = self.model.device, self.cache, set(self.model.args.eos_token_ids)
         rng = None
@@ -211,12 +217,18 @@ class Generator:
         try:
             start = time.perf_counter()
             ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
-            batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
-            logits = self.model(ids, batch, cache)  # [len(prompts), vocab]: each prompt's last token
-            accept(sample(logits, temperature, top_p, rng).tolist())
+            if prompts:
+                batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
+                logits = self.model(ids, batch, cache)  # [len(prompts), vocab]: each prompt's last token
+                accept(sample(logits, temperature, top_p, rng).tolist())
+            else:
+                self.model.idle()
             first = time.perf_counter()
             decoded = 0
-            while running:
+            while parallel.any_rank(bool(running), device) if ep else running:
+                if not running:
+                    self.model.idle()
+                    continue
                 tokens = torch.tensor([outputs[i][-1] for i in running], dtype=torch.int64)
                 requests = [(len(prompts[i]) + len(outputs[i]) - 1, held[i]) for i in running]
                 logits = self._decode_logits(tokens, requests)
@@ -272,17 +284,75 @@ def _parser():
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--fp8", action="store_true", help="quantize a bf16/fp32 checkpoint to FP8 on load")
+    p.add_argument("--parallel", choices=parallel.MODES, default="tp",
+                   help="under torchrun: tp (tensor parallel, default) or ep (each rank its own share of the "
+                        "prompts with its own cache, routed experts split over ranks, tokens sent to them all-to-all)")
+    p.add_argument("--fp8-dispatch", action="store_true", help="--parallel ep: send the tokens to the experts in "
+                                                               "FP8 (e4m3 + 1x128 scales: about half the bytes)")
+    p.add_argument("--eplb", metavar="FILE", default=None,
+                   help="--parallel ep: redundant experts placed by DeepSeek's EPLB rule from the expert loads in FILE "
+                        "(python -m dsv3.evaluate --expert-load FILE)")
+    p.add_argument("--redundant-experts", type=int, default=0, help="with --eplb: extra expert slots in all (a "
+                                                                    "multiple of the ranks with n_routed_experts)")
     p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
                    help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
                         "bf16 k_pe); default: the activations' dtype")
     return p
 
 
+def _encode(generator, tokenizer, texts):
+    bos = generator.model.args.bos_token_id
+    return [([] if bos is None else [bos]) + tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def _print_stats(s, generator, out):
+    rate = "no decode step" if s["decode_tokens_per_s"] is None else \
+        f"decode {s['decode_tokens_per_s']:.1f} tokens/s ({s['decode_tokens']} tokens)"
+    print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}; "
+          f"KV cache {generator.cache.bytes_per_token} bytes per token", file=sys.stderr if out is sys.stdout else out,
+          flush=True)
+
+
+def _run_expert_parallel(generator, tokenizer, texts, args, out):
+    """--parallel ep: rank r generates prompts r, r + world, ...; rank 0 prints every text in
+    prompt order as one process does (without streaming) and the stats of all ranks together
+    (decode tokens/s: all ranks' tokens over the slowest rank's decode time)."""
+    import torch.distributed as dist
+    world, rank = parallel.world_size(), parallel.rank()
+    prompts = _encode(generator, tokenizer, texts)
+    generator.validate(prompts, args.max_new_tokens, args.temperature, args.top_p)  # all ranks, all prompts
+    mine = list(range(rank, len(texts), world))
+    outputs = generator.generate([prompts[i] for i in mine], args.max_new_tokens, args.temperature, args.top_p,
+                                 args.seed)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, outputs, generator.last_stats, dict(parallel.traffic)))
+    if rank != 0:
+        return
+    new = {i: o for ids, outs, _, _ in gathered for i, o in zip(ids, outs)}
+    for i, text in enumerate(texts):
+        print(text + tokenizer.decode(new[i]) if len(texts) == 1 else
+              f"--- prompt {i} ---\n{text}{tokenizer.decode(new[i])}", file=out, flush=True)
+    stats = [g[2] for g in gathered]
+    decoded, decode_s = sum(s["decode_tokens"] for s in stats), max(s["decode_s"] for s in stats)
+    _print_stats(dict(prefill_tokens=sum(s["prefill_tokens"] for s in stats), ttft_s=max(s["ttft_s"] for s in stats),
+                      decode_tokens=decoded, decode_tokens_per_s=decoded / decode_s if decoded else None),
+                 generator, out)
+    traffic = parallel.per_token([g[3] for g in gathered])
+    if traffic is not None:
+        from .moe import Experts
+        slots = next(m.num_slots for m in generator.model.modules() if isinstance(m, Experts))
+        print(f"expert parallel over {world} ranks ({slots} expert slots per MoE layer): "
+              f"{traffic['bytes']:.0f} bytes sent per token per MoE layer "
+              f"({traffic['rows']:.3f} rows, dispatch and return; {traffic['bytes_to_other_ranks']:.0f} to other "
+              f"ranks)", file=sys.stderr if out is sys.stdout else out, flush=True)
+
+
 def _run(generator, tokenizer, texts, args, out, echo=True):
     """Generate for the prompt texts and print them to `out`; one prompt streams its tokens as they
     come (after the prompt itself with `echo`)."""
-    bos = generator.model.args.bos_token_id
-    prompts = [([] if bos is None else [bos]) + tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    if parallel.expert_parallel():
+        return _run_expert_parallel(generator, tokenizer, texts, args, out)
+    prompts = _encode(generator, tokenizer, texts)
     generator.validate(prompts, args.max_new_tokens, args.temperature, args.top_p)  # before printing anything
     stream = TextStream(tokenizer) if len(texts) == 1 else None
     if stream is not None and echo:
@@ -298,12 +368,7 @@ def _run(generator, tokenizer, texts, args, out, echo=True):
     else:
         for i, (text, new) in enumerate(zip(texts, outputs)):
             print(f"--- prompt {i} ---\n{text}{tokenizer.decode(new)}", file=out, flush=True)
-    s = generator.last_stats
-    rate = "no decode step" if s["decode_tokens_per_s"] is None else \
-        f"decode {s['decode_tokens_per_s']:.1f} tokens/s ({s['decode_tokens']} tokens)"
-    print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}; "
-          f"KV cache {generator.cache.bytes_per_token} bytes per token", file=sys.stderr if out is sys.stdout else out,
-          flush=True)
+    _print_stats(generator.last_stats, generator, out)
 
 
 def main(argv=None):
@@ -331,26 +396,35 @@ def main(argv=None):
             fail(f"no --model given and the default model folder {DEFAULT_MODEL} does not exist; "
                  f"pass --model DIR (a folder with config.json, safetensors and tokenizer.json)")
         model_dir = DEFAULT_MODEL
-    from . import parallel
     from .load import load, load_tokenizer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # under torchrun (WORLD_SIZE > 1): tensor parallelism; every rank runs the same steps on the
-    # same gathered logits (one seed for all), rank 0 prints
-    rank = parallel.init_from_env(torch.device(device).type)
+    # under torchrun (WORLD_SIZE > 1): tensor parallelism, every rank runs the same steps on the
+    # same gathered logits (one seed for all); or expert parallelism, each rank its own prompts
+    # (seed + rank). Rank 0 prints.
+    if (args.fp8_dispatch or args.eplb) and args.parallel != "ep":
+        fail(f"{'--fp8-dispatch' if args.fp8_dispatch else '--eplb'} needs --parallel ep")
+    rank = parallel.init_from_env(torch.device(device).type, args.parallel, args.fp8_dispatch)
     if parallel.world_size() > 1:
         if args.interactive:
             fail("--interactive runs in one process (no torchrun)")
         if torch.device(device).type == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
-        args.seed = 0 if args.seed is None else args.seed
+        args.seed = (0 if args.seed is None else args.seed) + (rank if args.parallel == "ep" else 0)
     out = sys.stdout if rank == 0 else open(os.devnull, "w")
     try:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+        if args.eplb and parallel.world_size() > 1:
+            from . import eplb
+            from .config import ModelArgs
+            config = ModelArgs.from_json(model_dir)
+            moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+            parallel.set_mode("ep", args.fp8_dispatch,
+                              eplb.plan(args.eplb, moe_layers, parallel.world_size(), args.redundant_experts))
         tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before a long load
         model = load(model_dir, dtype=getattr(torch, args.dtype), device=device, fp8=True if args.fp8 else None,
                      backend=None if args.backend == "auto" else args.backend)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
+    except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, --eplb's file
         fail(str(e))
     generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype))
     try:

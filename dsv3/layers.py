@@ -129,7 +129,7 @@ class VocabEmbedding(Module):
         self.weight = _param(self.hi - self.lo, dim, dtype=dtype, device=device)
 
     def forward(self, ids):
-        if parallel.world_size() == 1:
+        if parallel.tp_size() == 1:
             return F.embedding(ids, self.weight)
         mine = (ids >= self.lo) & (ids < self.hi)
         out = F.embedding((ids - self.lo).clamp(0, self.hi - self.lo - 1), self.weight)

@@ -151,7 +151,7 @@ class _Loader:
     def experts(self, prefix, mod: Experts, args: ModelArgs):
         d, i = args.hidden_size, args.moe_intermediate_size
         for e in range(args.n_routed_experts):
-            local = mod.lo <= e < mod.hi
+            local = [j for j, x in enumerate(mod.logical) if x == e]  # its slots here (redundant experts: several)
             for proj, shape in (("gate_proj", (i, d)), ("up_proj", (i, d)), ("down_proj", (d, i))):
                 name = f"{prefix}.{e}.{proj}.weight"
                 if not local:  # another rank's expert: present, not read
@@ -162,15 +162,15 @@ class _Loader:
                 w, s = self._source(name, shape)
                 if w is None:
                     continue
-                el = e - mod.lo
-                weight, scale = (mod.w2, mod.w2_scale_inv) if proj == "down_proj" else (mod.w13, mod.w13_scale_inv)
-                weight, scale = weight[el], None if scale is None else scale[el]
-                if proj != "down_proj":
-                    half = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
-                    weight = weight[half]
-                    if scale is not None:
-                        scale = scale[half.start // BLOCK:half.stop // BLOCK]
-                self._store(w, s, slice(0, shape[0]), slice(0, shape[1]), weight, scale)
+                for el in local:
+                    weight, scale = (mod.w2, mod.w2_scale_inv) if proj == "down_proj" else (mod.w13, mod.w13_scale_inv)
+                    weight, scale = weight[el], None if scale is None else scale[el]
+                    if proj != "down_proj":
+                        half = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
+                        weight = weight[half]
+                        if scale is not None:
+                            scale = scale[half.start // BLOCK:half.stop // BLOCK]
+                    self._store(w, s, slice(0, shape[0]), slice(0, shape[1]), weight, scale)
 
 
 def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True) -> Transformer:

@@ -26,7 +26,7 @@ class DecoderLayer(Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.self_attn = MLA(args, dtype, fp8, device)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.mlp = (MoE(args, dtype, fp8, device) if args.is_moe_layer(layer_id)
+        self.mlp = (MoE(args, dtype, fp8, device, layer_id) if args.is_moe_layer(layer_id)
                     else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
 
     def forward(self, x, batch, kv_cache, rope):
@@ -82,6 +82,15 @@ class Transformer(Module):
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def idle(self):
+        """A step with no tokens: expert parallelism's rank whose requests have finished (or that
+        has none) while others still run takes part in every MoE layer's all-to-all."""
+        x = torch.empty(0, self.args.hidden_size, dtype=self.dtype, device=self.device)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp(x)
 
     def reset_absorbed(self):
         """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""

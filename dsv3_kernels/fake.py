@@ -69,6 +69,15 @@ if _native.loaded():
     def _(expert_out, topk_weights, inverse):
         return expert_out.new_empty((inverse.shape[0], expert_out.shape[1]))
 
+    @torch.library.register_fake("dsv3_kernels::ep_dispatch")
+    def _(hidden, topk_ids, topk_weights, num_experts, world_size, quant):
+        t, k = topk_ids.shape
+        slots = min(k, world_size)
+        send, scale, rank_offsets, inverse = torch.ops.dsv3_kernels.moe_permute.default(
+            hidden, topk_ids.new_empty((t, slots)), world_size, 1, quant)
+        return (send, scale, topk_ids.new_empty((t * slots, k)), topk_weights.new_empty((t * slots, k)),
+                rank_offsets, inverse)
+
     @torch.library.register_fake("dsv3_kernels::fused_moe")
     def _(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
         return torch.empty_like(hidden)

@@ -30,6 +30,8 @@ dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.moe_per
 dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_permute")
 dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton.grouped_gemm")
 dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm")
+dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep")
+dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
 
 available_backends = dispatch.available_backends
 
@@ -402,18 +404,21 @@ def _check_topk(name, t, dtype, num_tokens=None):
         raise ValueError(f"{name} must have one row per token ({num_tokens}), got shape {tuple(t.shape)}")
 
 
+NO_EXPERT = -1  # a topk id that names no expert: skipped, costs nothing (expert parallelism's "not mine")
+
+
 def _check_ids_in_range(topk_ids, num_experts):
-    """Where the ids are on the CPU (free to read): every id in [0, E). On a GPU a bad id is not
-    routed and its token's output is NaN instead (a check would cost a device sync)."""
+    """Where the ids are on the CPU (free to read): every id in [0, E) or NO_EXPERT. On a GPU a bad
+    id is not routed and its token's output is NaN instead (a check would cost a device sync)."""
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(topk_ids)
-        if 0 <= lo and hi < num_experts:
+        if NO_EXPERT <= lo and hi < num_experts:
             return
-        bad = ((topk_ids < 0) | (topk_ids >= num_experts)).nonzero()
+        bad = ((topk_ids < NO_EXPERT) | (topk_ids >= num_experts)).nonzero()
         if bad.numel():
             t, j = bad[0].tolist()
             raise ValueError(f"topk_ids[{t}, {j}] = {int(topk_ids[t, j])} is outside [0, {num_experts}) "
-                             f"(num_experts = {num_experts})")
+                             f"(num_experts = {num_experts}) and is not {NO_EXPERT} (no expert)")
 
 
 def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int = 1,
@@ -427,7 +432,8 @@ def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, 
     Returns (permuted [P, D] of hidden's dtype (float8_e4m3fn with quant), scale float32
     [P, D/128] with quant else None, expert_offsets int32 [E+1], inverse int32 [T, topk]).
     Expert e's rows are [expert_offsets[e], expert_offsets[e] + count_e), in token order; the
-    padded segment ends at expert_offsets[e+1]. P = T*topk + min(T*topk, E) * (align - 1) (align
+    padded segment ends at expert_offsets[e+1]. A choice with the id NO_EXPERT (-1) gets no row
+    and inverse -1 (another bad id, on a GPU where ids are not checked: inverse -2). P = T*topk + min(T*topk, E) * (align - 1) (align
     > 1) is fixed by the shapes (CUDA graphs); padding rows are zero. inverse[t, j] is the row of
     token t's j-th choice.
     """
@@ -469,8 +475,8 @@ def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse:
     expert_out: [P, D] float32/bfloat16/float16 (the grouped GEMM's output rows);
     topk_weights: float32 [T, topk]; inverse: int32 [T, topk] (from moe_permute).
     Returns [T, D] of expert_out's dtype: sum_j topk_weights[t, j] * expert_out[inverse[t, j]],
-    accumulated in fp32. A token with an inverse entry outside [0, P) raises where inverse is on
-    the CPU and gets NaN on a GPU.
+    accumulated in fp32; an entry -1 (no row: a NO_EXPERT choice) adds nothing. A token with
+    another inverse entry outside [0, P) raises where inverse is on the CPU and gets NaN on a GPU.
     """
     _check_tensor("expert_out", expert_out, _FLOAT_DTYPES, ndim=2)
     _check_topk("topk_weights", topk_weights, torch.float32)
@@ -480,7 +486,7 @@ def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse:
                          f"and {tuple(topk_weights.shape)}")
     _check_same_device(expert_out=expert_out, topk_weights=topk_weights, inverse=inverse)
     if inverse.device.type == "cpu" and inverse.numel() and not torch.compiler.is_compiling():
-        bad = ((inverse < 0) | (inverse >= expert_out.shape[0])).nonzero()
+        bad = ((inverse < -1) | (inverse >= expert_out.shape[0])).nonzero()
         if bad.numel():
             t, j = bad[0].tolist()
             raise ValueError(f"inverse[{t}, {j}] = {int(inverse[t, j])} is outside expert_out's "
@@ -553,7 +559,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     hidden: bfloat16 [T, D]; w13: [E, 2I, D] (each expert's gate_proj rows, then up_proj rows);
     w2: [E, D, I] (down_proj); both bfloat16, or float8_e4m3fn with w13_scale_inv float32
     [E, 2I/128, D/128] and w2_scale_inv [E, D/128, I/128] (the checkpoints' weight_scale_inv;
-    D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route.
+    D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route;
+    a choice with the id NO_EXPERT (-1) is skipped (no rows, no GEMM work, adds nothing).
     Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
     the activations to 1x128 blocks before each GEMM).
     float32 hidden with float32 experts is the unrounded reference precision of a whole model (dsv3's
@@ -588,3 +595,58 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
         chosen = dispatch.resolve("fused_moe", hidden.device, "triton")  # what the CUDA kernel does not take
     return dispatch.implementation("fused_moe", chosen)(hidden, w13, w2, topk_weights, topk_ids,
                                                         w13_scale_inv, w2_scale_inv)
+
+
+# ---- expert parallelism: tokens to the ranks that own their experts, and back ----
+
+def ep_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                world_size: int, quant: bool = False, *, backend=None):
+    """Pack the tokens by destination rank for expert parallelism's all-to-all: each token once per
+    rank that owns one of its chosen experts (rank r owns experts [r * E/W, (r+1) * E/W)).
+
+    hidden: [T, D] float32/bfloat16/float16; topk_ids int32 / topk_weights float32 [T, topk] (from
+    moe_route; ids in [0, E) or NO_EXPERT). quant: the rows in FP8 (act_quant's e4m3 + 1x128
+    scales, D % 128 == 0), quantized as they are packed.
+    Returns (send [P, D] of hidden's dtype (float8_e4m3fn with quant), send_scale float32
+    [P, D/128] with quant else None, send_ids int32 [P, topk], send_weights float32 [P, topk],
+    rank_offsets int32 [W+1], inverse int32 [T, S]), S = min(topk, W), P = T * S:
+    - rank r's rows are [rank_offsets[r], rank_offsets[r+1]), in token order; a token's S slots
+      list its destination ranks in order of its first choice of each, and inverse[t, s] is the
+      row of its s-th one (-1 past the last). Rows past rank_offsets[W] are zero (P is fixed by
+      the shapes: no host sync; the all-to-all's split sizes are rank_offsets' differences).
+    - send_ids / send_weights: the row's choices as its rank sees them: the ids of that rank's
+      experts made local (id - r * E/W) with their weights, NO_EXPERT and 0 for the others, so
+      fused_moe on the receiving rank computes only its own choices.
+    ep_combine(returned, inverse) sums the rows that come back per token.
+    """
+    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
+    _check_topk("topk_weights", topk_weights, torch.float32, hidden.shape[0])
+    if topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"topk_ids and topk_weights must have one shape [T, topk], got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if topk_ids.shape[1] < 1:
+        raise ValueError("topk_ids must have at least one choice per token (topk >= 1)")
+    _check_same_device(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_experts % world_size:
+        raise ValueError(f"num_experts = {num_experts} does not split evenly over world_size = {world_size} ranks")
+    if quant and hidden.shape[1] % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
+                         f"got {hidden.shape[1]}")
+    _check_ids_in_range(topk_ids, num_experts)
+    send, scale, ids, weights, offsets, inverse = _run("ep_dispatch", hidden.device, backend, hidden, topk_ids,
+                                                       topk_weights, num_experts, world_size, bool(quant))
+    return send, (scale if quant else None), ids, weights, offsets, inverse
+
+
+def ep_combine(returned: torch.Tensor, inverse: torch.Tensor, *, backend=None):
+    """The all-to-all's way back: returned [P, D] float32/bfloat16/float16 (row i: the result for
+    ep_dispatch's send row i), inverse int32 [T, S] (ep_dispatch's) -> [T, D] of returned's dtype,
+    each token's rows summed in fp32 in slot order (moe_unpermute with weights 1; -1 adds nothing).
+    """
+    _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
+    ones = torch.ones(inverse.shape, dtype=torch.float32, device=inverse.device)
+    return moe_unpermute(returned, ones, inverse, backend=backend)

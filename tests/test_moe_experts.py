@@ -111,13 +111,13 @@ def test_permute_unpermute_are_inverses(device, backend, t, e):
 @pytest.mark.gpu
 @pytest.mark.ops("moe_permute", "moe_unpermute")
 def test_bad_ids_on_a_gpu_are_not_routed(device, backend):
-    """On a GPU ids are not checked (a sync per call): a bad id is not placed (inverse -1, no
+    """On a GPU ids are not checked (a sync per call): a bad id is not placed (inverse -2, no
     out-of-bounds write) and its token combines to NaN."""
     hidden = torch.randn(6, 256, dtype=torch.bfloat16, device=device)
     ids = make_ids(6, 4, 16).to(device)
     ids[2, 1], ids[4, 3] = 16, -3
     permuted, _, offsets, inverse = _impl("moe_permute", backend)(hidden, ids, 16, 1, False)
-    assert inverse[2, 1] == -1 and inverse[4, 3] == -1 and int(offsets[-1]) == 22
+    assert inverse[2, 1] == -2 and inverse[4, 3] == -2 and int(offsets[-1]) == 22
     out = _impl("moe_unpermute", backend)(permuted, torch.rand(6, 4, device=device), inverse)
     bad = torch.tensor([False, False, True, False, True, False])
     assert out[bad.to(device)].isnan().all() and not out[~bad.to(device)].isnan().any()
@@ -346,3 +346,53 @@ def test_fused_moe_is_the_composition_of_the_parts(device, backend, fp8):
     down = _impl("grouped_gemm", backend)(h, w2, offsets, h_scale if fp8 else None, s2)
     parts = _impl("moe_unpermute", backend)(down, weights, inverse)
     torch.testing.assert_close(fused.float(), parts.float(), rtol=1e-2, atol=1e-2 * float(parts.abs().max()))
+
+
+# ---- the id -1: no expert (expert parallelism's choices of other ranks) ----
+
+def _drop_choices(ids, generator=None):
+    """ids with about a third of the choices replaced by -1, and one token with all of them."""
+    ids = ids.clone()
+    ids[torch.rand(ids.shape, generator=generator) < 0.35] = -1
+    if ids.shape[0] > 2:
+        ids[2] = -1
+    return ids
+
+
+@pytest.mark.ops("moe_permute", "moe_unpermute")
+def test_no_expert_choices_get_no_row(device, backend):
+    """A -1 choice is not placed (inverse -1) and adds nothing in moe_unpermute; no NaN."""
+    t, topk, e = 37, 4, 16
+    hidden = torch.randn(t, 128, dtype=torch.bfloat16)
+    ids = _drop_choices(make_ids(t, topk, e))
+    permuted, _, offsets, inverse = _impl("moe_permute", backend)(hidden.to(device), ids.to(device), e, 1, False)
+    assert int(offsets[-1]) == int((ids >= 0).sum())
+    assert torch.equal(inverse.cpu() == -1, ids == -1)
+    weights = torch.rand(t, topk)
+    got = _impl("moe_unpermute", backend)(permuted, weights.to(device), inverse).cpu()
+    want = (weights * (ids >= 0)).sum(1, keepdim=True) * hidden.float()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(got, ref.moe_unpermute(permuted.cpu(), weights, inverse.cpu()))
+
+
+@pytest.mark.ops("fused_moe")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fused_moe_skips_no_expert_choices(device, backend, fp8):
+    """fused_moe with -1 choices equals the reference (which never computes them) and the old way
+    of not owning a choice, weight 0 on some expert; NaN in every expert no real choice uses shows
+    that a -1 choice reads no weights."""
+    t, topk, e, d, i = 29, 4, 8, 128, 128
+    hidden = torch.randn(t, d, dtype=torch.bfloat16)
+    ids = _drop_choices(make_ids(t, topk, e))
+    weights = torch.rand(t, topk)
+    experts = make_experts(e, d, i, fp8)
+    zeroed = ref.fused_moe(hidden, *experts[:2], weights * (ids >= 0), ids.clamp(min=0), *experts[2:])
+    _poison_unused_experts(ids[ids >= 0], experts)
+    want = ref.fused_moe(hidden, *experts[:2], weights, ids, *experts[2:])
+    args = [x.to(device) if x is not None else None for x in (hidden, *experts[:2], weights, ids, *experts[2:])]
+    got = _impl("fused_moe", backend)(*args).cpu()
+    assert not got.isnan().any() and torch.equal(got[2], torch.zeros(d, dtype=torch.bfloat16))
+    tol = 3e-2 if fp8 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()))
+    torch.testing.assert_close(want.float(), zeroed.float(), rtol=tol, atol=tol * float(want.abs().max()))

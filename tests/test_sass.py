@@ -7,7 +7,7 @@ kernels are there, (d) the MLA decode kernels run S = Q K^T and O = P V on wgmma
 64x256) and the MLA combine / cache-write kernels are there, (f) the MoE routing kernel is there
 and keeps its per-lane expert arrays in registers (no local memory), (g) the grouped expert GEMMs
 run on wgmma (QGMMA in the FP8 one, HGMMA in the bf16 one) and the other expert-layer kernels are
-there. Skipped only when _C was built without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
+there (ep_dispatch's too). Skipped only when _C was built without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
 host (tests/cuda/mla_layouts_check.cu; needs nvcc and the CUTLASS headers, not a GPU).
 """
 
@@ -279,7 +279,7 @@ GROUPED_GEMM_SHAPES = {True: "QGMMA.64x128x32", False: "HGMMA.64x256x16"}  # key
 MOE_EXPERT_KERNELS = ("permute_count_kernel", "permute_scan_kernel", "permute_place_kernel",
                       "permute_gather_kernel", "permute_gather_quant_kernel", "silu_mul_kernel",
                       "silu_mul_quant_kernel", "moe_unpermute_kernel", "build_group_args_kernel",
-                      "sfa_to_m_major_kernel", "zero_uncovered_rows_kernel")
+                      "sfa_to_m_major_kernel", "zero_uncovered_rows_kernel", "ep_dest_kernel", "ep_meta_kernel")
 
 
 def grouped_gemm_problems(shapes):

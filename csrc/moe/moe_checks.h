@@ -102,6 +102,18 @@ inline void check_moe_unpermute(const at::Tensor& expert_out, const at::Tensor& 
               "all tensors must be on expert_out's device");
 }
 
+inline void check_ep_dispatch(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              int64_t num_experts, int64_t world_size, bool quant) {
+  TORCH_CHECK(world_size >= 1 && num_experts >= world_size && num_experts % world_size == 0,
+              "num_experts (", num_experts, ") must split evenly over world_size (", world_size, ") ranks");
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(1) >= 1, "topk_ids must be [T, topk] with topk >= 1");
+  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.is_contiguous() && topk_weights.scalar_type() == at::kFloat &&
+                  topk_weights.sizes() == topk_ids.sizes(),
+              "topk_weights must be a contiguous float32 tensor of topk_ids' shape");
+  TORCH_CHECK(topk_weights.device() == hidden.device(), "topk_weights must be on hidden's device");
+  check_moe_permute(hidden, topk_ids, world_size, 1, quant);
+}
+
 // True for FP8 weights.
 inline bool check_fused_moe(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                             const at::Tensor& topk_weights, const at::Tensor& topk_ids,

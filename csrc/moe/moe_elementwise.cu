@@ -2,7 +2,7 @@
 //   silu_mul       x [M, 2I] (gate | up) -> silu(gate) * up, fp32 math, rounded to x's dtype or
 //                  quantised like act_quant (1x128 blocks, e4m3 + fp32 scale);
 //   moe_unpermute  out[t] = sum over j in order of w[t, j] * expert_out[inverse[t, j]], fp32,
-//                  rounded once; NaN for a token with an inverse entry outside [0, P).
+//                  rounded once; an entry -1 adds nothing; NaN for a token with another entry outside [0, P).
 // One block per row, 16-byte vectors where the row length and base addresses allow it (a scalar
 // instantiation otherwise). Every product and sum is rounded separately (__fmul_rn / __fadd_rn /
 // __fdiv_rn), as torch's separate ops round them, so nothing is contracted into an FMA.
@@ -87,7 +87,7 @@ moe_unpermute_kernel(const T* __restrict__ expert_out, const float* __restrict__
   const int* inv = inverse + token * topk;
   const float* w = weights + token * topk;
   bool valid = true;
-  for (int j = 0; j < topk; ++j) valid &= inv[j] >= 0 && inv[j] < rows;
+  for (int j = 0; j < topk; ++j) valid &= inv[j] == -1 || (inv[j] >= 0 && inv[j] < rows);  // -1: no row, adds nothing
   T* dst = out + token * d;
   for (int64_t c = threadIdx.x * kVec; c < d; c += blockDim.x * kVec) {
     Vec<T, kVec> res;
@@ -96,6 +96,7 @@ moe_unpermute_kernel(const T* __restrict__ expert_out, const float* __restrict__
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
       for (int j = 0; j < topk; ++j) {
+        if (inv[j] < 0) continue;
         const float wj = w[j];
         const Vec<T, kVec> v = *reinterpret_cast<const Vec<T, kVec>*>(expert_out + static_cast<int64_t>(inv[j]) * d + c);
 #pragma unroll

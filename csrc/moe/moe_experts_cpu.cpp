@@ -255,7 +255,7 @@ void silu_mul_f32(const float* gate, const float* up, float* h, int64_t len) {
 struct Grouping {
   std::vector<int32_t> offsets;  // [E+1]: expert e's rows are [offsets[e], offsets[e+1])
   std::vector<int64_t> pair;     // [rows]: the pair t * topk + j of each row, -1 for padding
-  std::vector<int32_t> inverse;  // [T * topk]: the row of each pair, -1 for an id outside [0, E)
+  std::vector<int32_t> inverse;  // [T * topk]: the row of each pair; -1 for the id -1 (no expert), -2 for a bad id
 };
 
 Grouping group_by_expert(const int32_t* ids, int64_t pairs, int64_t experts, int64_t align, int64_t rows) {
@@ -269,7 +269,7 @@ Grouping group_by_expert(const int32_t* ids, int64_t pairs, int64_t experts, int
   for (int64_t i = 0; i < pairs; ++i) {
     const int32_t id = ids[i];
     const bool placed = id >= 0 && id < experts;
-    g.inverse[i] = placed ? static_cast<int32_t>(next[id]) : -1;
+    g.inverse[i] = placed ? static_cast<int32_t>(next[id]) : (id == -1 ? -1 : -2);
     if (placed) g.pair[next[id]++] = i;
   }
   return g;
@@ -439,9 +439,10 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& top
       std::vector<float> acc(d);
       for (int64_t tok = begin; tok < end; ++tok) {
         const int32_t* rows = inv + tok * topk;
-        const bool ok = std::all_of(rows, rows + topk, [&](int32_t r) { return r >= 0 && r < p; });
+        const bool ok = std::all_of(rows, rows + topk, [&](int32_t r) { return r == -1 || (r >= 0 && r < p); });
         std::fill(acc.begin(), acc.end(), ok ? 0.0f : std::numeric_limits<float>::quiet_NaN());
-        for (int64_t j = 0; ok && j < topk; ++j) weighted_add(acc.data(), x + rows[j] * d, d, w[tok * topk + j]);
+        for (int64_t j = 0; ok && j < topk; ++j)
+          if (rows[j] >= 0) weighted_add(acc.data(), x + rows[j] * d, d, w[tok * topk + j]);
         store_cols(acc.data(), po + tok * d, 1, d, 0, d);
       }
     });
@@ -489,9 +490,9 @@ at::Tensor fused_moe_f32(const at::Tensor& hidden, const at::Tensor& w13, const 
     at::Tensor y = at::mm(act, w2[e].t()) * weights.index_select(0, pairs).unsqueeze(1);
     out.index_add_(0, tok, y);
   }
-  for (int64_t tok = 0; tok < t; ++tok)  // a token with an id outside [0, E) gets NaN
+  for (int64_t tok = 0; tok < t; ++tok)  // a token with an id outside [-1, E) gets NaN (-1: no expert)
     for (int64_t j = 0; j < topk; ++j)
-      if (grp.inverse[tok * topk + j] < 0) out[tok].fill_(std::numeric_limits<float>::quiet_NaN());
+      if (grp.inverse[tok * topk + j] < -1) out[tok].fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
 }
 
@@ -595,7 +596,8 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
   });
 
   // 5. Each token sums its rows weighted, in fp32, in order of expert (then choice) as the
-  // reference's per-expert loop accumulates; a token with an id outside [0, E) gets NaN.
+  // reference's per-expert loop accumulates; the id -1 (no expert) adds nothing, a token with an id
+  // outside [-1, E) gets NaN.
   const float* w = topk_weights.const_data_ptr<float>();
   auto* po = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, t, grain_for(d * topk), [&](int64_t begin, int64_t end) {
@@ -603,12 +605,12 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
     std::vector<int64_t> order(topk);
     for (int64_t tok = begin; tok < end; ++tok) {
       const int32_t* inv = grp.inverse.data() + tok * topk;
-      const bool ok = std::all_of(inv, inv + topk, [](int32_t r) { return r >= 0; });
+      const bool ok = std::all_of(inv, inv + topk, [](int32_t r) { return r >= -1; });
       std::fill(acc.begin(), acc.end(), ok ? 0.0f : std::numeric_limits<float>::quiet_NaN());
       for (int64_t j = 0; j < topk; ++j) order[j] = j;
       std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return ids[tok * topk + i] < ids[tok * topk + j]; });
       for (int64_t j = 0; ok && j < topk; ++j)
-        weighted_add(acc.data(), y.data() + inv[order[j]] * d, d, w[tok * topk + order[j]]);
+        if (inv[order[j]] >= 0) weighted_add(acc.data(), y.data() + inv[order[j]] * d, d, w[tok * topk + order[j]]);
       store_cols(acc.data(), po + tok * d, 1, d, 0, d);
     }
   });

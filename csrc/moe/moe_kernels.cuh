@@ -73,4 +73,17 @@ const char* moe_unpermute_launch(const void* expert_out, FloatType dtype, int64_
                                  const float* topk_weights, const int* inverse, int64_t num_tokens, int topk,
                                  void* out, cudaStream_t stream);
 
+// ep_dispatch (ep_dispatch.cu), around moe_permute with the ranks as experts (rank r owns experts
+// [r * per_rank, (r+1) * per_rank)):
+// ep_dest: topk_ids int32 [T, topk] -> dest int32 [T, slots]: each token's distinct owner ranks in
+//   order of first choice, -1 after the last (slots = min(topk, world_size)).
+const char* ep_dest_launch(const int* topk_ids, int64_t num_tokens, int topk, int slots, int num_experts,
+                           int per_rank, int* dest, cudaStream_t stream);
+// ep_meta: for each (token, slot) with a row (inverse [T, slots] >= 0), that row of send_ids int32
+//   [P, topk] / send_weights fp32 [P, topk] = the token's ids local to rank dest (-1 for choices
+//   other ranks own) and their weights (0 for those). The caller fills the rows first (-1, 0).
+const char* ep_meta_launch(const int* topk_ids, const float* topk_weights, const int* dest, const int* inverse,
+                           int64_t num_tokens, int topk, int slots, int per_rank, int* send_ids,
+                           float* send_weights, cudaStream_t stream);
+
 }  // namespace dsv3::moe

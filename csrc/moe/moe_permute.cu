@@ -14,7 +14,8 @@
 //      them), then each warp walks its unit in order: a choice's row is offsets[e] + the unit's
 //      prefix for e + the number of earlier choices of e in the unit (its rank within the
 //      __match_any_sync group plus the group sizes of earlier steps). Writes inverse and row_src.
-//      Ids outside [0, E) are not counted or placed: inverse -1.
+//      Ids outside [0, E) are not counted or placed: inverse -1 for the id -1 ("no expert", skipped
+//      downstream), -2 for any other (its token combines to NaN).
 //   4. gather: one block per permuted row copies hidden[row_src] with 16-byte vectors (zeros for
 //      padding rows), or quantises it on the way (act_quant's 1x128 blocks: a padding row gets
 //      e4m3 zeros and the zero block's scale 1e-4 / 448).
@@ -182,7 +183,7 @@ permute_place_kernel(const int* __restrict__ ids, int64_t n, int topk, int num_e
     __syncwarp();
     const int64_t idx = unit * kUnit + s * 32 + lane;
     if (idx < n) {
-      inverse[idx] = row;
+      inverse[idx] = row >= 0 ? row : (ids[idx] == -1 ? -1 : -2);  // -1: no expert (skipped); -2: a bad id
       if (row >= 0) row_src[row] = static_cast<int>(idx / topk);
     }
   }

@@ -18,15 +18,18 @@ The expert layers (FP8 is float8_e4m3fn with 1x128 activation / 128x128 weight s
   align > 1 each segment is padded to a multiple of align rows. The buffer has a size fixed by the
   shapes, P = T*topk + (min(T*topk, E) * (align - 1) if align > 1 else 0); padding rows are zero
   (quantized: e4m3 0 with the scale of a zero block). inverse[t, j] is the row of choice (t, j);
-  a choice whose id is outside [0, E) is not placed and gets inverse -1.
+  a choice whose id is outside [0, E) is not placed: the id -1 means "no expert" (expert
+  parallelism marks the choices another rank owns with it) and gets inverse -1; any other gets
+  inverse -2.
 - grouped_gemm: rows [offsets[e], offsets[e+1]) of `a` times b[e].T (offsets clamped to [0, M];
   a segment with hi <= lo is empty); rows no segment covers are 0; bf16 out, fp32 accumulation.
 - silu_mul: silu(gate) * up in fp32, then rounded to x's dtype or quantized (act_quant).
 - moe_unpermute: out[t] = sum over j (in order) of topk_weights[t, j] * expert_out[inverse[t, j]],
-  fp32, rounded once; a token with an inverse entry outside [0, P) gets NaN.
+  fp32, rounded once; an entry -1 adds nothing; a token with another entry outside [0, P) gets NaN.
 - fused_moe = permute -> grouped_gemm(w13) -> rounded to bf16 -> silu_mul (bf16, or quantized with
   FP8 weights) -> grouped_gemm(w2) -> rounded to bf16 -> moe_unpermute. FP8 weights quantize the
-  hidden rows with act_quant first. A token with an id outside [0, E) gets NaN.
+  hidden rows with act_quant first. The id -1 costs nothing and adds nothing; a token with an id
+  outside [-1, E) gets NaN.
 """
 
 import torch
@@ -84,7 +87,7 @@ def moe_permute(hidden, topk_ids, num_experts, align=1, quant=False):
     experts = flat[order]
     first = torch.cumsum(counts, 0) - counts  # each expert's first position in `order`
     rows = starts[experts] + torch.arange(order.numel(), device=flat.device) - first[experts]
-    inverse = torch.full((t * topk,), -1, dtype=torch.long, device=flat.device)
+    inverse = torch.where(flat == -1, -1, -2)
     inverse[order] = rows
     permuted = hidden.new_zeros(permuted_rows(t, topk, num_experts, align), hidden.shape[1])
     permuted[rows] = hidden[order // topk]
@@ -122,12 +125,13 @@ def silu_mul(x, quant=False):
 def moe_unpermute(expert_out, topk_weights, inverse):
     p = expert_out.shape[0]
     inv = inverse.long()
-    valid = (inv >= 0) & (inv < p)
+    skip = inv == -1
+    valid = skip | ((inv >= 0) & (inv < p))
     rows = expert_out.float()[inv.clamp(0, max(p - 1, 0))] if p else \
         expert_out.new_zeros(*inv.shape, expert_out.shape[1], dtype=torch.float32)
     out = torch.zeros(inv.shape[0], expert_out.shape[1], dtype=torch.float32, device=expert_out.device)
     for j in range(inv.shape[1]):
-        out += topk_weights[:, j, None].float() * rows[:, j]
+        out += torch.where(skip[:, j, None], 0.0, topk_weights[:, j, None].float() * rows[:, j])
     out[~valid.all(1)] = float("nan")
     return out.to(expert_out.dtype)
 
@@ -151,7 +155,7 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv=None, w2_sc
             h = silu_mul(gate_up.to(hidden.dtype))[0]
             y = h.float() @ w2[e].float().T
         out.index_put_((tok,), topk_weights[tok, slot, None].float() * y.to(hidden.dtype).float(), accumulate=True)
-    out[((ids < 0) | (ids >= w13.shape[0])).any(1)] = float("nan")
+    out[((ids < -1) | (ids >= w13.shape[0])).any(1)] = float("nan")
     return out.to(hidden.dtype)
 
 
@@ -171,3 +175,40 @@ def naive_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv=None,
         y = (F.silu(gate) * up) @ b.T
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].to(hidden.dtype))
     return out
+
+
+# ---- expert parallelism: the tokens packed by destination rank ----
+
+def ep_destinations(topk_ids, num_experts, world_size):
+    """int64 [T, min(topk, W)]: the ranks that own each token's chosen experts (rank r owns experts
+    [r * E/W, (r+1) * E/W)), each once, in order of the token's first choice of it; -1 after the
+    last (and for ids outside [0, E), such as the id -1)."""
+    t, k = topk_ids.shape
+    ids = topk_ids.long()
+    owner = torch.where((ids >= 0) & (ids < num_experts), ids // (num_experts // world_size), -1)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)  # [j, i]: i < j
+    first = (owner >= 0) & ~((owner[:, :, None] == owner[:, None, :]) & earlier).any(2)
+    slot = torch.cumsum(first, 1) - 1
+    dest = torch.full((t, min(k, world_size)), -1, dtype=torch.long, device=ids.device)
+    tok, j = first.nonzero(as_tuple=True)
+    dest[tok, slot[tok, j]] = owner[tok, j]
+    return dest
+
+
+def ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant=False):
+    """moe_permute of the tokens over their destination ranks (as if ranks were experts), plus
+    each row's choices as its destination sees them: the ids of that rank's experts made local
+    (id - r * E/W), -1 (no expert) and weight 0 for choices other ranks own."""
+    t, k = topk_ids.shape
+    per_rank = num_experts // world_size
+    dest = ep_destinations(topk_ids, num_experts, world_size)
+    send, scale, rank_offsets, inverse = moe_permute(hidden, dest.to(torch.int32), world_size, 1, quant)
+    send_ids = torch.full((send.shape[0], k), -1, dtype=torch.long, device=hidden.device)
+    send_weights = torch.zeros(send.shape[0], k, dtype=torch.float32, device=hidden.device)
+    tok, s = (inverse >= 0).nonzero(as_tuple=True)
+    rows, rank = inverse[tok, s].long(), dest[tok, s]
+    ids = topk_ids[tok].long()
+    mine = (ids >= rank[:, None] * per_rank) & (ids < (rank[:, None] + 1) * per_rank)
+    send_ids[rows] = torch.where(mine, ids - rank[:, None] * per_rank, -1)
+    send_weights[rows] = torch.where(mine, topk_weights[tok].float(), 0.0)
+    return send, scale, send_ids.to(torch.int32), send_weights, rank_offsets, inverse

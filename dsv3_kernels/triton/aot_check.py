@@ -13,7 +13,7 @@ register spills.
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled). All 210 variants take a few
+interpreter's kernels are plain Python and cannot be compiled). All 239 variants take a few
 minutes on a cold Triton cache (seconds when cached); `only=` selects a subset."""
 
 import itertools
@@ -24,7 +24,7 @@ import tempfile
 import torch
 import triton
 
-from . import fp8, grouped_gemm, mla, moe
+from . import ep, fp8, grouped_gemm, mla, moe
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
@@ -207,6 +207,15 @@ def _moe_variants():
                 "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
                 "IEEE": ab == "fp32"},
                warps, stages, ("K", "N"))  # DeepSeek-V3's N and K; others JIT a scalar-load variant
+    # ep_dispatch's own kernels (its row copy is moe_permute's), top-8 (DeepSeek-V3) and top-2
+    for block_k in (8, 2):
+        yield (f"ep_dest k{block_k}", ep._ep_dest_kernel,
+               {"ids_ptr": "*i32", "dest_ptr": "*i32", "T": "i32", "K": "i32", "S": "i32", "E": "i32",
+                "PER_RANK": "i32"}, {"ROWS": ep.ROWS, "BLOCK_K": block_k}, ep.WARPS, 1, ())
+        yield (f"ep_meta k{block_k}", ep._ep_meta_kernel,
+               {"ids_ptr": "*i32", "w_ptr": "*fp32", "dest_ptr": "*i32", "inv_ptr": "*i32", "out_ids_ptr": "*i32",
+                "out_w_ptr": "*fp32", "N": "i32", "K": "i32", "S": "i32", "PER_RANK": "i32"},
+               {"ROWS": ep.ROWS, "BLOCK_K": block_k}, ep.WARPS, 1, ())
 
 
 def _label(multiples_of_16):

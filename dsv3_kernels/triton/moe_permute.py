@@ -74,8 +74,9 @@ def _permute_prefix_kernel(counts_ptr, offsets_ptr, NB, E, ALIGN,
 @triton.jit
 def _permute_index_kernel(ids_ptr, prefix_ptr, offsets_ptr, inverse_ptr, src_ptr, N, E, TOPK,
                           BLOCK: tl.constexpr):
-    """For the flat choices of block b: inverse [N] int32 = the choice's row (-1 for an id outside
-    [0, E)), src [P] int32 at that row = its token. prefix [NB, E] is the prefix kernel's."""
+    """For the flat choices of block b: inverse [N] int32 = the choice's row (-1 for the id -1, no
+    expert; -2 for another id outside [0, E)), src [P] int32 at that row = its token. prefix
+    [NB, E] is the prefix kernel's."""
     b = tl.program_id(0)
     k = tl.arange(0, BLOCK)
     i = b * BLOCK + k
@@ -89,7 +90,7 @@ def _permute_index_kernel(ids_ptr, prefix_ptr, offsets_ptr, inverse_ptr, src_ptr
     e = tl.where(valid, ids, 0)
     row = (tl.load(offsets_ptr + e, mask=valid, other=0)
            + tl.load(prefix_ptr + b * E + e, mask=valid, other=0) + rank)
-    tl.store(inverse_ptr + i, tl.where(valid, row, -1), mask=in_range)
+    tl.store(inverse_ptr + i, tl.where(valid, row, tl.where(ids == -1, -1, -2)), mask=in_range)
     tl.store(src_ptr + row, i // TOPK, mask=valid)
 
 
@@ -146,7 +147,8 @@ def _silu_mul_kernel(x_ptr, y_ptr, s_ptr, M, I, NB,
 def _moe_unpermute_kernel(x_ptr, w_ptr, inv_ptr, out_ptr, T, P, D, TOPK,
                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """out [T, D] = sum over j in order of w[t, j] * x[inv[t, j]] in fp32, for x [P, D],
-    w [T, TOPK] fp32, inv [T, TOPK] int32; NaN for a token with an inv entry outside [0, P)."""
+    w [T, TOPK] fp32, inv [T, TOPK] int32; an entry -1 adds nothing (no row), a token with another
+    entry outside [0, P) gets NaN."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < T
@@ -157,7 +159,7 @@ def _moe_unpermute_kernel(x_ptr, w_ptr, inv_ptr, out_ptr, T, P, D, TOPK,
         inv = tl.load(inv_ptr + rows * TOPK + j, mask=row_ok, other=0)
         w = tl.load(w_ptr + rows * TOPK + j, mask=row_ok, other=0.0)
         ok = (inv >= 0) & (inv < P)
-        n_bad += (~ok).to(tl.int32)
+        n_bad += ((~ok) & (inv != -1)).to(tl.int32)
         x = tl.load(x_ptr + inv.to(tl.int64)[:, None] * D + cols[None, :],
                     mask=(row_ok & ok)[:, None] & col_ok[None, :], other=0.0)
         acc += w[:, None] * x.to(tl.float32)
