@@ -176,15 +176,40 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MTPLayer(Layer):
+    """DeepSeek-V3's multi-token-prediction module k (checkpoint: model.layers.{num_hidden_layers + k - 1}):
+    at position i it combines the previous depth's hidden state h_i with the embedding of token
+    t_{i+k}, eh_proj([enorm(emb); hnorm(h)]) (the embedding first, as in the inference engines that
+    run DeepSeek's released weights), runs one decoder layer (causal, RoPE position i) and predicts
+    t_{i+k+1} through shared_head.norm and shared_head.head. The embedding and the output head are
+    the main model's (DeepSeek-V3's shared embedding and output head)."""
+
+    def __init__(self, a: ModelArgs, i: int, head: nn.Linear):
+        super().__init__(a, i)
+        self.enorm = _norm(a.hidden_size, a)
+        self.hnorm = _norm(a.hidden_size, a)
+        self.eh_proj = _linear(2 * a.hidden_size, a.hidden_size)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = _norm(a.hidden_size, a)
+        self.shared_head.head = head  # the same Parameter: exported under both names, trained once
+
+    def forward(self, h, emb, cos, sin):
+        """h, emb [B, L, D] -> the layer's output [B, L, D] (the next depth's h; before shared_head.norm)."""
+        return super().forward(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin)
+
+
 class TrainModel(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.args = a
+        n = a.num_hidden_layers
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.model.layers = nn.ModuleList(Layer(a, i) for i in range(a.num_hidden_layers))
-        self.model.norm = _norm(a.hidden_size, a)
         self.lm_head = _linear(a.hidden_size, a.vocab_size)
+        # the MTP modules follow the decoder layers, as in DeepSeek's checkpoint (model.layers.61)
+        self.model.layers = nn.ModuleList([Layer(a, i) for i in range(n)] + [
+            MTPLayer(a, n + k, self.lm_head) for k in range(a.num_nextn_predict_layers)])
+        self.model.norm = _norm(a.hidden_size, a)
         self.rope = Rope(a)
 
     def moe_layers(self):
@@ -200,14 +225,28 @@ class TrainModel(nn.Module):
             else:
                 p.normal_(0, out_std if ("o_proj" in name or "down_proj" in name) else std)
 
-    def forward(self, ids):
-        """ids int64 [B, T] (positions 0..T-1) -> logits float32 [B, T, vocab]."""
-        t = ids.shape[1]
+    def forward(self, ids, targets=None):
+        """ids int64 [B, T] (positions 0..T-1) -> logits float32 [B, T, vocab].
+
+        With targets (int64 [B, T], targets[:, i] = t_{i+1}, the token after ids[:, i]) it returns
+        (logits, [mtp_logits_1, ...]): MTP depth k's logits float32 [B, T - k, vocab] at positions
+        0..T-k-1 predict t_{i+k+1} = targets[:, k:]. Depth 1 takes the main model's final
+        (normalized) hidden state, depth k > 1 the output of depth k - 1."""
+        a, t = self.args, ids.shape[1]
         cos, sin = self.rope.cos[:t], self.rope.sin[:t]
         x = self.model.embed_tokens(ids)
-        for layer in self.model.layers:
+        for layer in self.model.layers[:a.num_hidden_layers]:
             x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x)).float()
+        h = self.model.norm(x)
+        logits = self.lm_head(h).float()
+        if targets is None:
+            return logits
+        mtp = []
+        for k, layer in enumerate(self.model.layers[a.num_hidden_layers:], start=1):
+            n = t - k
+            h = layer(h[:, :n], self.model.embed_tokens(targets[:, k - 1:k - 1 + n]), cos[:n], sin[:n])
+            mtp.append(layer.shared_head.head(layer.shared_head.norm(h)).float())
+        return logits, mtp
 
     def hf_state_dict(self, dtype=torch.bfloat16) -> dict:
         """The checkpoint's tensors: weights in dtype, e_score_correction_bias float32, routed
@@ -222,7 +261,7 @@ class TrainModel(nn.Module):
                 for e in range(t.shape[0]):
                     out[f"{prefix}.{e}.{proj}.weight"] = t[e].to(dtype).contiguous()
             else:
-                out[name] = t.to(dtype).contiguous()
+                out[name] = t.to(dtype).clone(memory_format=torch.contiguous_format)  # the tied MTP head: its own copy
         return out
 
 
@@ -246,13 +285,27 @@ def eval_windows(stream: torch.Tensor, seq_len: int, count: int, bos: int):
     return torch.cat([torch.full((n, 1), bos), win[:, :-1]], dim=1), win
 
 
+def losses(model, inputs, targets, mtp_lambda: float):
+    """(total, main, [mtp depth 1, ...]): cross entropies in nats per token (0-d tensors); total =
+    main + mtp_lambda * mean over the depths (DeepSeek-V3's MTP objective)."""
+    logits, mtp = model(inputs, targets)
+    main = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    extra = [F.cross_entropy(lg.flatten(0, 1), targets[:, k:].flatten()) for k, lg in enumerate(mtp, start=1)]
+    total = main + mtp_lambda * torch.stack(extra).mean() if extra else main
+    return total, main, extra
+
+
 @torch.no_grad()
-def heldout_nats_per_byte(model, inputs, targets, nbytes: torch.Tensor, chunk: int = 16) -> float:
-    nll = 0.0
+def heldout_nats_per_byte(model, inputs, targets, nbytes: torch.Tensor, chunk: int = 16) -> list:
+    """[main head, MTP depth 1, ...] in nats per byte of the tokens each head predicts."""
+    nll = None
     for i in range(0, inputs.shape[0], chunk):
-        logits = model(inputs[i:i + chunk])
-        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + chunk].flatten(), reduction="sum").item()
-    return nll / nbytes[targets].sum().item()
+        tg = targets[i:i + chunk]
+        logits, mtp = model(inputs[i:i + chunk], tg)
+        part = [F.cross_entropy(lg.flatten(0, 1), tg[:, k:].flatten(), reduction="sum").item()
+                for k, lg in enumerate([logits, *mtp])]
+        nll = part if nll is None else [x + y for x, y in zip(nll, part)]
+    return [x / nbytes[targets[:, k:]].sum().item() for k, x in enumerate(nll)]
 
 
 # ---- training ----
@@ -277,6 +330,8 @@ def _parser():
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="DeepSeek-V3's gamma")
+    p.add_argument("--mtp-layers", type=int, default=1, help="multi-token-prediction depth (0: none)")
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the mean MTP loss")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of the periodic evaluation")
     p.add_argument("--save-every", type=int, default=100)
@@ -312,11 +367,15 @@ def _check(a, margs: ModelArgs):
                          f"got {a.seq_len}")
     if not a.lr > 0:
         raise ValueError(f"--lr must be > 0, got {a.lr}")
+    if a.mtp_layers < 0 or a.mtp_layers > a.seq_len - 2:
+        raise ValueError(f"--mtp-layers must be in [0, seq_len - 2 = {a.seq_len - 2}], got {a.mtp_layers}")
+    if not a.mtp_lambda >= 0:
+        raise ValueError(f"--mtp-lambda must be >= 0, got {a.mtp_lambda}")
 
 
 def train(a) -> dict:
     from tqdm import tqdm
-    margs = ModelArgs(**PRESETS[a.preset])
+    margs = ModelArgs(**PRESETS[a.preset], num_nextn_predict_layers=a.mtp_layers)
     _check(a, margs)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -374,7 +433,7 @@ def train(a) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         inputs, targets = batch_at(stream, step, a.seed, a.batch_size, a.seq_len, bos)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        loss, main, mtp = losses(model, inputs, targets, a.mtp_lambda)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -382,14 +441,21 @@ def train(a) -> dict:
         for m in model.moe_layers():
             m.update_bias(a.bias_update_rate)
         step += 1
-        record = dict(step=step, loss=loss.item())
+        record = dict(step=step, loss=main.item())  # the main head's, comparable with runs without MTP
+        if mtp:
+            record["mtp_loss"] = [m.item() for m in mtp]
         if step % a.eval_every == 0 or step == a.steps:
             model.eval()
-            last_eval = record["heldout_nats_per_byte"] = heldout_nats_per_byte(model, ev_in, ev_tg, nbytes)
+            last_eval, *mtp_eval = heldout_nats_per_byte(model, ev_in, ev_tg, nbytes)
+            record["heldout_nats_per_byte"] = last_eval
+            if mtp_eval:
+                record["heldout_mtp_nats_per_byte"] = mtp_eval
             model.train()
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", heldout=f"{last_eval:.4f} nats/B" if last_eval else "-",
-                        refresh=False)
+        post = dict(loss=f"{record['loss']:.3f}", heldout=f"{last_eval:.4f} nats/B" if last_eval else "-")
+        if mtp:
+            post["mtp"] = f"{record['mtp_loss'][0]:.3f}"
+        bar.set_postfix(**post, refresh=False)
         bar.update(1)
         if step % a.save_every == 0 or step == last:
             _save_state(state_path, model, opt, step, a, history, time.perf_counter() - t0)
@@ -441,7 +507,8 @@ def export(model, margs: ModelArgs, tokenizer, heldout_texts, a, record: dict) -
         print(f"{name}: held-out {full['nats_per_byte']:.4f} nats/byte", file=sys.stderr)
     metrics["fp8_vs_bf16"] = metrics["heldout"]["fp8"] / metrics["heldout"]["bf16"] - 1
     metrics["train"] = dict(preset=a.preset, seed=a.seed, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                            lr=a.lr, bias_update_rate=a.bias_update_rate, python=sys.version.split()[0],
+                            lr=a.lr, bias_update_rate=a.bias_update_rate, mtp_layers=a.mtp_layers,
+                            mtp_lambda=a.mtp_lambda, python=sys.version.split()[0],
                             torch=torch.__version__, threads=torch.get_num_threads(), **record)
     with open(os.path.join(fp8_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
