@@ -20,6 +20,7 @@ metrics.json (held-out nats/byte of both, expert load, the training record).
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -248,6 +249,50 @@ class TrainModel(nn.Module):
             mtp.append(layer.shared_head.head(layer.shared_head.norm(h)).float())
         return logits, mtp
 
+    def mtp_layers(self):
+        return list(self.model.layers[self.args.num_hidden_layers:])
+
+    @torch.no_grad()
+    def load_hf(self, model_dir) -> list:
+        """Copy a DeepSeek-V3 checkpoint's weights (FP8 ones dequantized, experts stacked) into the
+        parameters of the same names. A parameter of an MTP layer that the checkpoint lacks starts
+        as a copy of the last decoder layer's tensor of that name (attention, experts, layer
+        norms); the MTP-only ones (enorm, hnorm, eh_proj, shared_head.norm) keep their
+        initialization. Returns the names of the parameters the checkpoint lacks."""
+        from safetensors import safe_open
+
+        import dsv3_kernels as dk
+
+        from .load import checkpoint_files
+        files, n = checkpoint_files(model_dir), self.args.num_hidden_layers
+
+        def read(name):
+            with safe_open(files[name], framework="pt") as f:
+                t = f.get_tensor(name)
+            if t.dtype == torch.float8_e4m3fn:
+                with safe_open(files[name + "_scale_inv"], framework="pt") as f:
+                    t = dk.weight_dequant(t, f.get_tensor(name + "_scale_inv"), torch.float32)
+            return t.float()
+
+        def stored(name, shape):
+            if ".mlp.experts." in name:  # stacked here, one tensor per expert in the checkpoint
+                prefix, proj = name.rsplit(".", 1)
+                keys = [f"{prefix}.{e}.{proj}.weight" for e in range(shape[0])]
+                return torch.stack([read(k) for k in keys]) if all(k in files for k in keys) else None
+            return read(name) if name in files else None
+
+        absent = []
+        for name, t in self.state_dict().items():
+            w = stored(name, t.shape)
+            if w is None:
+                absent.append(name)
+                parts = name.split(".", 3)  # model, layers, index, rest
+                if parts[:2] == ["model", "layers"] and int(parts[2]) >= n:
+                    w = stored(f"model.layers.{n - 1}.{parts[3]}", t.shape)
+            if w is not None and w.shape == t.shape:
+                t.copy_(w)
+        return absent
+
     def hf_state_dict(self, dtype=torch.bfloat16) -> dict:
         """The checkpoint's tensors: weights in dtype, e_score_correction_bias float32, routed
         experts split per expert as in DeepSeek's release."""
@@ -332,6 +377,10 @@ def _parser():
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="DeepSeek-V3's gamma")
     p.add_argument("--mtp-layers", type=int, default=1, help="multi-token-prediction depth (0: none)")
     p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the mean MTP loss")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights and tokenizer (its "
+                                                     "config must be the preset's; see TrainModel.load_hf)")
+    p.add_argument("--train-only", choices=["all", "mtp"], default="all",
+                   help="mtp: freeze the main model (embedding, decoder layers, head) and train the MTP layers")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of the periodic evaluation")
     p.add_argument("--save-every", type=int, default=100)
@@ -371,6 +420,15 @@ def _check(a, margs: ModelArgs):
         raise ValueError(f"--mtp-layers must be in [0, seq_len - 2 = {a.seq_len - 2}], got {a.mtp_layers}")
     if not a.mtp_lambda >= 0:
         raise ValueError(f"--mtp-lambda must be >= 0, got {a.mtp_lambda}")
+    if a.train_only == "mtp" and not (a.mtp_layers and a.mtp_lambda):
+        raise ValueError("--train-only mtp needs --mtp-layers >= 1 and --mtp-lambda > 0")
+    if a.init_from is not None:
+        init = dataclasses.asdict(ModelArgs.from_json(a.init_from))
+        want = dataclasses.asdict(margs)
+        diff = sorted(k for k in want if k not in ("num_nextn_predict_layers", "quantization_config")
+                      and init[k] != want[k])
+        if diff:
+            raise ValueError(f"--init-from {a.init_from}: its config differs from the preset's in {diff}")
 
 
 def train(a) -> dict:
@@ -397,7 +455,10 @@ def train(a) -> dict:
         raise ValueError("the corpus split left no training or no held-out file (raise --max-files)")
     tok_path = os.path.join(a.out, "tokenizer.json")
     if state is None:
-        tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
+        if a.init_from is not None:  # its embedding's rows are that tokenizer's ids
+            tokenizer = load_tokenizer(a.init_from)
+        else:
+            tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
         tokenizer.save(tok_path)
     tokenizer = load_tokenizer(a.out)  # the saved file, also on resume
     bos, eos = margs.bos_token_id, margs.eos_token_ids[0]
@@ -412,8 +473,19 @@ def train(a) -> dict:
     torch.manual_seed(a.seed)
     model = TrainModel(margs)
     model.init_weights()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    if a.init_from is not None:
+        absent = model.load_hf(a.init_from)
+        print(f"--init-from {a.init_from}: {len(absent)} tensors not in it (MTP layers: from the last "
+              f"decoder layer, or initialized)", file=sys.stderr)
+    balanced = model.moe_layers()
+    if a.train_only == "mtp":
+        mine = {id(p) for layer in model.mtp_layers() for p in layer.parameters()} - {id(model.lm_head.weight)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in mine)
+        balanced = [m for layer in model.mtp_layers() for m in layer.modules() if isinstance(m, MoE)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "norm" not in n]
+    other = [p for n, p in trainable if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=other, weight_decay=0.0)],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step, history, seconds = 0, [], 0.0
@@ -438,8 +510,10 @@ def train(a) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for m in model.moe_layers():
+        for m in balanced:  # a frozen layer's bias stays (its loads are still counted, and dropped)
             m.update_bias(a.bias_update_rate)
+        for m in model.moe_layers():
+            m.load.zero_()
         step += 1
         record = dict(step=step, loss=main.item())  # the main head's, comparable with runs without MTP
         if mtp:
