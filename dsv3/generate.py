@@ -406,6 +406,9 @@ def _parser():
     p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
                    help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
                         "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--speculative", choices=["none", "mtp"], default=None,
+                   help="mtp: draft with the checkpoint's multi-token-prediction module and verify two tokens per "
+                        "step (default when the checkpoint has one); none: one token per step")
     return p
 
 
@@ -432,6 +435,8 @@ def _run(generator, tokenizer, texts, args, out, echo=True):
     s = generator.last_stats
     rate = "no decode step" if s["decode_tokens_per_s"] is None else \
         f"decode {s['decode_tokens_per_s']:.1f} tokens/s ({s['decode_tokens']} tokens)"
+    if s.get("acceptance_rate") is not None:
+        rate += f", MTP drafts accepted {s['acceptance_rate']:.1%}, {s['tokens_per_step']:.2f} tokens per step"
     print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}; "
           f"KV cache {generator.cache.bytes_per_token} bytes per token", file=sys.stderr if out is sys.stdout else out,
           flush=True)
@@ -483,7 +488,11 @@ def main(argv=None):
                      backend=None if args.backend == "auto" else args.backend)
     except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
         fail(str(e))
-    generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype))
+    try:
+        generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype),
+                              speculative=args.speculative)
+    except ValueError as e:  # --speculative mtp without an MTP module
+        fail(str(e).replace("speculative=", "--speculative "))
     try:
         if args.prompt:
             _run(generator, tokenizer, args.prompt, args, out)
