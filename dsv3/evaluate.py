@@ -36,7 +36,7 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
     if not ids:
         raise ValueError("text has no tokens")
     chunks = [ids[i:i + window - 1] for i in range(0, len(ids), window - 1)]
-    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    gates = [m for m in model.model.modules() if isinstance(m, Gate)]  # the decoder layers (not MTP: never run here)
     loads = [torch.zeros(model.args.n_routed_experts, dtype=torch.int64) for _ in gates]
 
     def count(load):
