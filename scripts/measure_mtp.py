@@ -1,7 +1,7 @@
 """Measure the default model's multi-token prediction: how often the MTP module's draft is kept, and
 CPU decode tokens/s with and without speculative decoding, side by side.
 
-    python scripts/measure_mtp.py [--model dsv3/default_model] [--rounds 3] [--out results.json]
+    python scripts/measure_mtp.py [--model dsv3/default_model] [--rounds 3] [--threads N] [--out results.json]
 
 - acceptance: greedy generation of 128 tokens from 16 prompts cut from the held-out sample
   (tests/model/data/heldout_sample.txt, 64 tokens each, at line starts spread over the file), as
@@ -61,8 +61,10 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if a.threads:
+        torch.set_num_threads(a.threads)
     tok = load_tokenizer(a.model)
     model = load(a.model, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
     text = open(SAMPLE, encoding="utf-8").read()
