@@ -574,9 +574,13 @@ def export(model, margs: ModelArgs, tokenizer, heldout_texts, a, record: dict) -
                                        sha256=hashlib.sha256(sample.encode()).hexdigest()))
     for name, path in (("bf16", bf16_dir), ("fp8", fp8_dir)):
         m = load(path, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
-        full = evaluate(m, tokenizer, heldout, a.seq_len)
+        full, part = evaluate(m, tokenizer, heldout, a.seq_len), evaluate(m, tokenizer, sample, a.seq_len)
         metrics["heldout"][name] = full["nats_per_byte"]
-        metrics["heldout_sample"][name] = evaluate(m, tokenizer, sample, a.seq_len)["nats_per_byte"]
+        metrics["heldout_sample"][name] = part["nats_per_byte"]
+        if "mtp_nats_per_byte" in full:  # the MTP head (second next token)
+            for r, key in ((full, "heldout"), (part, "heldout_sample")):
+                metrics[key][f"mtp_{name}"] = {k[4:]: r[k] for k in ("mtp_nats_per_byte", "mtp_nats_per_token",
+                                                                     "mtp_agreement")}
         metrics.setdefault("expert_load", {})[name] = full["expert_load"]
         print(f"{name}: held-out {full['nats_per_byte']:.4f} nats/byte", file=sys.stderr)
     metrics["fp8_vs_bf16"] = metrics["heldout"]["fp8"] / metrics["heldout"]["bf16"] - 1

@@ -65,7 +65,7 @@ def test_checkpoint_is_deepseek_v3_fp8_with_real_blocks():
     for name in ("eh_proj.weight", "shared_head.head.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
         assert mtp + name in names
     size = sum(os.path.getsize(os.path.join(DEFAULT_MODEL, n)) for n in os.listdir(DEFAULT_MODEL))
-    assert size < 8 * 2 ** 20, f"the shipped model takes {size / 2 ** 20:.1f} MiB"
+    assert size < 9 * 2 ** 20, f"the shipped model takes {size / 2 ** 20:.1f} MiB"
 
 
 def test_tokenizer_is_byte_level_bpe_with_the_config_ids(sample):
