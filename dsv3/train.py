@@ -433,8 +433,9 @@ def _check(a, margs: ModelArgs):
 
 def train(a) -> dict:
     from tqdm import tqdm
-    margs = ModelArgs(**PRESETS[a.preset], num_nextn_predict_layers=a.mtp_layers)
+    margs = ModelArgs(**PRESETS[a.preset])
     _check(a, margs)
+    margs.num_nextn_predict_layers = a.mtp_layers
     if a.threads:
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
