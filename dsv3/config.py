@@ -55,6 +55,8 @@ class ModelArgs:
     eos_token_id: int | list | None = 1
     # FP8 checkpoints: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], ...}
     quantization_config: dict | None = None
+    # multi-token prediction modules, stored as model.layers.{num_hidden_layers + k} (DeepSeek-V3: 1)
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +99,8 @@ class ModelArgs:
             bad("kv_lora_rank", f"the MLA kernels' latent cache holds {KV_LORA_RANK} values (DeepSeek-V2/V3's)")
         if self.qk_rope_head_dim != ROPE_DIM:
             bad("qk_rope_head_dim", f"the MLA kernels' latent cache holds {ROPE_DIM} RoPE values")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", "must be an int >= 0")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
             bad("q_lora_rank", "must be a positive int or null (then q_proj)")
         if self.scoring_func not in ("sigmoid", "softmax"):
@@ -193,7 +197,7 @@ class ModelArgs:
         if d["quantization_config"] is None:
             del d["quantization_config"]
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_act="silu",
-                 num_key_value_heads=self.num_attention_heads, topk_method="noaux_tc", num_nextn_predict_layers=0)
+                 num_key_value_heads=self.num_attention_heads, topk_method="noaux_tc")
         return d
 
 

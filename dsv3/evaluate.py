@@ -5,6 +5,10 @@ a BOS token, so every token is predicted exactly once with the context of its wi
 run as packed prefill batches with all positions' logits. nats/byte = the summed negative log
 likelihood / the text's UTF-8 bytes (byte-level BPE: the same as the predicted tokens' bytes).
 The expert load is the fraction of routed (token, choice) pairs each expert of each MoE layer got.
+A model with an MTP module is also scored on its second-next-token prediction: in each window the
+MTP module at position i (main hidden state h_i, token t_{i+1}) predicts t_{i+2}; its loss is per
+byte of the tokens it predicts, and "mtp_agreement" is how often its argmax equals the main model's
+argmax at position i + 1 (the draft greedy speculative decoding would keep, on this text).
 
     python -m dsv3.evaluate --model DIR --text FILE [--backend cpu] [--window 512] [--kv-cache-dtype fp8]
 """
@@ -16,6 +20,7 @@ import sys
 
 import torch
 
+from . import corpus
 from .cache import CACHE_DTYPES, prefill_batch
 from .moe import Gate
 
@@ -23,7 +28,8 @@ from .moe import Gate
 @torch.inference_mode()
 def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: int = 8, kv_cache_dtype=None) -> dict:
     """-> {"nats_per_byte", "nats_per_token", "tokens", "bytes", "expert_load": [[fraction] * E] per
-    MoE layer, "kv_cache_bytes_per_token"}. window: tokens per request, BOS included (at most
+    MoE layer, "kv_cache_bytes_per_token"}, with an MTP module also "mtp_nats_per_byte",
+    "mtp_nats_per_token", "mtp_agreement" (see the module's doc). window: tokens per request, BOS included (at most
     max_position_embeddings). kv_cache_dtype: model.new_cache's (with "fp8" the attention reads
     the quantized latent: dsv3.attention)."""
     bos = model.args.bos_token_id
@@ -36,7 +42,7 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
     if not ids:
         raise ValueError("text has no tokens")
     chunks = [ids[i:i + window - 1] for i in range(0, len(ids), window - 1)]
-    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    gates = [m for m in model.model.modules() if isinstance(m, Gate)]  # the decoder layers (not MTP: never run here)
     loads = [torch.zeros(model.args.n_routed_experts, dtype=torch.int64) for _ in gates]
 
     def count(load):
@@ -45,15 +51,18 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
         return hook
 
     hooks = [g.register_forward_hook(count(c)) for g, c in zip(gates, loads)]
-    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64, dtype=kv_cache_dtype)
+    mtp = len(model.mtp) > 0
+    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64, dtype=kv_cache_dtype, mtp=mtp)
     device, nll = model.device, 0.0
+    mtp_nll, mtp_tokens, mtp_bytes, agree = 0.0, 0, 0, 0
+    token_bytes = corpus.token_bytes(tokenizer).to(device) if mtp else None
     try:
         for start in range(0, len(chunks), windows_per_batch):
             group = chunks[start:start + windows_per_batch]
             blocks = [cache.allocator.allocate(cache.blocks_for(len(c) + 1)) for c in group]
             batch = prefill_batch([(len(c) + 1, b) for c, b in zip(group, blocks)], cache, device, all_logits=True)
             inputs = torch.tensor([t for c in group for t in [bos] + c], device=device)
-            logits = model(inputs, batch, cache)
+            logits, h = model(inputs, batch, cache, hidden=True)
             # each request's rows 0..len-1 predict its tokens; its last row (after the last token) nothing
             rows, targets, at = [], [], 0
             for c in group:
@@ -63,15 +72,40 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
             rows = torch.tensor(rows, device=device)
             nll += torch.nn.functional.cross_entropy(logits[rows], torch.tensor(targets, device=device),
                                                      reduction="sum").item()
+            if mtp:  # request rows 0..len-1: (h_i, token i + 1); rows 0..len-2 predict tokens 2..len
+                firsts = [r - 1 for r in _starts([[0] + c for c in group])]  # each request's BOS row - 1
+                keep = [f + 1 + i for f, c in zip(firsts, group) for i in range(len(c))]  # not the last rows
+                mb = prefill_batch([(len(c), b) for c, b in zip(group, blocks)], cache, device, all_logits=True)
+                mlogits, _ = model.mtp_forward(h[keep], inputs[[i + 1 for i in keep]], mb, cache)
+                pred = [r for r, c in zip(_starts(group), group) for r in range(r, r + len(c) - 1)]
+                want = torch.tensor([t for c in group for t in c[1:]], device=device)
+                mtp_nll += torch.nn.functional.cross_entropy(mlogits[pred], want, reduction="sum").item()
+                mtp_tokens += want.numel()
+                mtp_bytes += int(token_bytes[want].sum())
+                main_next = logits[[i + 1 for i in keep]].argmax(-1)
+                agree += int((mlogits[pred].argmax(-1) == main_next[pred]).sum())
             for b in blocks:
                 cache.allocator.free(b)
     finally:
         for h in hooks:
             h.remove()
     nbytes = len(text.encode("utf-8"))
-    return dict(nats_per_byte=nll / nbytes, nats_per_token=nll / len(ids), tokens=len(ids), bytes=nbytes,
-                expert_load=[(c.double() / max(int(c.sum()), 1)).tolist() for c in loads],
-                kv_cache_bytes_per_token=cache.bytes_per_token)
+    r = dict(nats_per_byte=nll / nbytes, nats_per_token=nll / len(ids), tokens=len(ids), bytes=nbytes,
+             expert_load=[(c.double() / max(int(c.sum()), 1)).tolist() for c in loads],
+             kv_cache_bytes_per_token=cache.bytes_per_token)
+    if mtp and mtp_tokens:
+        r.update(mtp_nats_per_byte=mtp_nll / mtp_bytes, mtp_nats_per_token=mtp_nll / mtp_tokens,
+                 mtp_agreement=agree / mtp_tokens)
+    return r
+
+
+def _starts(group):
+    """The first MTP row of each request of a window group (request i has len(group[i]) rows)."""
+    out, at = [], 0
+    for c in group:
+        out.append(at)
+        at += len(c)
+    return out
 
 
 def main(argv=None):

@@ -5,6 +5,16 @@ Generator.generate runs every prompt's prefill together in one packed batch, the
 max_new_tokens, and its cache blocks go back to the pool then. On a GPU the decode steps replay
 CUDA graphs (CudaGraphDecoder): one kernel launch sequence per step instead of one per op.
 
+With a checkpoint that has a multi-token-prediction module (speculative="mtp", the default then),
+each step instead verifies two tokens per request: the MTP module drafts the token after next, and
+one target step with s_q = 2 (causal mla_decode) over [last token, draft] checks it. A request
+advances by 1 token (draft rejected: the target's own choice replaces it) or 2 (draft accepted, plus
+the target's next token); rejected cache slots are overwritten by the next step. Greedy output is
+the non-speculative greedy output token for token; sampling is speculative sampling (the draft is
+kept with probability min(1, p/q), else the token is drawn from max(p - q, 0) renormalized), which
+draws from the same distribution as sample() (not the same draws for a seed). These steps run
+eagerly (no CUDA graph: CudaGraphDecoder captures s_q = 1 only).
+
     python -m dsv3.generate --model DIR --prompt "def fib(n):" [--prompt ...] [--interactive]
 """
 
@@ -43,6 +53,55 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     keep = probs.cumsum(dim=-1) - probs < top_p  # the mass before a token is still short of top_p
     choice = torch.multinomial(probs * keep, 1, generator=generator)  # multinomial needs no renormalizing
     return ids.gather(-1, choice).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution sample() draws from (temperature > 0): logits float32 [B, vocab] ->
+    probabilities float32 [B, vocab] (zero outside the top_p set, renormalized)."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1:
+        return probs
+    sorted_probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+    kept = sorted_probs * (sorted_probs.cumsum(dim=-1) - sorted_probs < top_p)
+    out = torch.zeros_like(probs).scatter_(-1, ids, kept)
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def verify(target: torch.Tensor, draft: torch.Tensor, draft_probs, temperature: float, top_p: float,
+           generator=None) -> list:
+    """Speculative verification of one draft token per request.
+
+    target: float32 [B, 2, vocab], the target's logits at the last token (they judge the draft) and
+    at the draft (the next token if it is kept); draft int64 [B]; draft_probs float32 [B, vocab]:
+    the distribution the drafts were drawn from (None when greedy). -> per request the new tokens,
+    [draft, next] or [replacement]. Greedy: the draft is kept iff it is the target's argmax.
+    Sampling: kept with probability min(1, p(draft) / q(draft)), else replaced by a draw from
+    max(p - q, 0) renormalized; the result is distributed as a draw from p.
+    """
+    if temperature == 0:
+        first, second = target[:, 0].argmax(dim=-1), target[:, 1].argmax(dim=-1)
+        keep = first == draft
+    else:
+        p = probabilities(target[:, 0], temperature, top_p)
+        rows = torch.arange(draft.shape[0], device=draft.device)
+        ratio = p[rows, draft] / draft_probs[rows, draft]
+        keep = torch.rand(draft.shape, generator=generator, device=draft.device) < ratio
+        residual = (p - draft_probs).clamp_(min=0)
+        # a rejection implies p(x) > q(x) somewhere; a row with no mass left is never used
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)
+        first = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+        second = sample(target[:, 1], temperature, top_p, generator)
+    return [[d, s] if k else [f] for k, d, s, f in zip(keep.tolist(), draft.tolist(), second.tolist(),
+                                                       first.tolist())]
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
+    """Draft tokens from the MTP module's logits float32 [B, vocab] -> (ids int64 [B], the
+    distribution they were drawn from float32 [B, vocab], None when greedy)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1), None
+    q = probabilities(logits, temperature, top_p)
+    return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
 
 
 def check_sampling(max_new_tokens, temperature, top_p):
@@ -123,21 +182,40 @@ class Generator:
     tokenizer: kept for callers (the command line); generate works on ids. cuda_graph: replay
     decode steps as CUDA graphs (default: when the model is on a GPU); captured on first use,
     for up to GRAPH_BATCH_SIZES[-1] running requests (larger steps run eagerly). kv_cache_dtype:
-    the cache's (model.new_cache: default the activations' dtype, or "fp8").
+    the cache's (model.new_cache: default the activations' dtype, or "fp8"). speculative: "mtp"
+    (draft with the model's MTP module, see the module's doc; eager steps, no CUDA graph), "none",
+    or None: "mtp" when the model has an MTP module.
     After each generate, last_stats holds its timings: prefill_tokens, ttft_s (prefill and the
-    first token), decode_tokens, decode_s and decode_tokens_per_s (None without a decode step).
+    first token), decode_tokens, decode_s and decode_tokens_per_s (None without a decode step);
+    with speculative "mtp" also decode_steps (request-steps), tokens_per_step (decode_tokens /
+    decode_steps), drafts and acceptance_rate (drafts kept / drafts verified; None without a step).
     With expert parallelism (dsv3/parallel.py) each rank generates its own prompts (maybe none) and
-    steps until every rank is done (a finished rank runs Transformer.idle steps), eagerly.
+    steps until every rank is done (a finished rank runs Transformer.idle steps), eagerly and
+    without speculation.
     """
 
-    def __init__(self, model, tokenizer=None, num_blocks=None, block_size=64, cuda_graph=None, kv_cache_dtype=None):
+    def __init__(self, model, tokenizer=None, num_blocks=None, block_size=64, cuda_graph=None, kv_cache_dtype=None,
+                 speculative=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_len = model.args.max_position_embeddings
+        ep = parallel.expert_parallel()
+        if speculative is None:
+            speculative = "mtp" if len(model.mtp) and not ep else "none"
+        if speculative not in ("none", "mtp"):
+            raise ValueError(f"speculative must be 'none', 'mtp' or None, got {speculative!r}")
+        # a speculative step also runs the MTP layer's MoE: an idle rank's steps would have to match it
+        # collective for collective (not done)
+        if speculative == "mtp" and ep:
+            raise ValueError("speculative='mtp' is not supported with expert parallelism; use speculative='none'")
+        if speculative == "mtp" and not len(model.mtp):
+            raise ValueError("speculative='mtp' needs a model with an MTP module (config num_nextn_predict_layers "
+                             ">= 1 and its model.layers.{num_hidden_layers} tensors in the checkpoint)")
+        self.speculative = speculative
         if num_blocks is None:
             num_blocks = -(-self.max_len // block_size)
-        self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype)
+        self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype, mtp=speculative == "mtp")
         # expert parallelism's all-to-all split sizes are host values: no graph capture
-        self.cuda_graph = model.device.type == "cuda" and not parallel.expert_parallel() if cuda_graph is None \
+        self.cuda_graph = model.device.type == "cuda" and not ep if cuda_graph is None \
             else cuda_graph
         self._graphs = None
         self.last_stats = {}
@@ -190,11 +268,13 @@ class Generator:
                 rng.seed()
             else:
                 rng.manual_seed(seed)
-        # The last new token is never fed back, so a request caches at most prompt + max_new_tokens - 1.
+        # The last new token is never fed back, so a request caches at most prompt + max_new_tokens - 1,
+        # or one more with speculation (the draft after the last token but one).
+        spec = self.speculative == "mtp"
         held = []
         try:
             for p in prompts:
-                held.append(cache.allocator.allocate(cache.blocks_for(len(p) + max_new_tokens - 1)))
+                held.append(cache.allocator.allocate(cache.blocks_for(len(p) + max_new_tokens - 1 + spec)))
         except CacheFullError:
             for blocks in held:
                 cache.allocator.free(blocks)
@@ -202,38 +282,64 @@ class Generator:
         outputs = [[] for _ in prompts]
         running = list(range(len(prompts)))  # requests not finished, in prompts' order
 
-        def accept(tokens):
-            """Record each running request's new token; finished ones leave `running` and free their blocks."""
-            for i, t in zip(list(running), tokens):
-                if t not in eos:
-                    outputs[i].append(t)
-                    if on_token is not None:
-                        on_token(i, t)
-                if t in eos or len(outputs[i]) == max_new_tokens:
-                    running.remove(i)
-                    cache.allocator.free(held[i])
-                    held[i] = None
+        def accept(new):
+            """Record each running request's new tokens (a list per request, in order, up to an EOS
+            or max_new_tokens); finished ones leave `running` and free their blocks. Returns the
+            number of tokens taken (an ending EOS counts)."""
+            taken = 0
+            for i, tokens in zip(list(running), new):
+                for t in tokens:
+                    taken += 1
+                    if t not in eos:
+                        outputs[i].append(t)
+                        if on_token is not None:
+                            on_token(i, t)
+                    if t in eos or len(outputs[i]) == max_new_tokens:
+                        running.remove(i)
+                        cache.allocator.free(held[i])
+                        held[i] = None
+                        break
+            return taken
 
         try:
             start = time.perf_counter()
             ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
-            if prompts:
+            if not prompts:  # expert parallelism: a rank with no requests
+                self.model.idle()
+            elif spec:
+                batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
+                steps = drafts = kept = 0
+                logits, h = self.model(ids, batch, cache, hidden=True)
+                tokens = sample(logits, temperature, top_p, rng)
+                draft, q = self._draft_prefill(prompts, tokens, h, batch, temperature, top_p, rng)
+                live = list(running)  # the requests whose drafts `draft` holds, in its order
+                accept([[t] for t in tokens.tolist()])
+            else:
                 batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
                 logits = self.model(ids, batch, cache)  # [len(prompts), vocab]: each prompt's last token
-                accept(sample(logits, temperature, top_p, rng).tolist())
-            else:
-                self.model.idle()
+                accept([[t] for t in sample(logits, temperature, top_p, rng).tolist()])
             first = time.perf_counter()
             decoded = 0
             while parallel.any_rank(bool(running), device) if ep else running:
                 if not running:
                     self.model.idle()
                     continue
-                tokens = torch.tensor([outputs[i][-1] for i in running], dtype=torch.int64)
                 requests = [(len(prompts[i]) + len(outputs[i]) - 1, held[i]) for i in running]
-                logits = self._decode_logits(tokens, requests)
-                decoded += len(running)
-                accept(sample(logits, temperature, top_p, rng).tolist())
+                if spec:
+                    rows = [j for j, i in enumerate(live) if i in running]  # the running requests' drafts
+                    live = list(running)
+                    draft, q = draft[rows], None if q is None else q[rows]
+                    new, draft, q = self._speculative_step(outputs, live, requests, draft, q, temperature, top_p,
+                                                           rng)
+                    steps += len(live)
+                    drafts += len(live)
+                    kept += sum(len(t) == 2 for t in new)
+                    decoded += accept(new)
+                else:
+                    tokens = torch.tensor([outputs[i][-1] for i in running], dtype=torch.int64)
+                    logits = self._decode_logits(tokens, requests)
+                    decoded += len(running)
+                    accept([[t] for t in sample(logits, temperature, top_p, rng).tolist()])
             end = time.perf_counter()
         finally:  # an exception (or Ctrl-C) must not leak blocks
             for blocks in held:
@@ -241,7 +347,38 @@ class Generator:
                     cache.allocator.free(blocks)
         self.last_stats = dict(prefill_tokens=ids.numel(), ttft_s=first - start, decode_tokens=decoded,
                                decode_s=end - first, decode_tokens_per_s=decoded / (end - first) if decoded else None)
+        if spec:
+            self.last_stats.update(decode_steps=steps, tokens_per_step=decoded / steps if steps else None,
+                                   drafts=drafts, acceptance_rate=kept / drafts if drafts else None)
         return outputs
+
+    def _draft_prefill(self, prompts, tokens, h, batch, temperature, top_p, rng):
+        """The MTP module over the prompts (position j: the main hidden state h_j and token j + 1,
+        the last one the first sampled token) -> (drafts int64 [B], their distribution or None)."""
+        nxt = []
+        for p, t in zip(prompts, tokens.tolist()):
+            nxt += p[1:] + [t]
+        logits, _ = self.model.mtp_forward(h, torch.tensor(nxt, dtype=torch.int64, device=h.device), batch, self.cache)
+        return draw(logits, temperature, top_p, rng)
+
+    def _speculative_step(self, outputs, live, requests, draft, q, temperature, top_p, rng):
+        """One verify step of the requests `live` (cached_tokens, blocks as in requests): the
+        target over [last token, draft] (s_q = 2), then the MTP module over the same two positions
+        for the next drafts: its row 0 takes (h of the last token, the first new token), row 1
+        (h of the draft, the second new token) and only counts where the draft was kept.
+        -> (new tokens per request, next drafts int64 [B], their distribution or None)."""
+        device, b = self.model.device, len(live)
+        draft = draft.to(device)
+        tokens = torch.stack([torch.tensor([outputs[i][-1] for i in live], device=device), draft], dim=1)
+        batch = decode_batch(requests, self.cache, device, s_q=2)
+        batch.logits_index = None
+        logits, h = self.model(tokens.flatten(), batch, self.cache, hidden=True)
+        new = verify(logits.view(b, 2, -1), draft, q, temperature, top_p, rng)
+        nxt = torch.tensor([[t[0], t[-1]] for t in new], dtype=torch.int64, device=device)
+        two = torch.tensor([len(t) == 2 for t in new], dtype=torch.int64, device=device)
+        batch.logits_index = torch.arange(b, device=device) * 2 + two
+        logits, _ = self.model.mtp_forward(h, nxt.flatten(), batch, self.cache)
+        return (new, *draw(logits, temperature, top_p, rng))
 
 
 class TextStream:
@@ -297,6 +434,9 @@ def _parser():
     p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
                    help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
                         "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--speculative", choices=["none", "mtp"], default=None,
+                   help="mtp: draft with the checkpoint's multi-token-prediction module and verify two tokens per "
+                        "step (default when the checkpoint has one); none: one token per step")
     return p
 
 
@@ -308,6 +448,8 @@ def _encode(generator, tokenizer, texts):
 def _print_stats(s, generator, out):
     rate = "no decode step" if s["decode_tokens_per_s"] is None else \
         f"decode {s['decode_tokens_per_s']:.1f} tokens/s ({s['decode_tokens']} tokens)"
+    if s.get("acceptance_rate") is not None:
+        rate += f", MTP drafts accepted {s['acceptance_rate']:.1%}, {s['tokens_per_step']:.2f} tokens per step"
     print(f"time to first token {s['ttft_s'] * 1e3:.1f} ms ({s['prefill_tokens']} prompt tokens), {rate}; "
           f"KV cache {generator.cache.bytes_per_token} bytes per token", file=sys.stderr if out is sys.stdout else out,
           flush=True)
@@ -423,10 +565,14 @@ def main(argv=None):
                               eplb.plan(args.eplb, moe_layers, parallel.world_size(), args.redundant_experts))
         tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before a long load
         model = load(model_dir, dtype=getattr(torch, args.dtype), device=device, fp8=True if args.fp8 else None,
-                     backend=None if args.backend == "auto" else args.backend)
+                     backend=None if args.backend == "auto" else args.backend, mtp=not parallel.expert_parallel())
     except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, --eplb's file
         fail(str(e))
-    generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype))
+    try:
+        generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype),
+                              speculative=args.speculative)
+    except ValueError as e:  # --speculative mtp without an MTP module, or with --parallel ep
+        fail(str(e).replace("speculative=", "--speculative "))
     try:
         if args.prompt:
             _run(generator, tokenizer, args.prompt, args, out)

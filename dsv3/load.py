@@ -5,7 +5,12 @@ model.safetensors.index.json) and tokenizer.json. Weights are bf16/fp32, or FP8 
 with fp32 `X.weight_scale_inv` over 128x128 blocks, DeepSeek-V3's release). Files are memory-mapped
 and every tensor-parallel rank reads only its slices. The per-expert keys
 `mlp.experts.N.{gate,up,down}_proj.weight` become the fused w13 / w2 the expert kernels take. The
-multi-token-prediction layer (index num_hidden_layers) is skipped. Any missing, unexpected or
+multi-token-prediction layers (indices num_hidden_layers + k, k < num_nextn_predict_layers) load
+into Transformer.mtp, sharded like the decoder layers; eh_proj is replicated, shared_head.head
+column-parallel. They share the main embedding: a copy stored per MTP layer (DeepSeek's release
+has model.layers.61.embed_tokens) is checked for its shape and not read. A config asking for MTP
+layers that the checkpoint does not hold loads without them (logged); MTP tensors beyond the
+config's count are skipped (logged). Any missing, unexpected or
 wrongly shaped tensors raise one CheckpointError listing them all; a corrupt or truncated file
 raises CheckpointError naming it.
 """
@@ -173,13 +178,15 @@ class _Loader:
                     self._store(w, s, slice(0, shape[0]), slice(0, shape[1]), weight, scale)
 
 
-def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True) -> Transformer:
+def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True,
+         mtp=True) -> Transformer:
     """Build the Transformer of `model_dir`'s config.json and load its weights.
 
     dtype: activations and unquantized weights (bfloat16; float32 for the reference path).
     fp8: None keeps the checkpoint's format; True quantizes a bf16/fp32 checkpoint to FP8 (128x128
     blocks) on load; False dequantizes an FP8 checkpoint. With torch.distributed initialized
-    (torchrun), this rank's shard only. Returns the model in eval mode on `device`.
+    (torchrun), this rank's shard only. mtp: load the multi-token-prediction layers the config
+    and the checkpoint have (False: skip them). Returns the model in eval mode on `device`.
     """
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -188,11 +195,20 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
         fp8 = args.fp8
     args.quantization_config = dict(FP8_CONFIG) if fp8 else None
     files = checkpoint_files(model_dir)
+    n = args.num_hidden_layers
+    stored = {int(m.group(1)) for k in files if (m := _LAYER.match(k)) and int(m.group(1)) >= n}
+    wanted = args.num_nextn_predict_layers if mtp else 0
+    present = next((k for k in range(wanted) if n + k not in stored), wanted)  # layers n, n+1, ... stored
+    if present < wanted:
+        log.info("config.json has num_nextn_predict_layers = %d, the checkpoint %d: loading %d MTP layer(s)",
+                 wanted, present, present)
+    args.num_nextn_predict_layers = present
     model = Transformer(args, dtype, fp8, device=device, backend=backend)
     loader = _Loader(files)
     lm_head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     jobs = []  # (checkpoint file of the first tensor read, name, how to load)
     for name, mod in model.named_modules():
+        name = model.checkpoint_name(name)
         if isinstance(mod, (Linear, VocabEmbedding)):
             key = lm_head_name if name == "lm_head" else f"{name}.weight"
             jobs.append((key, lambda k=key, m=mod: loader.linear(k, m)))
@@ -224,11 +240,19 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
         bar.update(len(order) - bar.n)
         bar.close()
         loader.reader.close()
-    mtp = [k for k in files if (m := _LAYER.match(k)) and int(m.group(1)) >= args.num_hidden_layers]
-    if mtp:
-        log.info("skipping %d tensors of the multi-token-prediction layer(s) %s", len(mtp),
-                 sorted({int(_LAYER.match(k).group(1)) for k in mtp}))
-    loader.errors["unexpected"] = sorted(set(files) - loader.used - set(mtp))
+    for k in range(present):  # the shared embedding's copy
+        name, shape = f"model.layers.{n + k}.embed_tokens.weight", (args.vocab_size, args.hidden_size)
+        if name in files:
+            loader.used.add(name)
+            if tuple(loader.reader.slice(name).get_shape()) != shape:
+                loader.errors["wrong shape"].append(f"{name}: {tuple(loader.reader.slice(name).get_shape())}, "
+                                                    f"expected {shape}")
+    loader.reader.close()
+    skipped = [k for k in files if (m := _LAYER.match(k)) and int(m.group(1)) >= n + present]
+    if skipped:
+        log.info("skipping %d tensors of the multi-token-prediction layer(s) %s", len(skipped),
+                 sorted({int(_LAYER.match(k).group(1)) for k in skipped}))
+    loader.errors["unexpected"] = sorted(set(files) - loader.used - set(skipped))
     problems = [f"{kind} ({len(v)}): " + ", ".join(v[:20]) + (" ..." if len(v) > 20 else "")
                 for kind, v in loader.errors.items() if v]
     if problems:

@@ -4,6 +4,13 @@ loader fuses into mlp.experts.w13 / w2 (see dsv3/load.py).
 
 Each step runs N tokens of B requests laid out flat (cache.Batch): prefill (new requests,
 materialized attention) or decode (absorbed attention over the paged latent cache).
+
+Multi-token prediction (DeepSeek-V3's MTP module, `Transformer.mtp`, checkpoint
+`model.layers.{num_hidden_layers + k}`): at position i it combines the main model's final
+(normalized) hidden state h_i with the embedding of the next token t_{i+1},
+eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), runs one decoder layer over its own latent cache layer
+(RoPE position i) and predicts t_{i+2} through shared_head.norm and shared_head.head. The embedding
+is the main model's. dsv3.generate drafts with it (speculative decoding).
 """
 
 import torch
@@ -34,6 +41,30 @@ class DecoderLayer(Module):
         return x + parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
+class SharedHead(Module):
+    """An MTP layer's output head: norm, then head (column-parallel like lm_head)."""
+
+    def __init__(self, args, dtype, device):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+        self.head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+
+    def forward(self, x):
+        return self.head(self.norm(x))
+
+
+class MTPLayer(DecoderLayer):
+    """A multi-token-prediction module: enorm, hnorm, eh_proj (replicated; bf16 as in DeepSeek's
+    release, which does not quantize it), a decoder layer (a MoE layer for DeepSeek-V3), shared_head."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
+        super().__init__(args, layer_id, dtype, fp8, device)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype, False, None, device)
+        self.shared_head = SharedHead(args, dtype, device)
+
+
 class Body(Module):
     """Hugging Face's `model.` prefix: embed_tokens, layers, norm."""
 
@@ -55,8 +86,18 @@ class Transformer(Module):
         self.fp8 = args.fp8 if fp8 is None else fp8
         self.model = Body(args, dtype, self.fp8, device)
         self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        # checkpoint model.layers.{num_hidden_layers + k} (checkpoint_name maps the names)
+        self.mtp = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, dtype, self.fp8, device)
+                                 for k in range(args.num_nextn_predict_layers))
         self.rope = Rope(args, device)
         self.set_backend(backend)
+
+    def checkpoint_name(self, name: str) -> str:
+        """A parameter or module name -> the checkpoint's (mtp.K.X -> model.layers.{N + K}.X)."""
+        if name.startswith("mtp."):
+            _, k, *rest = name.split(".", 2)
+            return ".".join([f"model.layers.{self.args.num_hidden_layers + int(k)}", *rest])
+        return name
 
     @property
     def device(self):
@@ -68,17 +109,24 @@ class Transformer(Module):
                 m.backend = backend
         return self
 
-    def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None) -> LatentCache:
+    def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None, mtp=False) -> LatentCache:
         """A paged latent cache for this model. dtype: a torch float dtype (default: the
-        activations'), or "fp8" for FlashMLA's 656-byte FP8 token (dsv3.cache)."""
-        return LatentCache(len(self.model.layers), num_blocks, block_size, dtype or self.dtype, self.device)
+        activations'), or "fp8" for FlashMLA's 656-byte FP8 token (dsv3.cache). mtp: also one layer
+        per MTP module (after the decoder layers' ones), for mtp_forward."""
+        layers = len(self.model.layers) + (len(self.mtp) if mtp else 0)
+        return LatentCache(layers, num_blocks, block_size, dtype or self.dtype, self.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, batch: Batch, cache: LatentCache) -> torch.Tensor:
-        """input_ids int64 [N] -> logits float32 [len(batch.logits_index) or N, vocab_size]."""
+    def forward(self, input_ids: torch.Tensor, batch: Batch, cache: LatentCache, hidden=False):
+        """input_ids int64 [N] -> logits float32 [len(batch.logits_index) or N, vocab_size]; with
+        hidden, also the final normalized hidden states of all N tokens [N, hidden_size] (the
+        activations' dtype: what mtp_forward takes)."""
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, batch, cache.kv[i], self.rope)
+        if hidden:
+            h = self.model.norm(x)
+            return self.lm_head(h if batch.logits_index is None else h[batch.logits_index]).float(), h
         if batch.logits_index is not None:
             x = x[batch.logits_index]
         return self.lm_head(self.model.norm(x)).float()
@@ -92,9 +140,25 @@ class Transformer(Module):
             if isinstance(layer.mlp, MoE):
                 layer.mlp(x)
 
+    @torch.inference_mode()
+    def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: LatentCache, k: int = 0):
+        """MTP module k over N tokens: at the position of row j, h [N, hidden_size] (the main model's
+        hidden state there, or module k-1's output) and next_ids int64 [N] (the token after it) ->
+        (logits float32 [len(batch.logits_index) or N, vocab_size] of the token after next_ids,
+        the layer's output [N, hidden_size] before shared_head.norm). Writes cache layer
+        num_hidden_layers + k (a cache from new_cache(..., mtp=True))."""
+        if not 0 <= k < len(self.mtp):
+            raise ValueError(f"MTP module {k} does not exist (the model has {len(self.mtp)})")
+        layer = self.mtp[k]
+        e = layer.enorm(self.model.embed_tokens(next_ids))
+        x = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))
+        x = layer(x, batch, cache.kv[len(self.model.layers) + k], self.rope)
+        out = x if batch.logits_index is None else x[batch.logits_index]
+        return layer.shared_head(out).float(), x
+
     def reset_absorbed(self):
         """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
-        for layer in self.model.layers:
+        for layer in [*self.model.layers, *self.mtp]:
             layer.self_attn.reset_absorbed()
 
 

@@ -1,7 +1,8 @@
 """Write an FP8 copy of a bf16/fp32 DeepSeek-V3 checkpoint in DeepSeek-V3's own format.
 
 Every 2-D linear weight of the decoder layers (attention projections, dense MLP, shared and routed
-experts; not the router gate, norms, embedding or lm_head, as in DeepSeek's release) becomes
+experts, also those of the multi-token-prediction layers; not the router gate, norms, embedding or
+lm_head, nor the MTP layers' eh_proj, shared_head.head and embed_tokens, as in DeepSeek's release) becomes
 float8_e4m3fn `X.weight` + float32 `X.weight_scale_inv` [ceil(N/128), ceil(K/128)], and config.json
 gets quantization_config (weight_block_size [128, 128]).
 Run: python -m dsv3.quantize SRC_DIR DST_DIR
@@ -20,10 +21,16 @@ import dsv3_kernels as dk
 from .load import FP8_CONFIG, _open, checkpoint_files
 
 
+# the MTP layers' tensors that DeepSeek's release keeps in bf16 although they are 2-D
+_MTP_BF16 = (".eh_proj.", ".shared_head.", ".embed_tokens.")
+
+
 def is_quantized_weight(name: str, shape) -> bool:
-    """DeepSeek-V3's FP8 tensors: the decoder layers' linear weights except the router gate."""
+    """DeepSeek-V3's FP8 tensors: the decoder layers' linear weights except the router gate (and,
+    in an MTP layer, except eh_proj, shared_head.head and its copy of embed_tokens)."""
     return (name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
-            and ".mlp.gate." not in name)  # 2-D: not the norms; kv_a_proj_with_mqa included
+            and ".mlp.gate." not in name  # 2-D: not the norms; kv_a_proj_with_mqa included
+            and not any(part in name for part in _MTP_BF16))
 
 
 def quantize_checkpoint(src, dst):

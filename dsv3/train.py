@@ -20,6 +20,7 @@ metrics.json (held-out nats/byte of both, expert load, the training record).
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -176,15 +177,40 @@ class Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MTPLayer(Layer):
+    """DeepSeek-V3's multi-token-prediction module k (checkpoint: model.layers.{num_hidden_layers + k - 1}):
+    at position i it combines the previous depth's hidden state h_i with the embedding of token
+    t_{i+k}, eh_proj([enorm(emb); hnorm(h)]) (the embedding first, as in the inference engines that
+    run DeepSeek's released weights), runs one decoder layer (causal, RoPE position i) and predicts
+    t_{i+k+1} through shared_head.norm and shared_head.head. The embedding and the output head are
+    the main model's (DeepSeek-V3's shared embedding and output head)."""
+
+    def __init__(self, a: ModelArgs, i: int, head: nn.Linear):
+        super().__init__(a, i)
+        self.enorm = _norm(a.hidden_size, a)
+        self.hnorm = _norm(a.hidden_size, a)
+        self.eh_proj = _linear(2 * a.hidden_size, a.hidden_size)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = _norm(a.hidden_size, a)
+        self.shared_head.head = head  # the same Parameter: exported under both names, trained once
+
+    def forward(self, h, emb, cos, sin):
+        """h, emb [B, L, D] -> the layer's output [B, L, D] (the next depth's h; before shared_head.norm)."""
+        return super().forward(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin)
+
+
 class TrainModel(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.args = a
+        n = a.num_hidden_layers
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.model.layers = nn.ModuleList(Layer(a, i) for i in range(a.num_hidden_layers))
-        self.model.norm = _norm(a.hidden_size, a)
         self.lm_head = _linear(a.hidden_size, a.vocab_size)
+        # the MTP modules follow the decoder layers, as in DeepSeek's checkpoint (model.layers.61)
+        self.model.layers = nn.ModuleList([Layer(a, i) for i in range(n)] + [
+            MTPLayer(a, n + k, self.lm_head) for k in range(a.num_nextn_predict_layers)])
+        self.model.norm = _norm(a.hidden_size, a)
         self.rope = Rope(a)
 
     def moe_layers(self):
@@ -200,14 +226,72 @@ class TrainModel(nn.Module):
             else:
                 p.normal_(0, out_std if ("o_proj" in name or "down_proj" in name) else std)
 
-    def forward(self, ids):
-        """ids int64 [B, T] (positions 0..T-1) -> logits float32 [B, T, vocab]."""
-        t = ids.shape[1]
+    def forward(self, ids, targets=None):
+        """ids int64 [B, T] (positions 0..T-1) -> logits float32 [B, T, vocab].
+
+        With targets (int64 [B, T], targets[:, i] = t_{i+1}, the token after ids[:, i]) it returns
+        (logits, [mtp_logits_1, ...]): MTP depth k's logits float32 [B, T - k, vocab] at positions
+        0..T-k-1 predict t_{i+k+1} = targets[:, k:]. Depth 1 takes the main model's final
+        (normalized) hidden state, depth k > 1 the output of depth k - 1."""
+        a, t = self.args, ids.shape[1]
         cos, sin = self.rope.cos[:t], self.rope.sin[:t]
         x = self.model.embed_tokens(ids)
-        for layer in self.model.layers:
+        for layer in self.model.layers[:a.num_hidden_layers]:
             x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x)).float()
+        h = self.model.norm(x)
+        logits = self.lm_head(h).float()
+        if targets is None:
+            return logits
+        mtp = []
+        for k, layer in enumerate(self.model.layers[a.num_hidden_layers:], start=1):
+            n = t - k
+            h = layer(h[:, :n], self.model.embed_tokens(targets[:, k - 1:k - 1 + n]), cos[:n], sin[:n])
+            mtp.append(layer.shared_head.head(layer.shared_head.norm(h)).float())
+        return logits, mtp
+
+    def mtp_layers(self):
+        return list(self.model.layers[self.args.num_hidden_layers:])
+
+    @torch.no_grad()
+    def load_hf(self, model_dir) -> list:
+        """Copy a DeepSeek-V3 checkpoint's weights (FP8 ones dequantized, experts stacked) into the
+        parameters of the same names. A parameter of an MTP layer that the checkpoint lacks starts
+        as a copy of the last decoder layer's tensor of that name (attention, experts, layer
+        norms); the MTP-only ones (enorm, hnorm, eh_proj, shared_head.norm) keep their
+        initialization. Returns the names of the parameters the checkpoint lacks."""
+        from safetensors import safe_open
+
+        import dsv3_kernels as dk
+
+        from .load import checkpoint_files
+        files, n = checkpoint_files(model_dir), self.args.num_hidden_layers
+
+        def read(name):
+            with safe_open(files[name], framework="pt") as f:
+                t = f.get_tensor(name)
+            if t.dtype == torch.float8_e4m3fn:
+                with safe_open(files[name + "_scale_inv"], framework="pt") as f:
+                    t = dk.weight_dequant(t, f.get_tensor(name + "_scale_inv"), torch.float32)
+            return t.float()
+
+        def stored(name, shape):
+            if ".mlp.experts." in name:  # stacked here, one tensor per expert in the checkpoint
+                prefix, proj = name.rsplit(".", 1)
+                keys = [f"{prefix}.{e}.{proj}.weight" for e in range(shape[0])]
+                return torch.stack([read(k) for k in keys]) if all(k in files for k in keys) else None
+            return read(name) if name in files else None
+
+        absent = []
+        for name, t in self.state_dict().items():
+            w = stored(name, t.shape)
+            if w is None:
+                absent.append(name)
+                parts = name.split(".", 3)  # model, layers, index, rest
+                if parts[:2] == ["model", "layers"] and int(parts[2]) >= n:
+                    w = stored(f"model.layers.{n - 1}.{parts[3]}", t.shape)
+            if w is not None and w.shape == t.shape:
+                t.copy_(w)
+        return absent
 
     def hf_state_dict(self, dtype=torch.bfloat16) -> dict:
         """The checkpoint's tensors: weights in dtype, e_score_correction_bias float32, routed
@@ -222,7 +306,7 @@ class TrainModel(nn.Module):
                 for e in range(t.shape[0]):
                     out[f"{prefix}.{e}.{proj}.weight"] = t[e].to(dtype).contiguous()
             else:
-                out[name] = t.to(dtype).contiguous()
+                out[name] = t.to(dtype).clone(memory_format=torch.contiguous_format)  # the tied MTP head: its own copy
         return out
 
 
@@ -246,13 +330,27 @@ def eval_windows(stream: torch.Tensor, seq_len: int, count: int, bos: int):
     return torch.cat([torch.full((n, 1), bos), win[:, :-1]], dim=1), win
 
 
+def losses(model, inputs, targets, mtp_lambda: float):
+    """(total, main, [mtp depth 1, ...]): cross entropies in nats per token (0-d tensors); total =
+    main + mtp_lambda * mean over the depths (DeepSeek-V3's MTP objective)."""
+    logits, mtp = model(inputs, targets)
+    main = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    extra = [F.cross_entropy(lg.flatten(0, 1), targets[:, k:].flatten()) for k, lg in enumerate(mtp, start=1)]
+    total = main + mtp_lambda * torch.stack(extra).mean() if extra else main
+    return total, main, extra
+
+
 @torch.no_grad()
-def heldout_nats_per_byte(model, inputs, targets, nbytes: torch.Tensor, chunk: int = 16) -> float:
-    nll = 0.0
+def heldout_nats_per_byte(model, inputs, targets, nbytes: torch.Tensor, chunk: int = 16) -> list:
+    """[main head, MTP depth 1, ...] in nats per byte of the tokens each head predicts."""
+    nll = None
     for i in range(0, inputs.shape[0], chunk):
-        logits = model(inputs[i:i + chunk])
-        nll += F.cross_entropy(logits.flatten(0, 1), targets[i:i + chunk].flatten(), reduction="sum").item()
-    return nll / nbytes[targets].sum().item()
+        tg = targets[i:i + chunk]
+        logits, mtp = model(inputs[i:i + chunk], tg)
+        part = [F.cross_entropy(lg.flatten(0, 1), tg[:, k:].flatten(), reduction="sum").item()
+                for k, lg in enumerate([logits, *mtp])]
+        nll = part if nll is None else [x + y for x, y in zip(nll, part)]
+    return [x / nbytes[targets[:, k:]].sum().item() for k, x in enumerate(nll)]
 
 
 # ---- training ----
@@ -277,6 +375,12 @@ def _parser():
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="DeepSeek-V3's gamma")
+    p.add_argument("--mtp-layers", type=int, default=1, help="multi-token-prediction depth (0: none)")
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the mean MTP loss")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights and tokenizer (its "
+                                                     "config must be the preset's; see TrainModel.load_hf)")
+    p.add_argument("--train-only", choices=["all", "mtp"], default="all",
+                   help="mtp: freeze the main model (embedding, decoder layers, head) and train the MTP layers")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of the periodic evaluation")
     p.add_argument("--save-every", type=int, default=100)
@@ -312,12 +416,26 @@ def _check(a, margs: ModelArgs):
                          f"got {a.seq_len}")
     if not a.lr > 0:
         raise ValueError(f"--lr must be > 0, got {a.lr}")
+    if a.mtp_layers < 0 or a.mtp_layers > a.seq_len - 2:
+        raise ValueError(f"--mtp-layers must be in [0, seq_len - 2 = {a.seq_len - 2}], got {a.mtp_layers}")
+    if not a.mtp_lambda >= 0:
+        raise ValueError(f"--mtp-lambda must be >= 0, got {a.mtp_lambda}")
+    if a.train_only == "mtp" and not (a.mtp_layers and a.mtp_lambda):
+        raise ValueError("--train-only mtp needs --mtp-layers >= 1 and --mtp-lambda > 0")
+    if a.init_from is not None:
+        init = dataclasses.asdict(ModelArgs.from_json(a.init_from))
+        want = dataclasses.asdict(margs)
+        diff = sorted(k for k in want if k not in ("num_nextn_predict_layers", "quantization_config")
+                      and init[k] != want[k])
+        if diff:
+            raise ValueError(f"--init-from {a.init_from}: its config differs from the preset's in {diff}")
 
 
 def train(a) -> dict:
     from tqdm import tqdm
     margs = ModelArgs(**PRESETS[a.preset])
     _check(a, margs)
+    margs.num_nextn_predict_layers = a.mtp_layers
     if a.threads:
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
@@ -338,7 +456,10 @@ def train(a) -> dict:
         raise ValueError("the corpus split left no training or no held-out file (raise --max-files)")
     tok_path = os.path.join(a.out, "tokenizer.json")
     if state is None:
-        tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
+        if a.init_from is not None:  # its embedding's rows are that tokenizer's ids
+            tokenizer = load_tokenizer(a.init_from)
+        else:
+            tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
         tokenizer.save(tok_path)
     tokenizer = load_tokenizer(a.out)  # the saved file, also on resume
     bos, eos = margs.bos_token_id, margs.eos_token_ids[0]
@@ -353,8 +474,19 @@ def train(a) -> dict:
     torch.manual_seed(a.seed)
     model = TrainModel(margs)
     model.init_weights()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    if a.init_from is not None:
+        absent = model.load_hf(a.init_from)
+        print(f"--init-from {a.init_from}: {len(absent)} tensors not in it (MTP layers: from the last "
+              f"decoder layer, or initialized)", file=sys.stderr)
+    balanced = model.moe_layers()
+    if a.train_only == "mtp":
+        mine = {id(p) for layer in model.mtp_layers() for p in layer.parameters()} - {id(model.lm_head.weight)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in mine)
+        balanced = [m for layer in model.mtp_layers() for m in layer.modules() if isinstance(m, MoE)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "norm" not in n]
+    other = [p for n, p in trainable if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.weight_decay), dict(params=other, weight_decay=0.0)],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step, history, seconds = 0, [], 0.0
@@ -374,22 +506,31 @@ def train(a) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         inputs, targets = batch_at(stream, step, a.seed, a.batch_size, a.seq_len, bos)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        loss, main, mtp = losses(model, inputs, targets, a.mtp_lambda)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for m in model.moe_layers():
+        for m in balanced:  # a frozen layer's bias stays (its loads are still counted, and dropped)
             m.update_bias(a.bias_update_rate)
+        for m in model.moe_layers():
+            m.load.zero_()
         step += 1
-        record = dict(step=step, loss=loss.item())
+        record = dict(step=step, loss=main.item())  # the main head's, comparable with runs without MTP
+        if mtp:
+            record["mtp_loss"] = [m.item() for m in mtp]
         if step % a.eval_every == 0 or step == a.steps:
             model.eval()
-            last_eval = record["heldout_nats_per_byte"] = heldout_nats_per_byte(model, ev_in, ev_tg, nbytes)
+            last_eval, *mtp_eval = heldout_nats_per_byte(model, ev_in, ev_tg, nbytes)
+            record["heldout_nats_per_byte"] = last_eval
+            if mtp_eval:
+                record["heldout_mtp_nats_per_byte"] = mtp_eval
             model.train()
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", heldout=f"{last_eval:.4f} nats/B" if last_eval else "-",
-                        refresh=False)
+        post = dict(loss=f"{record['loss']:.3f}", heldout=f"{last_eval:.4f} nats/B" if last_eval else "-")
+        if mtp:
+            post["mtp"] = f"{record['mtp_loss'][0]:.3f}"
+        bar.set_postfix(**post, refresh=False)
         bar.update(1)
         if step % a.save_every == 0 or step == last:
             _save_state(state_path, model, opt, step, a, history, time.perf_counter() - t0)
@@ -434,14 +575,19 @@ def export(model, margs: ModelArgs, tokenizer, heldout_texts, a, record: dict) -
                                        sha256=hashlib.sha256(sample.encode()).hexdigest()))
     for name, path in (("bf16", bf16_dir), ("fp8", fp8_dir)):
         m = load(path, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
-        full = evaluate(m, tokenizer, heldout, a.seq_len)
+        full, part = evaluate(m, tokenizer, heldout, a.seq_len), evaluate(m, tokenizer, sample, a.seq_len)
         metrics["heldout"][name] = full["nats_per_byte"]
-        metrics["heldout_sample"][name] = evaluate(m, tokenizer, sample, a.seq_len)["nats_per_byte"]
+        metrics["heldout_sample"][name] = part["nats_per_byte"]
+        if "mtp_nats_per_byte" in full:  # the MTP head (second next token)
+            for r, key in ((full, "heldout"), (part, "heldout_sample")):
+                metrics[key][f"mtp_{name}"] = {k[4:]: r[k] for k in ("mtp_nats_per_byte", "mtp_nats_per_token",
+                                                                     "mtp_agreement")}
         metrics.setdefault("expert_load", {})[name] = full["expert_load"]
         print(f"{name}: held-out {full['nats_per_byte']:.4f} nats/byte", file=sys.stderr)
     metrics["fp8_vs_bf16"] = metrics["heldout"]["fp8"] / metrics["heldout"]["bf16"] - 1
     metrics["train"] = dict(preset=a.preset, seed=a.seed, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                            lr=a.lr, bias_update_rate=a.bias_update_rate, python=sys.version.split()[0],
+                            lr=a.lr, bias_update_rate=a.bias_update_rate, mtp_layers=a.mtp_layers,
+                            mtp_lambda=a.mtp_lambda, python=sys.version.split()[0],
                             torch=torch.__version__, threads=torch.get_num_threads(), **record)
     with open(os.path.join(fp8_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)

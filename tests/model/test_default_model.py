@@ -16,6 +16,7 @@ from dsv3 import evaluate as evaluate_cli
 from dsv3.evaluate import evaluate
 from dsv3.generate import DEFAULT_MODEL, main
 from dsv3.load import load, load_tokenizer
+from dsv3.quantize import is_quantized_weight
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "heldout_sample.txt")
 
@@ -46,8 +47,7 @@ def test_checkpoint_is_deepseek_v3_fp8_with_real_blocks():
         for name in names:
             t = f.get_tensor(name)
             assert torch.isfinite(t.float()).all(), name
-            if name.startswith("model.layers.") and name.endswith(".weight") and t.dim() == 2 \
-                    and ".mlp.gate." not in name:
+            if is_quantized_weight(name, t.shape):  # also the MTP layer's, but its eh_proj and head stay bf16
                 assert t.dtype == torch.float8_e4m3fn, name
                 s = f.get_tensor(name + "_scale_inv")
                 assert s.shape == (-(-t.shape[0] // 128), -(-t.shape[1] // 128)) and (s > 0).all(), name
@@ -55,11 +55,17 @@ def test_checkpoint_is_deepseek_v3_fp8_with_real_blocks():
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in names
     assert "model.layers.0.mlp.gate_proj.weight" in names  # the dense first layer
-    # per layer: 5 attention projections; 3 dense MLP ones, or 3 per routed expert and 3 shared
-    dense, moe = args.first_k_dense_replace, args.num_hidden_layers - args.first_k_dense_replace
-    assert fp8 == args.num_hidden_layers * 5 + dense * 3 + moe * 3 * (args.n_routed_experts + 1)
+    # per layer: 5 attention projections; 3 dense MLP ones, or 3 per routed expert and 3 shared;
+    # the MTP layer is a MoE layer
+    layers = args.num_hidden_layers + args.num_nextn_predict_layers
+    dense, moe = args.first_k_dense_replace, layers - args.first_k_dense_replace
+    assert fp8 == layers * 5 + dense * 3 + moe * 3 * (args.n_routed_experts + 1)
+    assert args.num_nextn_predict_layers == 1
+    mtp = f"model.layers.{args.num_hidden_layers}."
+    for name in ("eh_proj.weight", "shared_head.head.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        assert mtp + name in names
     size = sum(os.path.getsize(os.path.join(DEFAULT_MODEL, n)) for n in os.listdir(DEFAULT_MODEL))
-    assert size < 8 * 2 ** 20, f"the shipped model takes {size / 2 ** 20:.1f} MiB"
+    assert size < 9 * 2 ** 20, f"the shipped model takes {size / 2 ** 20:.1f} MiB"
 
 
 def test_tokenizer_is_byte_level_bpe_with_the_config_ids(sample):

@@ -52,12 +52,13 @@ def test_default_model_heldout_loss_within_half_percent(sample):  # noqa: F811
     fp8 = evaluate(model, tokenizer, sample, kv_cache_dtype="fp8")
     assert fp8["nats_per_byte"] != bf16["nats_per_byte"]  # the FP8 cache is read (prefill too)
     assert abs(fp8["nats_per_byte"] / bf16["nats_per_byte"] - 1) < 5e-3
-    layers = model.args.num_hidden_layers
+    layers = model.args.num_hidden_layers + len(model.mtp)  # the MTP layer has its cache layer too
     assert (bf16["kv_cache_bytes_per_token"], fp8["kv_cache_bytes_per_token"]) == (layers * 1152, layers * 656)
 
 
 def test_commands_take_kv_cache_dtype(capsys):
-    layers = load(DEFAULT_MODEL, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False).args.num_hidden_layers
+    model = load(DEFAULT_MODEL, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
+    layers = model.args.num_hidden_layers + len(model.mtp)  # generate and evaluate run the MTP layer too
     assert main(["--prompt", "import os\n", "--max-new-tokens", "8", "--backend", "cpu", "--kv-cache-dtype", "fp8"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("import os\n")

@@ -48,14 +48,27 @@ def test_sharded_checkpoint_equals_single_file(hf_checkpoint):  # noqa: F811
 
 
 def test_mtp_layer_is_skipped_with_a_log_line(hf_checkpoint, caplog):  # noqa: F811
+    """MTP tensors the model does not load (load(mtp=False), or num_nextn_predict_layers 0) are
+    skipped with a log line; the model is the same (tests/model/test_mtp.py loads them)."""
     path, _ = hf_checkpoint()
     want = _logits(load(path, torch.float32, backend="torch", progress=False))
     _rewrite(path, lambda t: t.update({"model.layers.2.eh_proj.weight": torch.randn(128, 256),
                                        "model.layers.2.enorm.weight": torch.ones(128)}))
     with caplog.at_level(logging.INFO, logger="dsv3"):
-        model = load(path, torch.float32, backend="torch", progress=False)
+        model = load(path, torch.float32, backend="torch", progress=False, mtp=False)
     assert "multi-token-prediction" in caplog.text and "[2]" in caplog.text
     torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    cfg = os.path.join(path, "config.json")
+    with open(cfg) as f:
+        config = json.load(f)
+    with open(cfg, "w") as f:
+        json.dump({**config, "num_nextn_predict_layers": 0}, f)
+    assert len(load(path, torch.float32, backend="torch", progress=False).mtp) == 0
+    # asked for, the partial layer is an error naming what is missing
+    with open(cfg, "w") as f:
+        json.dump({**config, "num_nextn_predict_layers": 1}, f)
+    with pytest.raises(CheckpointError, match="model.layers.2.self_attn.o_proj.weight"):
+        load(path, torch.float32, backend="torch", progress=False)
 
 
 def test_all_problems_in_one_error(hf_checkpoint):  # noqa: F811

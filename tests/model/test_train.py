@@ -144,10 +144,37 @@ def test_export_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     assert abs(m["fp8_vs_bf16"]) < 0.05
     assert json.loads((fp8 / "metrics.json").read_text())["heldout"]["fp8"] == m["heldout"]["fp8"]
     assert os.path.exists(tmp_path / "bf16" / "tokenizer.json")
+    # the MTP layer (default --mtp-layers 1) in DeepSeek's names: decoder linears FP8, eh_proj and
+    # shared_head.head bf16 (the head a copy of lm_head: shared), and its recorded held-out loss
+    assert cfg["num_nextn_predict_layers"] == 1
+    assert tensors["model.layers.2.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.2.mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.2.eh_proj.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.2.eh_proj.weight"].shape == (128, 256)
+    assert torch.equal(tensors["model.layers.2.shared_head.head.weight"], tensors["lm_head.weight"])
+    assert m["heldout"]["mtp_fp8"]["nats_per_byte"] > 0
+
+
+def test_train_only_mtp_from_a_checkpoint(tmp_path):
+    """--init-from a run without MTP, --train-only mtp: the main model's tensors are exported as
+    they were (bit for bit in bf16), the MTP layer is trained."""
+    run(tmp_path / "a", 2, "--mtp-layers", "0")
+    run(tmp_path / "b", 3, "--init-from", str(tmp_path / "a" / "bf16"), "--train-only", "mtp", "--no-export")
+    before = load_file(str(tmp_path / "a" / "bf16" / "model.safetensors"))
+    m = train.TrainModel(ModelArgs(**train.PRESETS["test"], num_nextn_predict_layers=1))
+    m.load_state_dict(torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"])
+    after = m.hf_state_dict()
+    assert "model.layers.2.eh_proj.weight" in after and "model.layers.2.eh_proj.weight" not in before
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+    # the MTP decoder layer started as a copy of the last decoder layer and was trained
+    assert not torch.equal(after["model.layers.2.self_attn.o_proj.weight"], before["model.layers.1.self_attn.o_proj.weight"])
+    with pytest.raises(ValueError, match="--init-from"):  # another preset's checkpoint
+        run(tmp_path / "c", 2, "--init-from", str(tmp_path / "a" / "bf16"), "--preset", "default")
 
 
 @pytest.mark.parametrize("option, value", [("--seq-len", "100000"), ("--steps", "0"), ("--batch-size", "0"),
-                                           ("--lr", "-1")])
+                                           ("--lr", "-1"), ("--mtp-layers", "-1"), ("--mtp-lambda", "-0.5")])
 def test_bad_options_name_themselves(tmp_path, option, value):
     with pytest.raises(ValueError, match=option):
         run(tmp_path, 2, option, value)

@@ -1,0 +1,115 @@
+"""Measure the default model's multi-token prediction: how often the MTP module's draft is kept, and
+CPU decode tokens/s with and without speculative decoding, side by side.
+
+    python scripts/measure_mtp.py [--model dsv3/default_model] [--rounds 3] [--threads N] [--out results.json]
+
+- acceptance: greedy generation of 128 tokens from 16 prompts cut from the held-out sample
+  (tests/model/data/heldout_sample.txt, 64 tokens each, at line starts spread over the file), as
+  Generator reports it (drafts kept / drafts verified); and teacher-forced over the whole sample in
+  512-token windows: at each position the MTP draft for t_{i+2} (given the true t_{i+1}) against the
+  main model's greedy choice at i + 1 (the rate greedy decoding would see on that text), and the MTP
+  head's loss in nats per token and per byte.
+- speed: decode tokens/s, bf16 activations, the checkpoint's FP8 weights, backend cpu; B = 1
+  ("def fibonacci(n):") and B = 8 ("import os1" ... "import os8"), 128 new tokens, greedy; the
+  two modes alternate for --rounds rounds.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsv3 import corpus
+from dsv3.cache import prefill_batch
+from dsv3.generate import DEFAULT_MODEL, Generator
+from dsv3.load import load, load_tokenizer
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "model", "data", "heldout_sample.txt")
+
+
+def teacher_forced(model, tokenizer, text, window=512):
+    """(draft agrees with the main model's greedy choice, MTP nats per token, MTP nats per byte)."""
+    bos, window = model.args.bos_token_id, min(window, model.args.max_position_embeddings)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    nbytes = corpus.token_bytes(tokenizer)
+    agree = total = 0
+    nll = nb = 0.0
+    for s in range(0, len(ids), window - 1):
+        seq = [bos] + ids[s:s + window - 1]
+        if len(seq) < 3:
+            break
+        t = len(seq)
+        cache = model.new_cache(-(-t // 64), 64, mtp=True)
+        blocks = cache.allocator.allocate(cache.blocks_for(t))
+        x = torch.tensor(seq)
+        logits, h = model(x, prefill_batch([(t, blocks)], cache, all_logits=True), cache, hidden=True)
+        # MTP at i < t - 1: (h_i, t_{i+1}) -> t_{i+2}
+        mtp, _ = model.mtp_forward(h[:t - 1], x[1:], prefill_batch([(t - 1, blocks)], cache, all_logits=True), cache)
+        agree += (mtp[:-1].argmax(-1) == logits[1:-1].argmax(-1)).sum().item()
+        total += t - 2
+        nll += F.cross_entropy(mtp[:-1], x[2:], reduction="sum").item()
+        nb += nbytes[x[2:]].sum().item()
+    return agree / total, nll / total, nll / nb
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tok = load_tokenizer(a.model)
+    model = load(a.model, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
+    text = open(SAMPLE, encoding="utf-8").read()
+    res = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    with torch.inference_mode():
+        agree, nats, npb = teacher_forced(model, tok, text)
+    res["teacher_forced"] = dict(draft_agrees_with_greedy=agree, mtp_nats_per_token=nats, mtp_nats_per_byte=npb)
+    print(f"teacher-forced on the sample: draft = main greedy {agree:.1%}; MTP head {nats:.4f} nats/token, "
+          f"{npb:.4f} nats/byte", flush=True)
+
+    spec, plain = Generator(model, tok, num_blocks=128), Generator(model, tok, num_blocks=128, speculative="none")
+    lines = [i for i, c in enumerate(text) if c == "\n" and i + 1 < len(text) and text[i + 1] != "\n"]
+    starts = [lines[k * len(lines) // 16] + 1 for k in range(16)]
+    bos = model.args.bos_token_id
+    prompts = [[bos] + tok.encode(text[s:], add_special_tokens=False).ids[:64] for s in starts]
+    a_spec = spec.generate(prompts, max_new_tokens=a.new_tokens)
+    assert a_spec == plain.generate(prompts, max_new_tokens=a.new_tokens), "greedy differs with MTP"
+    res["generation"] = {k: spec.last_stats[k] for k in ("acceptance_rate", "tokens_per_step", "drafts")}
+    print(f"greedy generation from 16 held-out prompts: acceptance {spec.last_stats['acceptance_rate']:.1%}, "
+          f"{spec.last_stats['tokens_per_step']:.2f} tokens per step (output identical without MTP)", flush=True)
+
+    cases = {1: ["def fibonacci(n):"], 8: [f"import os{i}" for i in range(1, 9)]}
+    res["speed"] = {}
+    for b, texts in cases.items():
+        ps = [[bos] + tok.encode(t, add_special_tokens=False).ids for t in texts]
+        rows = res["speed"][f"B={b}"] = {"none": [], "mtp": [], "acceptance": []}
+        spec.generate(ps, max_new_tokens=8)  # warm-up
+        plain.generate(ps, max_new_tokens=8)
+        for _ in range(a.rounds):
+            for name, g in (("none", plain), ("mtp", spec)):
+                g.generate(ps, max_new_tokens=a.new_tokens)
+                rows[name].append(g.last_stats["decode_tokens_per_s"])
+            rows["acceptance"].append(spec.last_stats["acceptance_rate"])
+        ratio = [m / n for m, n in zip(rows["mtp"], rows["none"])]
+        rows["speedup"] = ratio
+        print(f"B={b}: decode tokens/s without MTP {', '.join(f'{x:.0f}' for x in rows['none'])}; with MTP "
+              f"{', '.join(f'{x:.0f}' for x in rows['mtp'])} (acceptance {rows['acceptance'][-1]:.1%}); "
+              f"speed-up per round {', '.join(f'{x:.2f}x' for x in ratio)}", flush=True)
+    res["load_after"] = os.getloadavg()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"load average before / after: {res['load_before'][0]:.1f} / {res['load_after'][0]:.1f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
