@@ -87,6 +87,23 @@ def test_generate_command_under_torchrun(hf_checkpoint, tmp_path):  # noqa: F811
     assert "expert parallel over 4 ranks (20 expert slots per MoE layer)" in ep.stderr
 
 
+def test_shipped_model_with_mtp_decodes_without_speculation():
+    """The shipped model has an MTP module: under `--parallel ep` it loads without it and decodes one
+    token per step, the greedy text of one process's speculative decode (fp32); asking for
+    `--speculative mtp` there is an error, not a hang."""
+    args = ["--prompt", "def f(x):", "--prompt", "import os", "--max-new-tokens", "8", "--dtype", "float32",
+            "--backend", "torch"]
+    one = subprocess.run([sys.executable, "-m", "dsv3.generate", *args], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and "MTP drafts accepted" in one.stderr, one.stderr[-2000:]
+    ep = _torchrun(2, "-m", "dsv3.generate", "--parallel", "ep", *args)
+    assert ep.stdout == one.stdout and "MTP drafts" not in ep.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "dsv3.generate", "--parallel", "ep", "--speculative", "mtp", *args]
+    bad = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--speculative 'mtp' is not supported with expert parallelism" in bad.stderr
+
+
 @pytest.mark.parametrize("option", [["--fp8-dispatch"], ["--eplb", "loads.json"]])
 def test_ep_options_need_ep(capsys, option):
     from dsv3.generate import main
