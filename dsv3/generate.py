@@ -306,18 +306,18 @@ class Generator:
             ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
             if not prompts:  # expert parallelism: a rank with no requests
                 self.model.idle()
-            elif spec:
-                batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
-                steps = drafts = kept = 0
-                logits, h = self.model(ids, batch, cache, hidden=True)
-                tokens = sample(logits, temperature, top_p, rng)
-                draft, q = self._draft_prefill(prompts, tokens, h, batch, temperature, top_p, rng)
-                live = list(running)  # the requests whose drafts `draft` holds, in its order
-                accept([[t] for t in tokens.tolist()])
             else:
                 batch = prefill_batch([(len(p), held[i]) for i, p in enumerate(prompts)], cache, device)
-                logits = self.model(ids, batch, cache)  # [len(prompts), vocab]: each prompt's last token
-                accept([[t] for t in sample(logits, temperature, top_p, rng).tolist()])
+                if spec:
+                    steps = drafts = kept = 0
+                    logits, h = self.model(ids, batch, cache, hidden=True)
+                    tokens = sample(logits, temperature, top_p, rng)
+                    draft, q = self._draft_prefill(prompts, tokens, h, batch, temperature, top_p, rng)
+                    live = list(running)  # the requests whose drafts `draft` holds, in its order
+                    accept([[t] for t in tokens.tolist()])
+                else:
+                    logits = self.model(ids, batch, cache)  # [len(prompts), vocab]: each prompt's last token
+                    accept([[t] for t in sample(logits, temperature, top_p, rng).tolist()])
             first = time.perf_counter()
             decoded = 0
             while parallel.any_rank(bool(running), device) if ep else running:
