@@ -67,11 +67,16 @@ class MLA(Module):
     def forward(self, x, batch, kv_cache, rope):
         """x: [N, hidden] -> this rank's partial o_proj output [N, hidden]; writes the N tokens
         into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., 656]) at
-        batch.slot_mapping."""
-        n = x.shape[0]
-        q_nope, q_pe = self._query(x)
+        batch.slot_mapping. With batch.query_rows (decode), the output covers those rows only."""
         cos, sin = rope(batch.positions)
-        q_pe = apply_rope(q_pe, cos, sin)
+        rows = batch.query_rows
+        if rows is None:
+            q_nope, q_pe = self._query(x)
+            q_pe = apply_rope(q_pe, cos, sin)
+        else:
+            q_nope, q_pe = self._query(x[rows])
+            q_pe = apply_rope(q_pe, cos[rows], sin[rows])
+        n = q_nope.shape[0]
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([KV_LORA_RANK, ROPE_DIM], dim=-1)
         c_kv, k_pe = c_kv.contiguous(), k_pe.contiguous()
         fp8 = kv_cache.dtype == torch.uint8

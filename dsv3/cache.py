@@ -80,6 +80,10 @@ class Batch:
       over seq_lens); else decode: every request has s_q = N / B new tokens after its cached ones,
       read through block_table int32 [B, max_blocks] and cache_seqlens int32 [B] (counting them).
     logits_index: int64 [B'] rows whose logits are returned (None: all N).
+    query_rows: decode only, int64 [B], one row per request (None: all N): every layer writes the
+      keys of all N rows but computes attention, MLP and its output for these rows only (each
+      attends to its request's keys up to itself: cache_seqlens then count to the query row). The
+      speculative step's MTP pass needs the keys of both rows but the output of one.
     """
     positions: torch.Tensor
     slot_mapping: torch.Tensor
@@ -88,6 +92,7 @@ class Batch:
     block_table: torch.Tensor = None
     cache_seqlens: torch.Tensor = None
     logits_index: torch.Tensor = None
+    query_rows: torch.Tensor = None
 
 
 def prefill_batch(requests, cache: LatentCache, device=None, all_logits=False) -> Batch:
@@ -108,13 +113,12 @@ def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
     """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones."""
     b = len(requests)
     width = max(len(blocks) for _, blocks in requests)
-    table = torch.zeros(b, width, dtype=torch.int32)
-    pos, slots = [], []
-    for i, (n, blocks) in enumerate(requests):
-        table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        p = torch.arange(n, n + s_q)
-        pos.append(p)
-        slots.append(table[i, p // cache.block_size].long() * cache.block_size + p % cache.block_size)
-    lens = torch.tensor([n + s_q for n, _ in requests], dtype=torch.int32)
-    return Batch(torch.cat(pos).to(device), torch.cat(slots).to(device), False, block_table=table.to(device),
+    # built with a few whole-batch tensor ops: this runs on the host every decode step
+    table = torch.tensor([blocks + [0] * (width - len(blocks)) for _, blocks in requests], dtype=torch.int32)
+    cached = torch.tensor([n for n, _ in requests], dtype=torch.int64)
+    pos = (cached[:, None] + torch.arange(s_q)).flatten()
+    slots = table[torch.arange(b).repeat_interleave(s_q), pos // cache.block_size].long() * cache.block_size \
+        + pos % cache.block_size
+    lens = (cached + s_q).to(torch.int32)
+    return Batch(pos.to(device), slots.to(device), False, block_table=table.to(device),
                  cache_seqlens=lens.to(device), logits_index=(torch.arange(b) * s_q + s_q - 1).to(device))

@@ -365,7 +365,9 @@ class Generator:
         """One verify step of the requests `live` (cached_tokens, blocks as in requests): the
         target over [last token, draft] (s_q = 2), then the MTP module over the same two positions
         for the next drafts: its row 0 takes (h of the last token, the first new token), row 1
-        (h of the draft, the second new token) and only counts where the draft was kept.
+        (h of the draft, the second new token). Both rows write the MTP layer's keys, but only the
+        request's last row (row 1 where the draft was kept) goes through its attention, MLP and head
+        (Batch.query_rows): a rejected draft's row is overwritten by the next step.
         -> (new tokens per request, next drafts int64 [B], their distribution or None)."""
         device, b = self.model.device, len(live)
         draft = draft.to(device)
@@ -376,7 +378,8 @@ class Generator:
         new = verify(logits.view(b, 2, -1), draft, q, temperature, top_p, rng)
         nxt = torch.tensor([[t[0], t[-1]] for t in new], dtype=torch.int64, device=device)
         two = torch.tensor([len(t) == 2 for t in new], dtype=torch.int64, device=device)
-        batch.logits_index = torch.arange(b, device=device) * 2 + two
+        batch.query_rows = torch.arange(b, device=device) * 2 + two
+        batch.cache_seqlens = batch.cache_seqlens - 1 + two.to(torch.int32)
         logits, _ = self.model.mtp_forward(h, nxt.flatten(), batch, self.cache)
         return (new, *draw(logits, temperature, top_p, rng))
 

@@ -37,7 +37,9 @@ class DecoderLayer(Module):
                     else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
 
     def forward(self, x, batch, kv_cache, rope):
-        x = x + parallel.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_cache, rope))
+        """x [N, hidden] -> [N, hidden] (with batch.query_rows: those rows only)."""
+        attn = parallel.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_cache, rope))
+        x = (x if batch.query_rows is None else x[batch.query_rows]) + attn
         return x + parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -145,7 +147,8 @@ class Transformer(Module):
         """MTP module k over N tokens: at the position of row j, h [N, hidden_size] (the main model's
         hidden state there, or module k-1's output) and next_ids int64 [N] (the token after it) ->
         (logits float32 [len(batch.logits_index) or N, vocab_size] of the token after next_ids,
-        the layer's output [N, hidden_size] before shared_head.norm). Writes cache layer
+        the layer's output [N, hidden_size] before shared_head.norm; with batch.query_rows, N is
+        their number: those rows only, the others just write their keys). Writes cache layer
         num_hidden_layers + k (a cache from new_cache(..., mtp=True))."""
         if not 0 <= k < len(self.mtp):
             raise ValueError(f"MTP module {k} does not exist (the model has {len(self.mtp)})")

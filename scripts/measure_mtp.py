@@ -1,7 +1,8 @@
 """Measure the default model's multi-token prediction: how often the MTP module's draft is kept, and
 CPU decode tokens/s with and without speculative decoding, side by side.
 
-    python scripts/measure_mtp.py [--model dsv3/default_model] [--rounds 3] [--threads N] [--out results.json]
+    python scripts/measure_mtp.py [--model dsv3/default_model] [--rounds 3] [--threads N] [--depths 3,12,61]
+        [--out results.json]
 
 - acceptance: greedy generation of 128 tokens from 16 prompts cut from the held-out sample
   (tests/model/data/heldout_sample.txt, 64 tokens each, at line starts spread over the file), as
@@ -12,9 +13,16 @@ CPU decode tokens/s with and without speculative decoding, side by side.
 - speed: decode tokens/s, bf16 activations, the checkpoint's FP8 weights, backend cpu; B = 1
   ("def fibonacci(n):") and B = 8 ("import os1" ... "import os8"), 128 new tokens, greedy; the
   two modes alternate for --rounds rounds.
+- --depths 3,12,61: what a speculative step costs against a plain one as the model gets deeper:
+  random models shaped like the default one but with N decoder layers (one MTP layer, FP8 weights,
+  cpu backend), B = 1, 64 new tokens, ms per step with and without MTP (random drafts are rejected,
+  so every speculative step pays the draft and the s_q = 2 verify for one token). The speed-up at
+  acceptance a is then (1 + a) x t_plain / t_speculative: computed from these measured step costs,
+  for the acceptance measured on the default model above.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -24,8 +32,10 @@ import torch.nn.functional as F
 
 from dsv3 import corpus
 from dsv3.cache import prefill_batch
+from dsv3.config import ModelArgs
 from dsv3.generate import DEFAULT_MODEL, Generator
 from dsv3.load import load, load_tokenizer
+from dsv3.model import Transformer, init_random_
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "model", "data", "heldout_sample.txt")
 
@@ -55,6 +65,23 @@ def teacher_forced(model, tokenizer, text, window=512):
     return agree / total, nll / total, nll / nb
 
 
+def step_costs(model_dir, depth, rounds, new_tokens=64):
+    """(ms per plain step, ms per speculative step) at B = 1 of a random model shaped like
+    model_dir's with `depth` decoder layers and one MTP layer; the best of `rounds` runs each."""
+    args = dataclasses.replace(ModelArgs.from_json(os.path.join(model_dir, "config.json")), num_hidden_layers=depth,
+                               num_nextn_predict_layers=1, eos_token_id=None)
+    model = init_random_(Transformer(args, torch.bfloat16, fp8=True, backend="cpu"), seed=depth)
+    prompt = [[args.bos_token_id] + list(range(10, 26))]
+    plain, spec = Generator(model, num_blocks=4, speculative="none"), Generator(model, num_blocks=4)
+    best = {"none": float("inf"), "mtp": float("inf")}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, g in (("none", plain), ("mtp", spec)):
+            g.generate(prompt, max_new_tokens=new_tokens)
+            steps = g.last_stats.get("decode_steps") or g.last_stats["decode_tokens"]
+            best[name] = min(best[name], 1e3 * g.last_stats["decode_s"] / steps)
+    return best["none"], best["mtp"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -62,6 +89,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--depths", default="", help="comma-separated decoder-layer counts for the step-cost sweep")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -103,6 +131,16 @@ def main():
         print(f"B={b}: decode tokens/s without MTP {', '.join(f'{x:.0f}' for x in rows['none'])}; with MTP "
               f"{', '.join(f'{x:.0f}' for x in rows['mtp'])} (acceptance {rows['acceptance'][-1]:.1%}); "
               f"speed-up per round {', '.join(f'{x:.2f}x' for x in ratio)}", flush=True)
+    if a.depths:
+        acc = res["speed"]["B=1"]["acceptance"][-1]
+        res["depths"] = {}
+        for depth in (int(d) for d in a.depths.split(",")):
+            t_plain, t_spec = step_costs(a.model, depth, a.rounds)
+            res["depths"][depth] = dict(plain_ms=t_plain, speculative_ms=t_spec, cost_ratio=t_spec / t_plain,
+                                        speedup_at_b1_acceptance=(1 + acc) * t_plain / t_spec)
+            print(f"{depth} layers: plain step {t_plain:.2f} ms, speculative step {t_spec:.2f} ms "
+                  f"({t_spec / t_plain:.2f}x); at {acc:.1%} acceptance: {(1 + acc) * t_plain / t_spec:.2f}x",
+                  flush=True)
     res["load_after"] = os.getloadavg()
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"load average before / after: {res['load_before'][0]:.1f} / {res['load_after'][0]:.1f}")

@@ -144,6 +144,56 @@ def test_greedy_identical_shipped_model(shipped):
         spec.last_stats["decode_tokens"] / spec.last_stats["decode_steps"])
 
 
+def test_drafts_are_the_teacher_forced_mtp_drafts(shipped, monkeypatch):
+    """Every draft distribution of a speculative run (batched, varlen, requests advancing by 1 or 2)
+    equals the MTP module's logits at that position recomputed by one prefill over the final text
+    (fp32, 1e-4): the step's MTP pass (both rows write keys, one row per request is queried, per-
+    request lengths) sees the same keys and positions. Greedy output alone cannot show this (a
+    wrong draft is only rejected); the kept / verified counts replayed from the drafts must match
+    last_stats too."""
+    monkeypatch.setattr(shipped.args, "eos_token_id", None)
+    drawn = []  # the MTP logits of each draw: the prefill's (every request), then each step's (live ones)
+    real_draw = gen.draw
+
+    def recording_draw(logits, *args, **kwargs):
+        drawn.append(logits.clone())
+        return real_draw(logits, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "draw", recording_draw)
+    prompts = [[0, 100, 200, 300], [0] + list(range(500, 530)), [0, 7], [0, 1000, 1001, 1002, 1003, 1004]]
+    n_new = 20
+    spec = Generator(shipped, block_size=16)
+    outs = spec.generate(prompts, max_new_tokens=n_new)
+    want = []  # per request: position j -> the MTP logits drafting token j (from position j - 2)
+    for p, out in zip(prompts, outs):
+        seq = torch.tensor(p + out)
+        t, nb = len(seq), -(-len(seq) // 16)
+        cache = shipped.new_cache(nb, 16, mtp=True)
+        blocks = cache.allocator.allocate(nb)
+        _, h = shipped(seq, prefill_batch([(t, blocks)], cache, all_logits=True), cache, hidden=True)
+        mtp, _ = shipped.mtp_forward(h[:t - 1], seq[1:], prefill_batch([(t - 1, blocks)], cache, all_logits=True),
+                                     cache)
+        want.append((seq, {i + 2: row for i, row in enumerate(mtp)}))
+    done = [1] * len(prompts)  # tokens each request has; the prefill drafted the next one
+    calls = iter(drawn)
+    pending = dict(enumerate(next(calls)))
+    kept = drafts = 0
+    while live := [r for r in range(len(prompts)) if done[r] < n_new]:
+        for r in live:
+            seq, at = want[r]
+            j = len(prompts[r]) + done[r]
+            torch.testing.assert_close(pending[r], at[j], atol=1e-4, rtol=1e-4)
+            drafts += 1
+            if pending[r].argmax() == seq[j]:
+                kept, done[r] = kept + 1, min(done[r] + 2, n_new)
+            else:
+                done[r] += 1
+        pending = dict(zip(live, next(calls)))
+    assert spec.last_stats["drafts"] == drafts
+    assert round(spec.last_stats["acceptance_rate"] * drafts) == kept
+    assert 0 < kept < drafts
+
+
 def test_greedy_identical_with_eos_mid_draft(shipped, monkeypatch):
     """Each token of a greedy run made the EOS in turn: the run stops there with and without MTP,
     also where the EOS is a kept draft followed by a second token (which must be dropped)."""
