@@ -45,7 +45,7 @@ def test_random_model_fp8_cache_close_to_bf16_cache(hf_checkpoint, device, backe
 
 def test_default_model_heldout_loss_within_half_percent(sample):  # noqa: F811
     """The issue's goal: held-out nats/byte of the shipped model with the FP8 cache within 0.5%
-    of the bf16 cache (measured: 1.04455 bf16, 1.04513 fp8, +0.06%)."""
+    of the bf16 cache (measured: 0.99906 bf16, 0.99911 fp8, +0.005%)."""
     model = load(DEFAULT_MODEL, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     bf16 = evaluate(model, tokenizer, sample, kv_cache_dtype=torch.bfloat16)
