@@ -1,7 +1,7 @@
 """Train the shipped default model: a small DeepSeek-V3-architecture model on the Python standard
 library's own source (dsv3/corpus.py), then export it as a DeepSeek-V3-format checkpoint.
 
-    python -m dsv3.train --out runs/default            # ~25 min on 2 CPU cores
+    python -m dsv3.train --out runs/default            # ~55 min on one CPU thread (--threads 1)
     python -m dsv3.train --out runs/default --resume   # continues from runs/default/train_state.pt
                                                        # (same settings; --stop-at N stops after step N)
 
