@@ -4,10 +4,33 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <c10/util/Exception.h>
+
+#include "common/cpu_isa.h"
+
+namespace {
+
+// _C.cpu_isa() -> (the level the CPU kernels use, the host's best): names from common/cpu_isa.h.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return Py_BuildValue("(ss)", dsv3::cpu_isa_name(dsv3::cpu_isa()), dsv3::cpu_isa_name(dsv3::host_cpu_isa()));
+  } catch (const c10::Error& e) {  // a DSV3_KERNELS_CPU_ISA that names no level
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "(level in use, host's best level) of the C++ CPU kernels"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // `import dsv3_kernels._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

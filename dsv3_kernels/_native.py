@@ -23,8 +23,17 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"dsv3_kernels::{op}", dispatch_key)
 
 
+def cpu_isa() -> str | None:
+    """The instruction-set level the C++ CPU kernels use: "scalar", "avx2", "avx512" or "avx512_bf16"
+    (the host's best, capped by DSV3_KERNELS_CPU_ISA); None without _C. Raises ValueError when
+    DSV3_KERNELS_CPU_ISA names no level."""
+    return _C.cpu_isa()[0] if loaded() else None
+
+
 def status() -> str:
     if not loaded():
         return f"dsv3_kernels._C not loaded: {_ERROR}"
     cuda = has_kernel("fp8_gemm", "CUDA")
-    return "_C built with CPU and CUDA kernels" if cuda else "_C built with CPU kernels only"
+    used, host = _C.cpu_isa()
+    isa = f"CPU kernels: {used}" + ("" if used == host else f" (host: {host}, capped by DSV3_KERNELS_CPU_ISA)")
+    return ("_C built with CPU and CUDA kernels" if cuda else "_C built with CPU kernels only") + f"; {isa}"

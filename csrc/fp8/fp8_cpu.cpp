@@ -3,7 +3,7 @@
 // picked at run time; everything else runs a portable scalar version built on the c10 types,
 // which the compiler may auto-vectorize for the baseline ISA.
 //
-// Set DSV3_KERNELS_CPU_ISA=scalar to force the portable path (for testing it on AVX-512 hosts).
+// DSV3_KERNELS_CPU_ISA picks the level (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,32 +21,6 @@
 #include "fp8/fp8_cpu_kernels.h"
 
 namespace dsv3::fp8::cpu {
-
-bool avx512_supported() {
-#if defined(__x86_64__)
-  static const bool ok = [] {
-    const char* isa = std::getenv("DSV3_KERNELS_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool avx512_bf16_supported() {
-#if defined(__x86_64__)
-  static const bool ok = avx512_supported() && __builtin_cpu_supports("avx512bf16") &&
-                         __builtin_cpu_supports("avx512vbmi");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 namespace {
 
@@ -88,7 +62,7 @@ float quantize_tile_scalar(const T* x, uint8_t* q, int64_t ld, int64_t rows, int
 template <typename T>
 float quantize_tile(const T* x, uint8_t* q, int64_t ld, int64_t rows, int64_t cols, bool ue8m0) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return quantize_tile_avx512<float_type_of<T>()>(x, q, ld, rows, cols, ue8m0);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return quantize_tile_avx512<float_type_of<T>()>(x, q, ld, rows, cols, ue8m0);
 #endif
   return quantize_tile_scalar(x, q, ld, rows, cols, ue8m0);
 }
@@ -150,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> weight_quant_cpu(const at::Tensor& w, int64_t
 template <typename T>
 void dequant_span(const uint8_t* w, T* out, int64_t len, float scale) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return dequant_span_avx512<float_type_of<T>()>(w, out, len, scale);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return dequant_span_avx512<float_type_of<T>()>(w, out, len, scale);
 #endif
   for (int64_t c = 0; c < len; ++c) out[c] = static_cast<T>(e4m3_to_float(w[c]) * scale);
 }
@@ -162,7 +136,7 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
   const int64_t kblocks = cdiv(k, block_size);
   // The portable path goes through fp32 and ATen's conversion, as the reference does: a
   // scalar static_cast to bf16/fp16 writes NaN with other bits than ATen's vectorized one.
-  if (!avx512_supported() && dtype != at::kFloat && w.numel() > 0) {
+  if (!cpu_isa_at_least(CpuIsa::kAvx512) && dtype != at::kFloat && w.numel() > 0) {
     return weight_dequant_cpu(w, scale_inv, block_size, at::kFloat).to(dtype);
   }
   auto out = at::empty({n, k}, w.options().dtype(dtype));
@@ -205,7 +179,7 @@ at::Tensor dequant_a(const at::Tensor& a, const at::Tensor& a_scale) {
   float* po = out.data_ptr<float>();
   at::parallel_for(0, m, grain_for(k, kLightGrainElems), [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__)
-    if (avx512_supported()) return dequant_a_avx512(pa + begin * k, ps + begin * kblocks, po + begin * k, end - begin, k);
+    if (cpu_isa_at_least(CpuIsa::kAvx512)) return dequant_a_avx512(pa + begin * k, ps + begin * kblocks, po + begin * k, end - begin, k);
 #endif
     for (int64_t i = begin * k; i < end * k; ++i) po[i] = e4m3_to_float(pa[i]) * ps[(i / k) * kblocks + (i % k) / kGemmBlock];
   });
@@ -303,14 +277,14 @@ at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at
   const auto* pb = reinterpret_cast<const uint8_t*>(b.const_data_ptr());
   const float* ps = b_scale_inv.const_data_ptr<float>();
 #if defined(__x86_64__)
-  if (avx512_bf16_supported()) {
+  if (cpu_isa_at_least(CpuIsa::kAvx512Bf16)) {
     return gemm_avx512bf16(reinterpret_cast<const uint8_t*>(a.const_data_ptr()), a_scale.const_data_ptr<float>(), m,
                            pb, ps, k, n, c, out_dtype);
   }
 #endif
   const at::Tensor a_f32 = dequant_a(a, a_scale);
 #if defined(__x86_64__)
-  if (avx512_supported()) {
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) {
     gemm_avx512(a_f32.const_data_ptr<float>(), m, pb, ps, k, n, c.data_ptr<float>());
     return c.to(out_dtype);
   }

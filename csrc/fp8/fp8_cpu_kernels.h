@@ -2,7 +2,7 @@
 // fallback are in fp8_cpu.cpp).
 //
 // The extension is compiled without -mavx512*, so every function here carries a target
-// attribute and is only called after avx512_supported() said yes. Lambdas do not inherit
+// attribute and is only called after cpu_isa_at_least(CpuIsa::kAvx512) said yes. Lambdas do not inherit
 // target attributes, hence the entry points are plain (non-lambda) functions over ranges.
 //
 // FP8 here is e4m3fn. Conversions:
@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_isa.h"
 #include "common/float_type.h"
 
 namespace dsv3::fp8::cpu {
@@ -52,9 +53,6 @@ inline float block_scale(float amax, bool ue8m0) {
   float s = std::max(amax, kAmaxMin) / kFp8Max;
   return ue8m0 ? bits_f32((f32_bits(s) + 0x7FFFFFu) & ~0x7FFFFFu) : s;
 }
-
-bool avx512_supported();
-bool avx512_bf16_supported();  // and avx512_vbmi
 
 #if defined(__x86_64__)
 

@@ -11,7 +11,7 @@
 // The FP8 cache (uint8, 656-byte tokens) takes the same kernels, its keys dequantized per tile.
 // mla_cache_write quantizes into it as the reference does (bit for bit: power-of-two scales).
 //
-// Set DSV3_KERNELS_CPU_ISA=scalar to force the portable path (for testing it on AVX-512 hosts).
+// DSV3_KERNELS_CPU_ISA picks the level (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -95,10 +95,10 @@ template <typename T, bool Fp8>
 Attend<T> pick_attend() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (dsv3::fp8::cpu::avx512_bf16_supported())
+    if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
       return {&layout_bf16_pairs, &attend_avx512<FloatType::kBFloat16, true, Fp8>};
   }
-  if (dsv3::fp8::cpu::avx512_supported()) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false, Fp8>};
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false, Fp8>};
 #endif
   return {&layout_f32<T>, &attend_portable<T, Fp8>};
 }

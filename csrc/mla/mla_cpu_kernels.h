@@ -17,7 +17,7 @@
 // scale fits bf16), into bf16 rows for the vdpbf16ps path or fp32 rows for the others.
 //
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
-// attribute and run only after avx512_supported() said yes.
+// attribute and run only after cpu_isa_at_least(CpuIsa::kAvx512) said yes.
 #pragma once
 
 #include <algorithm>
@@ -29,14 +29,9 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_isa.h"
 #include "common/float_type.h"
 #include "mla/mla_fp8_layout.h"
-
-namespace dsv3::fp8::cpu {
-// fp8_cpu.cpp: CPU features, and DSV3_KERNELS_CPU_ISA=scalar
-bool avx512_supported();
-bool avx512_bf16_supported();
-}
 
 namespace dsv3::mla::cpu {
 

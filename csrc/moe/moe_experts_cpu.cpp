@@ -10,7 +10,7 @@
 // applies SiLU-mul (and the 1x128 quantization with FP8 weights) right away, then items of the
 // down projection fill a [pairs, D] buffer and every token sums its rows in fp32.
 //
-// Set DSV3_KERNELS_CPU_ISA=scalar to force the portable path (see fp8_cpu.cpp).
+// DSV3_KERNELS_CPU_ISA picks the level (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -30,9 +30,6 @@
 
 namespace dsv3::moe::cpu {
 namespace {
-
-using fp8::cpu::avx512_bf16_supported;
-using fp8::cpu::avx512_supported;
 
 constexpr int64_t kBlock = 128;  // FP8 scale block, and the column tile of the GEMM work items
 // Rows of one expert per work item: bounds an item's A rows swept per B panel (as fp8_gemm's
@@ -68,8 +65,8 @@ enum class Path {
 
 Path gemm_path(bool fp8) {
 #if defined(__x86_64__)
-  if (avx512_bf16_supported()) return fp8 ? Path::kFp8Dot : Path::kBf16Dot;
-  if (fp8 && avx512_supported()) return Path::kFp8Avx512;
+  if (cpu_isa_at_least(CpuIsa::kAvx512Bf16)) return fp8 ? Path::kFp8Dot : Path::kBf16Dot;
+  if (fp8 && cpu_isa_at_least(CpuIsa::kAvx512)) return Path::kFp8Avx512;
 #endif
   return Path::kPortable;
 }
@@ -201,7 +198,7 @@ void add_runs(std::vector<RowRun>& runs, int64_t expert, int64_t lo, int64_t hi)
 // x[0..len) rounded to bf16 and back, in place.
 void round_bf16(float* x, int64_t len) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return round_bf16_avx512(x, len);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return round_bf16_avx512(x, len);
 #endif
   for (int64_t i = 0; i < len; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
 }
@@ -210,7 +207,7 @@ void round_bf16(float* x, int64_t len) {
 template <typename T>
 void store_cols(const float* c, T* out, int64_t rows, int64_t n, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return fp8k::convert_cols_avx512<float_type_of<T>()>(c, out, rows, n, n0, n1);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return fp8k::convert_cols_avx512<float_type_of<T>()>(c, out, rows, n, n0, n1);
 #endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = n0; j < n1; ++j) out[r * n + j] = static_cast<T>(c[r * n + j]);
@@ -220,7 +217,7 @@ void store_cols(const float* c, T* out, int64_t rows, int64_t n, int64_t n0, int
 template <typename T>
 void weighted_add(float* acc, const T* x, int64_t len, float w) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return weighted_add_avx512<float_type_of<T>()>(acc, x, len, w);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return weighted_add_avx512<float_type_of<T>()>(acc, x, len, w);
 #endif
   for (int64_t i = 0; i < len; ++i) acc[i] += w * static_cast<float>(x[i]);
 }
@@ -229,7 +226,7 @@ void weighted_add(float* acc, const T* x, int64_t len, float w) {
 template <typename T>
 float quantize_block(const T* x, uint8_t* q, int64_t len) {
 #if defined(__x86_64__)
-  if (avx512_supported()) return fp8k::quantize_tile_avx512<float_type_of<T>()>(x, q, len, 1, len, false);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return fp8k::quantize_tile_avx512<float_type_of<T>()>(x, q, len, 1, len, false);
 #endif
   float amax = 0.0f;
   bool nan = false;

@@ -5,7 +5,7 @@
 // FMAs); this adds the bf16 x bf16 tile, where vdpbf16ps takes both operands straight from memory
 // (products exact, sums fp32), and the row passes around the GEMMs. As in the fp8 kernels, the
 // extension is built without -mavx512*: these functions carry a target attribute and run only
-// after avx512_supported() / avx512_bf16_supported() said yes.
+// after cpu_isa_at_least(CpuIsa::kAvx512) / cpu_isa_at_least(CpuIsa::kAvx512Bf16) said yes.
 #pragma once
 
 #include <algorithm>

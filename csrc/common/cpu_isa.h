@@ -1,0 +1,27 @@
+// The x86 instruction-set level the CPU kernels use, one switch for every op family.
+//
+// The extension is compiled for the x86-64 baseline; the faster inner loops are functions with
+// __attribute__((target(...))) that run only when cpu_isa() is at least their level. The level
+// is the best the host has, capped by DSV3_KERNELS_CPU_ISA (read once per process):
+//   scalar       the portable loops (what the compiler makes of plain C++ for the baseline)
+//   avx2         AVX2 + FMA + F16C (AMD Zen 2/3, Intel Haswell and later, client CPUs since Alder Lake)
+//   avx512       AVX-512 F/BW/VL/DQ on top of avx2
+//   avx512_bf16  avx512 + AVX512_BF16 + AVX512_VBMI (Intel Cooper Lake / Sapphire Rapids, AMD Zen 4+)
+// Asking for more than the host has gives the host's best: the switch only ever lowers the level.
+#pragma once
+
+namespace dsv3 {
+
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// The level in use (raises an error naming DSV3_KERNELS_CPU_ISA if its value is not a level).
+CpuIsa cpu_isa();
+
+// The best level the host supports, whatever DSV3_KERNELS_CPU_ISA says.
+CpuIsa host_cpu_isa();
+
+const char* cpu_isa_name(CpuIsa isa);
+
+inline bool cpu_isa_at_least(CpuIsa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
+
+}  // namespace dsv3
