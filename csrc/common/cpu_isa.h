@@ -25,3 +25,7 @@ const char* cpu_isa_name(CpuIsa isa);
 inline bool cpu_isa_at_least(CpuIsa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
 
 }  // namespace dsv3
+
+// The target attribute of the avx2 level's functions. Lambdas do not inherit target attributes:
+// inner loops are plain functions (or templates) carrying it.
+#define DSV3_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
