@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import roofline
+from dsv3_kernels import _native
 
 _ROWS = []
 
@@ -105,7 +106,8 @@ def pytest_sessionfinish(session, exitstatus):
     device = _ROWS[0]["device"]
     hw = roofline.hardware(device)
     meta = {"hardware": hw, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu_isa": _native.cpu_isa()}
     try:
         import triton
 
@@ -116,7 +118,9 @@ def pytest_sessionfinish(session, exitstatus):
     os.makedirs(out_dir, exist_ok=True)
     # One file per suite, so running bench_mla.py does not overwrite bench_fp8.py's results.
     suites = "+".join(sorted({item.module.__name__.removeprefix("bench_") for item in session.items}))
-    stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}-{meta['date']}-{suites}")
+    # The CPU kernels' ISA level too: a run forced to avx2 must not overwrite the host's native one.
+    isa = f"-{meta['cpu_isa']}" if device == "cpu" and meta["cpu_isa"] else ""
+    stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}{isa}-{meta['date']}-{suites}")
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "results": _ROWS}, f, indent=2)
     with open(stem + ".csv", "w", newline="") as f:
@@ -132,8 +136,8 @@ def _fmt(v, spec):
 
 def _print_table(meta, stem):
     hw = meta["hardware"]
-    lines = [f"\n{hw['name']}, torch {meta['torch']}, {meta['date']}; ceilings: {hw['peak_gbps']:.0f} GB/s, "
-             f"{hw['ceilings']}",
+    lines = [f"\n{hw['name']}, torch {meta['torch']}, {meta['date']}, {meta['threads']} threads, CPU kernels "
+             f"{meta['cpu_isa']}; ceilings: {hw['peak_gbps']:.0f} GB/s, {hw['ceilings']}",
              f"{'op':15s} {'shape':28s} {'provider':14s} {'time us':>10s} {'TFLOP/s':>8s} {'MB':>8s} {'GB/s':>8s} "
              f"{'of copy':>8s} {'roofline':>8s} {'vs baseline':>14s}"]
     for r in _ROWS:
