@@ -59,7 +59,7 @@ def _triton_importable():
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # part of _decide's cache key
 
 
 def _why_not(op: _Op, backend: str, device_type):
@@ -120,11 +120,22 @@ def resolve(op: str, device: torch.device, backend=None) -> str:
 # torch.compile evaluates the choice once, while tracing, and bakes the result into the graph.
 @torch.compiler.assume_constant_result
 def _resolve(op: str, device_type: str, device_index, backend) -> str:
+    env = os.environ.get(ENV_VAR, "")
+    # TRITON_INTERPRET matters only where triton is asked for (auto never picks it for CPU tensors)
+    named = backend if backend is not None else env.strip().lower()
+    interpret = os.environ.get("TRITON_INTERPRET", "0") if named == "triton" else None
+    return _decide(op, device_type, device_index, backend, env, interpret)
+
+
+# Cached: deciding asks the dispatcher which kernels _C registered, which costs more than a
+# decode-sized kernel on the CPU. The variables the choice reads are part of the key.
+@functools.lru_cache(maxsize=None)
+def _decide(op: str, device_type: str, device_index, backend, env: str, interpret: str) -> str:
     spec = _get_op(op)
     device = torch.device(device_type, device_index)
     source = "backend="
     if backend is None:
-        backend, source = os.environ.get(ENV_VAR, "").strip().lower(), ENV_VAR
+        backend, source = env.strip().lower(), ENV_VAR
         if backend in ("", "auto"):
             backend = None
     if backend is not None:
@@ -149,6 +160,11 @@ def _resolve(op: str, device_type: str, device_index, backend) -> str:
         for name in spec.parts or (op,):
             importlib.import_module(_OPS[name].triton_module)
     return backend
+
+
+def clear_cache():
+    """Forget the backends chosen so far (after verified.json or the registered kernels changed)."""
+    _decide.cache_clear()
 
 
 def _verified(spec: _Op, arch_name: str) -> bool:

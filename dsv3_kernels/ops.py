@@ -54,10 +54,15 @@ def _check_tensor(name, t, dtypes, ndim=None, min_ndim=None):
                          "call .contiguous() first")
 
 
+# Value checks of CPU tensors up to this many entries read them as Python numbers: one .tolist()
+# costs less than the reductions and .item() calls of the tensor version (decode-sized metadata).
+_SMALL = 1024
+
+
 def _check_same_device(**tensors):
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+    first = next(iter(tensors.values())).device
+    if any(t.device != first for t in tensors.values()):  # (no listing built on the fast path)
+        listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
@@ -232,10 +237,15 @@ def _check_cache(kv_cache):
 def _check_decode_metadata(block_table, cache_seqlens, num_blocks, block_size):
     """Value checks of the paging metadata; only where it is on the CPU (free, no device sync)."""
     limit = block_table.shape[1] * block_size
-    lo, hi = torch.aminmax(cache_seqlens) if cache_seqlens.numel() else (0, 0)
-    if 0 <= lo and hi <= limit and (block_table.numel() == 0 or (int(block_table.min()) >= 0
-                                                                 and int(block_table.max()) < num_blocks)):
-        return  # the common case in two reductions; the detailed search below names the bad entry
+    if block_table.numel() <= _SMALL:
+        lens, table = cache_seqlens.tolist(), block_table.tolist()
+        if all(0 <= n <= limit for n in lens) and all(0 <= x < num_blocks for row in table for x in row):
+            return
+    else:
+        lo, hi = torch.aminmax(cache_seqlens)
+        blo, bhi = torch.aminmax(block_table)
+        if 0 <= lo and hi <= limit and 0 <= blo and bhi < num_blocks:
+            return  # the common case in two reductions; the detailed search below names the bad entry
     lens = cache_seqlens.long()
     bad = ((lens < 0) | (lens > limit)).nonzero()
     if bad.numel():
@@ -351,7 +361,7 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
     _check_same_device(**tensors)
     if slot_mapping.device.type == "cpu" and t and not torch.compiler.is_compiling():
         capacity = kv_cache.shape[0] * kv_cache.shape[1]
-        if int(slot_mapping.max()) >= capacity:
+        if (max(slot_mapping.tolist()) if t <= _SMALL else int(slot_mapping.max())) >= capacity:
             i = int(slot_mapping.argmax())
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
     dispatch.implementation("mla_cache_write", dispatch.resolve("mla_cache_write", kv_c.device, backend))(
@@ -411,9 +421,13 @@ def _check_ids_in_range(topk_ids, num_experts):
     """Where the ids are on the CPU (free to read): every id in [0, E) or NO_EXPERT. On a GPU a bad
     id is not routed and its token's output is NaN instead (a check would cost a device sync)."""
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.aminmax(topk_ids)
-        if NO_EXPERT <= lo and hi < num_experts:
-            return
+        if topk_ids.numel() <= _SMALL:
+            if all(NO_EXPERT <= i < num_experts for row in topk_ids.tolist() for i in row):
+                return
+        else:
+            lo, hi = torch.aminmax(topk_ids)
+            if NO_EXPERT <= lo and hi < num_experts:
+                return
         bad = ((topk_ids < NO_EXPERT) | (topk_ids >= num_experts)).nonzero()
         if bad.numel():
             t, j = bad[0].tolist()
@@ -543,11 +557,16 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
         raise ValueError(f"expert_offsets must be [E+1] = [{e + 1}] for b's {e} experts, got {tuple(expert_offsets.shape)}")
     _check_same_device(**tensors)
     if expert_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-        offs = expert_offsets.long()
-        steps = offs[1:] - offs[:-1]
-        if int(offs[0]) != 0 or int(offs[-1]) > m or (steps < 0).any():
+        if e < _SMALL:
+            offs = expert_offsets.tolist()
+            bad = offs[0] != 0 or offs[-1] > m or any(b < a for a, b in zip(offs, offs[1:]))
+        else:
+            offs = expert_offsets.long()
+            bad = int(offs[0]) != 0 or int(offs[-1]) > m or bool((offs[1:] < offs[:-1]).any())
+            offs = offs.tolist()
+        if bad:
             raise ValueError(f"expert_offsets must start at 0, never decrease and end <= M = {m}, "
-                             f"got {offs.tolist() if e < 16 else 'first ' + str(offs[:16].tolist())}")
+                             f"got {offs if e < 16 else 'first ' + str(offs[:16])}")
     return _run("grouped_gemm", a.device, backend, a, b, expert_offsets, a_scale, b_scale_inv)
 
 

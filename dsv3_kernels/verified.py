@@ -58,6 +58,9 @@ def record(results_path: str, path: str = _PATH):
         json.dump(doc, f, indent=2)
         f.write("\n")
     _table.cache_clear()
+    from . import dispatch  # imports this module: not at the top
+
+    dispatch.clear_cache()
     return doc["entries"]
 
 

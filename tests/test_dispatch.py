@@ -74,6 +74,9 @@ def fake_gpu(monkeypatch):
     real = _native.has_kernel
     monkeypatch.setattr(_native, "has_kernel", lambda op, key: True if key == "CUDA" else real(op, key))
     monkeypatch.setattr(dispatch, "arch", lambda device: "sm_90")
+    dispatch.clear_cache()  # choices made before the fakes, and after them for later tests
+    yield
+    dispatch.clear_cache()
 
 
 # Where the CUDA kernel is not chosen: triton, or torch where triton is not installed (a CPU-only
