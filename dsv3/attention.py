@@ -13,6 +13,8 @@ Both give the same result up to rounding. Heads are split over tensor-parallel r
 row-parallel (the caller sums the ranks).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES, dequantize_tokens
 
 from . import parallel
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
-from .layers import Linear, Module, RMSNorm, cpu_bf16_gemm
+from .layers import FusedLinear, Linear, Module, RMSNorm, cpu_bf16_gemm
 from .rope import apply_rope
 
 
@@ -40,6 +42,8 @@ class MLA(Module):
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6, dtype, device)
             self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, "column", device)
         self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, None, device)
+        # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM where they can share a weight
+        self.qkv_a = None if args.q_lora_rank is None else FusedLinear.of(self.q_a_proj, self.kv_a_proj_with_mqa)
         self.kv_a_layernorm = RMSNorm(KV_LORA_RANK, 1e-6, dtype, device)
         self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, "column", device)
         self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, "row", device)
@@ -47,9 +51,18 @@ class MLA(Module):
         self.dtype = dtype
         self._absorbed = None
 
-    def _query(self, x):
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(x.shape[0], self.num_heads, -1).split([self.nope, ROPE_DIM], dim=-1)
+    def _projections(self, x, rows):
+        """(q_nope [n, H, nope], q_pe [n, H, 64], c_kv [N, 512], k_pe [N, 64]) of x [N, hidden]; the
+        queries of `rows` only (None: all N)."""
+        if self.qkv_a is not None:
+            q, c_kv, k_pe = self.qkv_a(x).split_with_sizes([self.qkv_a.sizes[0], KV_LORA_RANK, ROPE_DIM], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q if rows is None else q[rows]))
+        else:
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([KV_LORA_RANK, ROPE_DIM], dim=-1)
+            xq = x if rows is None else x[rows]
+            q = self.q_proj(xq) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(xq)))
+        q_nope, q_pe = q.view(q.shape[0], self.num_heads, -1).split_with_sizes([self.nope, ROPE_DIM], dim=-1)
+        return q_nope, q_pe, c_kv.contiguous(), k_pe.contiguous()
 
     def absorbed_weights(self):
         """(W_UK^T [H, 512, qk_nope], W_UV [H, v_head_dim, 512]), per head [N, K] for x @ W.T, in the
@@ -65,20 +78,15 @@ class MLA(Module):
         self._absorbed = None
 
     def forward(self, x, batch, kv_cache, rope):
-        """x: [N, hidden] -> this rank's partial o_proj output [N, hidden]; writes the N tokens
+        """x: [N, hidden], rope: the (cos, sin) fp32 [N, 32] of batch.positions -> this rank's
+        partial o_proj output [N, hidden]; writes the N tokens
         into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., 656]) at
         batch.slot_mapping. With batch.query_rows (decode), the output covers those rows only."""
-        cos, sin = rope(batch.positions)
+        cos, sin = rope
         rows = batch.query_rows
-        if rows is None:
-            q_nope, q_pe = self._query(x)
-            q_pe = apply_rope(q_pe, cos, sin)
-        else:
-            q_nope, q_pe = self._query(x[rows])
-            q_pe = apply_rope(q_pe, cos[rows], sin[rows])
+        q_nope, q_pe, c_kv, k_pe = self._projections(x, rows)
+        q_pe = apply_rope(q_pe, cos, sin) if rows is None else apply_rope(q_pe, cos[rows], sin[rows])
         n = q_nope.shape[0]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([KV_LORA_RANK, ROPE_DIM], dim=-1)
-        c_kv, k_pe = c_kv.contiguous(), k_pe.contiguous()
         fp8 = kv_cache.dtype == torch.uint8
         store = self.dtype if fp8 else kv_cache.dtype  # what the write takes (FP8: it quantizes)
         dk.mla_cache_write(c_kv.to(store), k_pe.to(store), kv_cache, batch.slot_mapping,
@@ -94,7 +102,7 @@ class MLA(Module):
 
     def _prefill(self, q_nope, q_pe, c_kv, k_pe, seq_lens):
         kv = self.kv_b_proj(c_kv).view(c_kv.shape[0], self.num_heads, -1)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_nope, v = kv.split_with_sizes([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, N, 192]
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1).transpose(0, 1)
         v = v.transpose(0, 1)
@@ -126,6 +134,12 @@ class MLA(Module):
         kernel = cpu_bf16_gemm(self.backend) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
         if kernel is None:
             return torch.einsum("nhk,hjk->nhj", x, w)
-        offsets = torch.arange(0, (h + 1) * n, n, dtype=torch.int32)
+        offsets = _head_offsets(h, n)
         out = kernel(x.transpose(0, 1).reshape(h * n, k).contiguous(), w, offsets, None, None)
         return out.view(h, n, -1).transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_offsets(heads, rows):
+    """The grouped GEMM's offsets of `heads` groups of `rows` rows (a decode step's, reused)."""
+    return torch.arange(0, (heads + 1) * rows, rows, dtype=torch.int32)

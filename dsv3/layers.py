@@ -73,15 +73,7 @@ class Linear(Module):
             self.weight_scale_inv = None
 
     def forward(self, x):
-        if self.fp8:
-            return dk.fp8_linear(x, self.weight, self.weight_scale_inv, out_dtype=x.dtype, backend=self.backend)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1]:
-            kernel = cpu_bf16_gemm(self.backend)
-            if kernel is not None:
-                x2 = x.reshape(-1, x.shape[-1]).contiguous()
-                y = kernel(x2, self.weight[None], _one_segment(x2.shape[0]), None, None)
-                return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.weight_scale_inv, self.backend)
 
     def dequantized(self, dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` (FP8 blocks times their scales)."""
@@ -116,6 +108,61 @@ def _cpu_gemm_kernel(backend, env):  # env: the dispatch variable's value is par
 @functools.lru_cache(maxsize=DECODE_ROWS)
 def _one_segment(rows):
     return torch.tensor([0, rows], dtype=torch.int32)
+
+
+def linear(x, weight, weight_scale_inv, backend):
+    """x @ weight.T: FP8 (weight_scale_inv given) through dsv3_kernels.fp8_linear, else bf16/fp32."""
+    if weight_scale_inv is not None:
+        return dk.fp8_linear(x, weight, weight_scale_inv, out_dtype=x.dtype, backend=backend)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1]:
+        kernel = cpu_bf16_gemm(backend)
+        if kernel is not None:
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            y = kernel(x2, weight[None], _one_segment(x2.shape[0]), None, None)
+            return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+class FusedLinear:
+    """Linears that read the same input, run as one GEMM (DeepSeek-V3's q_a_proj with
+    kv_a_proj_with_mqa, an MLP's gate_proj with up_proj): their weights and FP8 scales become
+    consecutive row ranges of one tensor, so the loader, which fills each Linear by its
+    checkpoint name, fills the fused weight. Not an nn.Module: the loader and state_dict see
+    only the Linears. `of(*linears)` returns None where they cannot share one tensor."""
+
+    def __init__(self, weight, weight_scale_inv, sizes, owner):
+        self.weight, self.weight_scale_inv, self.sizes, self.owner = weight, weight_scale_inv, sizes, owner
+
+    @staticmethod
+    def of(*linears):
+        first = linears[0]
+        w = first.weight
+        same = all(m.in_features == first.in_features and m.weight.dtype == w.dtype and m.fp8 == first.fp8
+                   for m in linears)
+        # FP8: every part but the last must end on a 128-row scale block
+        if not same or (first.fp8 and any(m.out_features % BLOCK for m in linears[:-1])):
+            return None
+        sizes = [m.out_features for m in linears]
+        weight = torch.empty(sum(sizes), first.in_features, dtype=w.dtype, device=w.device)
+        scale = None
+        if first.fp8:
+            scale = torch.empty(-(-sum(sizes) // BLOCK), first.in_features // BLOCK, dtype=torch.float32,
+                                device=w.device)
+        row = 0
+        for m, n in zip(linears, sizes):
+            m.weight = _view_param(weight[row:row + n])
+            if scale is not None:
+                m.weight_scale_inv = _view_param(scale[row // BLOCK:-(-(row + n) // BLOCK)])
+            row += n
+        return FusedLinear(weight, scale, sizes, first)
+
+    def __call__(self, x):
+        """x [..., in] -> the linears' outputs, concatenated along the last dim."""
+        return linear(x, self.weight, self.weight_scale_inv, self.owner.backend)
+
+
+def _view_param(t):
+    return nn.Parameter(t, requires_grad=False)
 
 
 class VocabEmbedding(Module):
@@ -155,6 +202,11 @@ class MLP(Module):
         self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
         self.up_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
         self.down_proj = Linear(inter, dim, dtype, fp8, "row", device, what)
+        self.gate_up = FusedLinear.of(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # silu(gate) * up in fp32, rounded once (dsv3_kernels.silu_mul; the routed experts do the same)
+        h = dk.silu_mul(self.gate_up(x).reshape(-1, 2 * self.down_proj.in_features), backend=self.backend)
+        return self.down_proj(h).view(*x.shape[:-1], -1)

@@ -124,8 +124,9 @@ class Transformer(Module):
         hidden, also the final normalized hidden states of all N tokens [N, hidden_size] (the
         activations' dtype: what mtp_forward takes)."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rope(batch.positions)  # once per step: every layer rotates the same positions
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, batch, cache.kv[i], self.rope)
+            x = layer(x, batch, cache.kv[i], rope)
         if hidden:
             h = self.model.norm(x)
             return self.lm_head(h if batch.logits_index is None else h[batch.logits_index]).float(), h
@@ -155,7 +156,7 @@ class Transformer(Module):
         layer = self.mtp[k]
         e = layer.enorm(self.model.embed_tokens(next_ids))
         x = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))
-        x = layer(x, batch, cache.kv[len(self.model.layers) + k], self.rope)
+        x = layer(x, batch, cache.kv[len(self.model.layers) + k], self.rope(batch.positions))
         out = x if batch.logits_index is None else x[batch.logits_index]
         return layer.shared_head(out).float(), x
 

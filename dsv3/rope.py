@@ -66,6 +66,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [T, ..., 64] in interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos);
     cos/sin [T, 32] float32. Computed in fp32, returned in x's dtype."""
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    c, s = cos.view(shape), sin.view(shape)
-    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(x.dtype)
+    # (x0 + i x1)(cos + i sin): the same products as the pairs spelled out, in 7 tensor ops instead of 13
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.complex(cos, sin).view(shape)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
