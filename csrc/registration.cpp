@@ -20,8 +20,24 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// _C.set_cpu_isa(name) -> the level now in use (name capped at the host's best).
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "set_cpu_isa takes a level name (str)");
+    return nullptr;
+  }
+  try {
+    return PyUnicode_FromString(dsv3::cpu_isa_name(dsv3::set_cpu_isa(name)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "(level in use, host's best level) of the C++ CPU kernels"},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "use this level of the C++ CPU kernels (capped at the host's)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

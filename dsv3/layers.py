@@ -209,4 +209,4 @@ class MLP(Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # silu(gate) * up in fp32, rounded once (dsv3_kernels.silu_mul; the routed experts do the same)
         h = dk.silu_mul(self.gate_up(x).reshape(-1, 2 * self.down_proj.in_features), backend=self.backend)
-        return self.down_proj(h).view(*x.shape[:-1], -1)
+        return self.down_proj(h).view(*x.shape[:-1], self.down_proj.out_features)

@@ -32,10 +32,27 @@ def cpu_isa() -> str | None:
     return _C.cpu_isa()[0] if loaded() else None
 
 
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16")  # lowest first (csrc/common/cpu_isa.h)
+
+
+def host_cpu_isa_levels() -> tuple:
+    """The levels this host can run, lowest first (() without _C)."""
+    return CPU_ISA_LEVELS[:CPU_ISA_LEVELS.index(_C.cpu_isa()[1]) + 1] if loaded() else ()
+
+
+def set_cpu_isa(level: str) -> str:
+    """Run the C++ CPU kernels at `level` from now on (capped at the host's best); returns the level
+    in use. Tests and benchmarks use it to run every level in one process; users set
+    DSV3_KERNELS_CPU_ISA instead. Raises ValueError for a name that is not a level."""
+    if not isinstance(level, str):
+        raise TypeError(f"level must be one of {CPU_ISA_LEVELS}, got {level!r}")
+    return _C.set_cpu_isa(level)
+
+
 def status() -> str:
     if not loaded():
         return f"dsv3_kernels._C not loaded: {_ERROR}"
     cuda = has_kernel("fp8_gemm", "CUDA")
     used, host = _C.cpu_isa()
-    isa = f"CPU kernels: {used}" + ("" if used == host else f" (host: {host}, capped by DSV3_KERNELS_CPU_ISA)")
+    isa = f"CPU kernels: {used}" + ("" if used == host else f" (the host's best: {host})")
     return ("_C built with CPU and CUDA kernels" if cuda else "_C built with CPU kernels only") + f"; {isa}"

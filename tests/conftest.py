@@ -3,9 +3,13 @@
 - Tests that verify ops carry `@pytest.mark.ops("name", ...)` and take the `device` and
   `backend` fixtures; they are parametrized over every device here and every backend that can
   run those ops on it (dsv3_kernels.available_backends), minus the reference itself.
+- The cpu backend's cases run once per instruction-set level the host has (scalar, avx2, avx512,
+  avx512_bf16: csrc/common/cpu_isa.h): "cpu-cpu" at the host's best, "cpu-cpu-avx2" etc. forced
+  below it (in process, through dsv3_kernels._native.set_cpu_isa), against the same reference.
 - A parametrize value wrapped in `native_only(...)` is too large for Triton's interpreter: it runs
   on the native backends (cpu, cuda, and triton on a GPU) and is deselected for triton on the CPU
-  (the interpreter), where a smaller case of the same kind stands in. The run's summary counts them.
+  (the interpreter) and for the scalar CPU level (minutes per case), where a smaller case of the
+  same kind stands in. The run's summary counts them.
 - `--record-verified PATH` writes, for a run on a GPU, which (op, backend, arch) passed every
   one of its tests; `python -m dsv3_kernels.verified record PATH` merges it into the package.
 """
@@ -37,10 +41,16 @@ def _kernel_backends(op_names, device):
 
 
 def pytest_report_header(config):
-    lines = [f"dsv3_kernels: {dsv3_kernels._native.status()}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+    lines = [f"dsv3_kernels: {dsv3_kernels._native.status()}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}",
+             f"  CPU levels forced below the host's best: {_lower_cpu_levels() or 'none'}"]
     for device in _devices():
         lines.append(f"  kernel backends tested on {device}: {_kernel_backends(dispatch.ops(), device)}")
     return lines
+
+
+def _lower_cpu_levels():
+    """The ISA levels below the host's best, highest first (the best runs as plain "cpu-cpu")."""
+    return list(reversed(dsv3_kernels._native.host_cpu_isa_levels()[:-1]))
 
 
 def pytest_generate_tests(metafunc):
@@ -48,8 +58,25 @@ def pytest_generate_tests(metafunc):
     if marker is None or "backend" not in metafunc.fixturenames:
         return
     devices = [d for d in _devices() if d == "cuda" or not metafunc.definition.get_closest_marker("gpu")]
-    combos = [(d, b) for d in devices for b in _kernel_backends(marker.args, d)]
-    metafunc.parametrize(("device", "backend"), combos, ids=[f"{d}-{b}" for d, b in combos])
+    combos = [(d, b, None) for d in devices for b in _kernel_backends(marker.args, d)]
+    combos += [("cpu", "cpu", level) for level in _lower_cpu_levels() if ("cpu", "cpu", None) in combos]
+    metafunc.parametrize(("device", "backend", "cpu_isa"), combos, indirect=["cpu_isa"],
+                         ids=[f"{d}-{b}" + (f"-{level}" if level else "") for d, b, level in combos])
+
+
+@pytest.fixture(autouse=True)
+def cpu_isa(request):
+    """The CPU kernels' ISA level for this test (None: the host's best), restored afterwards."""
+    level = getattr(request, "param", None)
+    if level is None:
+        yield None
+        return
+    before = dsv3_kernels._native.cpu_isa()
+    dsv3_kernels._native.set_cpu_isa(level)
+    try:
+        yield level
+    finally:
+        dsv3_kernels._native.set_cpu_isa(before)
 
 
 def native_only(*values, id=None):
@@ -57,15 +84,17 @@ def native_only(*values, id=None):
     return pytest.param(*values, id=id, marks=pytest.mark.native_only)
 
 
-def _interpreted(item):
+def _slow_backend(item):
+    """Triton's interpreter, or the scalar CPU level: where native_only cases are deselected."""
     params = getattr(item, "callspec", None) and item.callspec.params
-    return bool(params) and params.get("backend") == "triton" and params.get("device") == "cpu"
+    return bool(params) and params.get("device") == "cpu" and (
+        params.get("backend") == "triton" or params.get("cpu_isa") == "scalar")
 
 
 def pytest_collection_modifyitems(config, items):
     keep, dropped = [], []
     for item in items:
-        (dropped if item.get_closest_marker("native_only") and _interpreted(item) else keep).append(item)
+        (dropped if item.get_closest_marker("native_only") and _slow_backend(item) else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
@@ -76,7 +105,8 @@ def pytest_terminal_summary(terminalreporter, config):
     n = getattr(config, "_native_only_dropped", 0)
     if n:
         terminalreporter.write_line(f"{n} large cases ran on the native backends only, not in Triton's interpreter "
-                                    "(native_only in tests/conftest.py; smaller cases of the same kind stand in)")
+                                    "or the scalar CPU level (native_only in tests/conftest.py; smaller cases "
+                                    "of the same kind stand in)")
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -26,14 +27,18 @@ CpuIsa detect() {
 #endif
 }
 
-CpuIsa from_env(CpuIsa host) {
-  const char* want = std::getenv("DSV3_KERNELS_CPU_ISA");
-  if (want == nullptr || *want == '\0') return host;
+// `name` capped at the host's level; `what` names the setting in the error for an unknown name.
+CpuIsa capped(const char* name, const char* what) {
+  const CpuIsa host = host_cpu_isa();
   for (int level = 0; level < 4; ++level) {
-    if (std::strcmp(want, kNames[level]) == 0) return static_cast<int>(host) < level ? host : static_cast<CpuIsa>(level);
+    if (std::strcmp(name, kNames[level]) == 0) return static_cast<int>(host) < level ? host : static_cast<CpuIsa>(level);
   }
-  TORCH_CHECK_VALUE(false, "DSV3_KERNELS_CPU_ISA=", want, " is not one of scalar, avx2, avx512, avx512_bf16");
+  TORCH_CHECK_VALUE(false, what, name, " is not one of scalar, avx2, avx512, avx512_bf16");
 }
+
+// -1 until the first use reads DSV3_KERNELS_CPU_ISA. Atomic: set_cpu_isa may change it between
+// calls; every kernel reads it when it is called, never caches it.
+std::atomic<int> g_level{-1};
 
 }  // namespace
 
@@ -43,8 +48,19 @@ CpuIsa host_cpu_isa() {
 }
 
 CpuIsa cpu_isa() {
-  // A bad value throws every time (the static stays uninitialized), so every op call names it.
-  static const CpuIsa level = from_env(host_cpu_isa());
+  int level = g_level.load(std::memory_order_relaxed);
+  if (level < 0) {
+    // A bad value throws every time (nothing is stored), so every op call names it.
+    const char* want = std::getenv("DSV3_KERNELS_CPU_ISA");
+    level = static_cast<int>(want == nullptr || *want == '\0' ? host_cpu_isa() : capped(want, "DSV3_KERNELS_CPU_ISA="));
+    g_level.store(level, std::memory_order_relaxed);
+  }
+  return static_cast<CpuIsa>(level);
+}
+
+CpuIsa set_cpu_isa(const char* name) {
+  const CpuIsa level = capped(name, "cpu_isa ");
+  g_level.store(static_cast<int>(level), std::memory_order_relaxed);
   return level;
 }
 

@@ -2,7 +2,7 @@
 //
 // The extension is compiled for the x86-64 baseline; the faster inner loops are functions with
 // __attribute__((target(...))) that run only when cpu_isa() is at least their level. The level
-// is the best the host has, capped by DSV3_KERNELS_CPU_ISA (read once per process):
+// is the best the host has, capped by DSV3_KERNELS_CPU_ISA (read at the first use; set_cpu_isa changes it):
 //   scalar       the portable loops (what the compiler makes of plain C++ for the baseline)
 //   avx2         AVX2 + FMA + F16C (AMD Zen 2/3, Intel Haswell and later, client CPUs since Alder Lake)
 //   avx512       AVX-512 F/BW/VL/DQ on top of avx2
@@ -16,6 +16,10 @@ enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 }
 
 // The level in use (raises an error naming DSV3_KERNELS_CPU_ISA if its value is not a level).
 CpuIsa cpu_isa();
+
+// Use `name`'s level from now on (capped at the host's; tests and benchmarks run every level in
+// one process this way); returns the level set. Raises for a name that is not a level.
+CpuIsa set_cpu_isa(const char* name);
 
 // The best level the host supports, whatever DSV3_KERNELS_CPU_ISA says.
 CpuIsa host_cpu_isa();
