@@ -136,6 +136,13 @@ def moe_permute_cost(tokens, topk, d, in_bytes=2, out_bytes=2):
     return rows, rows * d * (in_bytes + out_bytes) + 8 * rows
 
 
+def rms_norm_cost(rows, d, elt=2, residual=False):
+    """x (and residual) read, out (and residual_out) written once, the weight read once; FLOPs: the
+    square-add and the two products per element (and the residual add)."""
+    streams = 4 if residual else 2
+    return rows * d * (4 if residual else 3), (rows * streams + 1) * d * elt
+
+
 def model_step_cost(args, batch, new_tokens, context, weight_elt=2, cache_elt=2):
     """One forward step of a dsv3 Transformer over `batch` requests of `new_tokens` new tokens each,
     `context` tokens cached before them (args: dsv3.config.ModelArgs). Bytes: every weight a step

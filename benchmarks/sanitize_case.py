@@ -67,3 +67,18 @@ for backend in dk.available_backends("fused_moe", "cuda"):
     dk.fused_moe(hidden, q13, q2, weights, ids, s13, s2, backend=backend)
     torch.cuda.synchronize()
     print(f"moe experts {backend}: ok")
+
+# rms_norm: a block per row (D = 7168) and a warp per row (D = 257: scalar loads, D = 512: vectors),
+# with and without the residual, and an unaligned view (the scalar path).
+for backend in dk.available_backends("rms_norm", "cuda"):
+    if backend == "torch":
+        continue
+    for d in (7168, 257, 512):
+        x = torch.randn(5, d, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d, device="cuda", dtype=torch.bfloat16)
+        dk.rms_norm(x, w, backend=backend)
+        dk.rms_norm(x, w, 1e-6, torch.randn_like(x), backend=backend)
+    flat = torch.randn(2 * 512 + 1, device="cuda")
+    dk.rms_norm(flat[1:].view(2, 512), flat[:512], backend=backend)
+    torch.cuda.synchronize()
+    print(f"rms_norm {backend}: ok")

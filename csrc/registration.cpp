@@ -117,4 +117,11 @@ TORCH_LIBRARY(dsv3_kernels, m) {
   // P = T * S; rows past rank_offsets[W] are zero with ids -1 and weights 0.
   m.def("ep_dispatch(Tensor hidden, Tensor topk_ids, Tensor topk_weights, int num_experts, int world_size, "
         "bool quant) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- Normalization ----
+  // x [..., D] fp32/bf16/fp16, weight [D] and residual (None or x's shape) of x's dtype
+  //   -> (out of x's shape and dtype, residual_out: h of x's shape, or [0] without a residual):
+  // h = x (+ residual, rounded), out = weight * RMSNorm(h) as Hugging Face's DeepseekV3RMSNorm
+  // (dsv3_kernels/reference/norm.py: fp32 math, rounding points); fresh outputs, no aliasing.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
 }

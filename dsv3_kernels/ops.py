@@ -12,6 +12,7 @@ from . import dispatch
 from .reference import fp8 as _ref_fp8
 from .reference import mla as _ref_mla
 from .reference import moe as _ref_moe
+from .reference import norm as _ref_norm
 
 FP8_DTYPE = torch.float8_e4m3fn
 GEMM_BLOCK = 128  # the fp8_gemm scale format: 1x128 activation blocks, 128x128 weight blocks
@@ -32,6 +33,7 @@ dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton
 dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm")
 dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep")
 dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
+dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
 
 available_backends = dispatch.available_backends
 
@@ -669,3 +671,47 @@ def ep_combine(returned: torch.Tensor, inverse: torch.Tensor, *, backend=None):
     _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
     ones = torch.ones(inverse.shape, dtype=torch.float32, device=inverse.device)
     return moe_unpermute(returned, ones, inverse, backend=backend)
+
+
+# ---- normalization ----
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=None, *, backend=None):
+    """RMSNorm as Hugging Face's DeepseekV3RMSNorm, optionally fused with the residual add before it.
+
+    x: [..., D] float32/bfloat16/float16 (D >= 1; any leading dims, 0 rows included); weight: [D]
+    of x's dtype; residual: None or a tensor of x's shape and dtype; eps: a number >= 0.
+    Returns (out, residual_out), both new tensors (nothing aliases an input):
+    - h = x, or x + residual rounded to x's dtype;
+    - out [..., D] of x's dtype = weight * normed, the product in fp32 rounded to x's dtype, where
+      normed = h_fp32 * rsqrt(mean(h_fp32^2) + eps) rounded to x's dtype: what
+      `weight * F.rms_norm(h.float(), (D,), eps=eps).to(x.dtype)` (dsv3.layers.RMSNorm) gives;
+    - residual_out: h (the residual stream the next layer adds to) with a residual, else an empty
+      [0] tensor of x's dtype.
+    A decoder layer's pre-norm: `normed, residual = rms_norm(hidden, w, eps, residual)`.
+    Non-finite values follow the reference exactly (IEEE arithmetic): a NaN in a row of h makes that
+    row of out all NaN; an inf in a row (and no NaN) makes its mean square inf and its rsqrt 0, so
+    out is NaN where h is +-inf and 0 elsewhere in that row (likewise 0 for finite values whose
+    squares overflow fp32, |h| > ~1.8e19); NaN/inf in weight affect only their column.
+    Accuracy against the reference: residual_out is exact; the sum of squares is added in another
+    order than torch's, so float32 out is within a few ulps and a bfloat16/float16 element lying
+    close to a rounding boundary may differ by an ulp (two roundings: up to 2 ulps of out).
+    """
+    _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
+    d = x.shape[-1]
+    if d < 1:
+        raise ValueError(f"x must have a last dim D >= 1, got shape {tuple(x.shape)}")
+    _check_tensor("weight", weight, (x.dtype,), ndim=1)
+    if weight.shape[0] != d:
+        raise ValueError(f"weight must be [D] = [{d}] (x.shape[-1]), got {tuple(weight.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual, (x.dtype,))
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        _check_same_device(x=x, weight=weight, residual=residual)
+    else:
+        _check_same_device(x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return _run("rms_norm", x.device, backend, x, weight, float(eps), residual)

@@ -7,7 +7,8 @@ kernels are there, (d) the MLA decode kernels run S = Q K^T and O = P V on wgmma
 64x256) and the MLA combine / cache-write kernels are there, (f) the MoE routing kernel is there
 and keeps its per-lane expert arrays in registers (no local memory), (g) the grouped expert GEMMs
 run on wgmma (QGMMA in the FP8 one, HGMMA in the bf16 one) and the other expert-layer kernels are
-there (ep_dispatch's too). Skipped only when _C was built without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
+there (ep_dispatch's too), (h) the rms_norm kernels are there in every instantiation without local
+memory. Skipped only when _C was built without CUDA kernels. (e) The layout facts the MLA decode kernel relies on are checked with CuTe on the
 host (tests/cuda/mla_layouts_check.cu; needs nvcc and the CUTLASS headers, not a GPU).
 """
 
@@ -324,6 +325,22 @@ def test_moe_expert_kernels_present(sass):
     functions = [fn for (arch, fn) in sass if arch == "sm_90a"]
     missing = [k for k in MOE_EXPERT_KERNELS if not any(k in fn for fn in functions)]
     assert not missing, f"kernels missing from _C.so: {missing}"
+
+
+# ---- normalization ----
+
+# rms_norm.cu: {fp32, bf16, fp16} x {16-byte vectors, scalar} x {a block per row, a warp per row}.
+RMS_NORM_PATTERN = re.compile(r"rms_norm_kernel")
+RMS_NORM_INSTANTIATIONS = 12
+
+
+def test_rms_norm_kernels_present_without_local_memory(sass, resource_usage):
+    functions = _sm90a_matching(sass, RMS_NORM_PATTERN)
+    assert len(functions) == RMS_NORM_INSTANTIATIONS, sorted(functions)
+    usage = _sm90a_matching(resource_usage, RMS_NORM_PATTERN)
+    assert len(usage) == RMS_NORM_INSTANTIATIONS, sorted(usage)
+    for fn, u in usage.items():
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 64, (fn, u)
 
 
 def _nvcc():

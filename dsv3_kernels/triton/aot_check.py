@@ -3,17 +3,17 @@
 `compile_for_sm90()` compiles every kernel in every configuration the ops can launch (each
 fp8_gemm config of fp8.GEMM_CONFIGS, each block size, each dtype; each MLA decode config of
 mla.DECODE_CONFIGS, each cache-write fusion; moe_route for DeepSeek-V3's and a one-group expert
-layout; each grouped_gemm config, bf16 and fp8) and returns their asm dicts ("ttir", "ttgir",
-"llir", "ptx", "cubin") plus the register/spill counts ptxas reports and the shared memory.
-`check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma in every fp8_gemm
-kernel, in-kernel saturating fp8 conversion in the quantize kernels, tensor-core mma.sync in the
-16-bit MLA decode kernels, exact fp32 division, shared memory within sm_90's limit, and no
-register spills.
+layout; each grouped_gemm config, bf16 and fp8; rms_norm at DeepSeek-V3's sizes) and returns their
+asm dicts ("ttir", "ttgir", "llir", "ptx", "cubin") plus the register/spill counts ptxas reports
+and the shared memory. `check_sm90()` asserts the properties the team relies on: fp8 (e4m3) wgmma
+in every fp8_gemm kernel, in-kernel saturating fp8 conversion in the quantize kernels, tensor-core
+mma.sync in the 16-bit MLA decode kernels, exact fp32 division (and square root in rms_norm),
+shared memory within sm_90's limit, and no register spills.
 
 Written against triton 3.8's `triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(...))`. Other versions may differ; anything unexpected raises
 AotCompileError rather than passing silently. Must run without TRITON_INTERPRET=1 (the
-interpreter's kernels are plain Python and cannot be compiled). All 239 variants take a few
+interpreter's kernels are plain Python and cannot be compiled). All 263 variants take a few
 minutes on a cold Triton cache (seconds when cached); `only=` selects a subset."""
 
 import itertools
@@ -24,7 +24,7 @@ import tempfile
 import torch
 import triton
 
-from . import ep, fp8, grouped_gemm, mla, moe
+from . import ep, fp8, grouped_gemm, mla, moe, norm
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
@@ -139,6 +139,7 @@ def _kernel_variants():
                warps, stages, aligned)
     yield from _mla_variants()
     yield from _moe_variants()
+    yield from _norm_variants()
 
 
 def _mla_variants():
@@ -218,6 +219,23 @@ def _moe_variants():
                {"ROWS": ep.ROWS, "BLOCK_K": block_k}, ep.WARPS, 1, ())
 
 
+def _norm_variants():
+    """rms_norm: each dtype with and without the residual, at the chunk sizes of DeepSeek-V3's norms
+    (D = 7168 in two chunks of 4096, the latent 1536 and 512) with D % 16 == 0 as they have, and
+    D = 1, which the JIT makes a compile-time constant."""
+    for dtype, residual in itertools.product((torch.float32, torch.bfloat16, torch.float16), (False, True)):
+        ty = _TRITON_TYPE[dtype]
+        ptrs = {name: f"*{ty}" for name in ("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr")}
+        for d in (7168, 1536, 512):
+            block, warps = norm.block_and_warps(d)
+            yield (f"rms_norm {ty} D={d} residual={residual}", norm._rms_norm_kernel,
+                   {**ptrs, "D": "i32", "eps": "fp32"}, {"RESIDUAL": residual, "BLOCK": block, "INTERPRET": False},
+                   warps, 1, ("D",))
+        block, warps = norm.block_and_warps(1)
+        yield (f"rms_norm {ty} D=1 residual={residual}", norm._rms_norm_kernel, {**ptrs, "eps": "fp32"},
+               {"D": 1, "RESIDUAL": residual, "BLOCK": block, "INTERPRET": False}, warps, 1, ())
+
+
 def _label(multiples_of_16):
     return "%16:" + (",".join(multiples_of_16) or "-")
 
@@ -260,4 +278,6 @@ def check_sm90(results=None):
                                   f"{SM90_MAX_SHARED} B per block")
         if "div.full.f32" in ptx or "div.approx" in ptx:
             raise AotCompileError(f"{label}: approximate fp32 division in the PTX")
+        if label.startswith("rms_norm") and "sqrt.approx" in ptx:
+            raise AotCompileError(f"{label}: approximate square root in the PTX")
     return results
