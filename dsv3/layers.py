@@ -29,15 +29,18 @@ class Module(nn.Module):
 
 
 class RMSNorm(Module):
-    """Hugging Face's DeepseekV3RMSNorm: normalized in fp32, rounded to x's dtype, times weight."""
+    """Hugging Face's DeepseekV3RMSNorm (normalized in fp32, rounded to x's dtype, times weight), by
+    dsv3_kernels.rms_norm. With `residual`, fused with the residual add before it: returns
+    (norm(x + residual), x + residual)."""
 
     def __init__(self, dim, eps=1e-6, dtype=torch.float32, device=None):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim, dtype=dtype, device=device)
 
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x, residual=None):
+        out, summed = dk.rms_norm(x.contiguous(), self.weight, self.eps, residual, backend=self.backend)
+        return out if residual is None else (out, summed)
 
 
 class Linear(Module):

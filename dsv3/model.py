@@ -36,11 +36,20 @@ class DecoderLayer(Module):
         self.mlp = (MoE(args, dtype, fp8, device, layer_id) if args.is_moe_layer(layer_id)
                     else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
 
-    def forward(self, x, batch, kv_cache, rope):
-        """x [N, hidden] -> [N, hidden] (with batch.query_rows: those rows only)."""
-        attn = parallel.all_reduce(self.self_attn(self.input_layernorm(x), batch, kv_cache, rope))
-        x = (x if batch.query_rows is None else x[batch.query_rows]) + attn
-        return x + parallel.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, residual, batch, kv_cache, rope):
+        """The residual stream is x + residual (residual None: x alone), [N, hidden] -> the layer's
+        (mlp output, residual stream before it): their sum is the layer's output, which the next
+        norm adds as it normalizes (dsv3_kernels.rms_norm's fused add). With batch.query_rows, the
+        outputs cover those rows only."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        attn = parallel.all_reduce(self.self_attn(h, batch, kv_cache, rope))
+        if batch.query_rows is not None:
+            residual = residual[batch.query_rows]
+        h, residual = self.post_attention_layernorm(attn, residual)
+        return parallel.all_reduce(self.mlp(h)), residual
 
 
 class SharedHead(Module):
@@ -123,16 +132,16 @@ class Transformer(Module):
         """input_ids int64 [N] -> logits float32 [len(batch.logits_index) or N, vocab_size]; with
         hidden, also the final normalized hidden states of all N tokens [N, hidden_size] (the
         activations' dtype: what mtp_forward takes)."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rope(batch.positions)  # once per step: every layer rotates the same positions
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, batch, cache.kv[i], rope)
+            x, residual = layer(x, residual, batch, cache.kv[i], rope)
         if hidden:
-            h = self.model.norm(x)
+            h = self.model.norm(x, residual)[0]
             return self.lm_head(h if batch.logits_index is None else h[batch.logits_index]).float(), h
         if batch.logits_index is not None:
-            x = x[batch.logits_index]
-        return self.lm_head(self.model.norm(x)).float()
+            x, residual = x[batch.logits_index], residual[batch.logits_index]
+        return self.lm_head(self.model.norm(x, residual)[0]).float()
 
     @torch.inference_mode()
     def idle(self):
@@ -156,7 +165,8 @@ class Transformer(Module):
         layer = self.mtp[k]
         e = layer.enorm(self.model.embed_tokens(next_ids))
         x = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))
-        x = layer(x, batch, cache.kv[len(self.model.layers) + k], self.rope(batch.positions))
+        x, residual = layer(x, None, batch, cache.kv[len(self.model.layers) + k], self.rope(batch.positions))
+        x = x + residual
         out = x if batch.logits_index is None else x[batch.logits_index]
         return layer.shared_head(out).float(), x
 
