@@ -88,8 +88,9 @@ class MLA(Module):
         q_pe = apply_rope(q_pe, cos, sin) if rows is None else apply_rope(q_pe, cos[rows], sin[rows])
         n = q_nope.shape[0]
         fp8 = kv_cache.dtype == torch.uint8
-        store = self.dtype if fp8 else kv_cache.dtype  # what the write takes (FP8: it quantizes)
-        dk.mla_cache_write(c_kv.to(store), k_pe.to(store), kv_cache, batch.slot_mapping,
+        if not fp8 and kv_cache.dtype != self.dtype:  # the write takes the cache's dtype (FP8: it quantizes)
+            c_kv, k_pe = c_kv.to(kv_cache.dtype), k_pe.to(kv_cache.dtype)
+        dk.mla_cache_write(c_kv, k_pe, kv_cache, batch.slot_mapping,
                            self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, backend=self.backend)
         if batch.prefill and fp8:
             latent = dequantize_tokens(kv_cache.view(-1, FP8_TOKEN_BYTES)[batch.slot_mapping]).to(self.dtype)
@@ -115,17 +116,16 @@ class MLA(Module):
         return torch.cat(out, dim=1).transpose(0, 1)  # [N, H, v]
 
     def _decode(self, q_nope, q_pe, kv_cache, batch):
+        # q_nope, q_pe and the absorbed weights are all in the activations' dtype (self.dtype)
         w_uk_t, w_uv = self.absorbed_weights()
         b = batch.cache_seqlens.shape[0]
-        q_lat = self._per_head(q_nope.to(w_uk_t.dtype), w_uk_t)
-        # q in the cache's dtype; with the FP8 cache (uint8), in the activations'
-        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(self.dtype if kv_cache.dtype == torch.uint8
-                                                                 else kv_cache.dtype)
+        q = torch.cat([self._per_head(q_nope, w_uk_t), q_pe], dim=-1)
+        if kv_cache.dtype not in (torch.uint8, q.dtype):  # q in the cache's dtype (FP8 cache: the activations')
+            q = q.to(kv_cache.dtype)
         q = q.view(b, -1, self.num_heads, KV_LORA_RANK + ROPE_DIM)
         out, _ = dk.mla_decode(q, kv_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
                                causal=True, backend=self.backend)
-        out = out.reshape(-1, self.num_heads, KV_LORA_RANK).to(w_uv.dtype)
-        return self._per_head(out, w_uv).to(q_nope.dtype)
+        return self._per_head(out.reshape(-1, self.num_heads, KV_LORA_RANK).to(self.dtype), w_uv)
 
     def _per_head(self, x, w):
         """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU: the C++ grouped

@@ -111,14 +111,18 @@ def prefill_batch(requests, cache: LatentCache, device=None, all_logits=False) -
 
 def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
     """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones."""
-    b = len(requests)
+    # This runs on the host every decode step: the few numbers per request are computed in Python
+    # and become tensors in one call each (whole-batch tensor ops cost more below a few hundred
+    # requests: each op is microseconds, each request a handful of integer operations).
+    b, bs = len(requests), cache.block_size
     width = max(len(blocks) for _, blocks in requests)
-    # built with a few whole-batch tensor ops: this runs on the host every decode step
-    table = torch.tensor([blocks + [0] * (width - len(blocks)) for _, blocks in requests], dtype=torch.int32)
-    cached = torch.tensor([n for n, _ in requests], dtype=torch.int64)
-    pos = (cached[:, None] + torch.arange(s_q)).flatten()
-    slots = table[torch.arange(b).repeat_interleave(s_q), pos // cache.block_size].long() * cache.block_size \
-        + pos % cache.block_size
-    lens = (cached + s_q).to(torch.int32)
-    return Batch(pos.to(device), slots.to(device), False, block_table=table.to(device),
-                 cache_seqlens=lens.to(device), logits_index=(torch.arange(b) * s_q + s_q - 1).to(device))
+    pos = [n + j for n, _ in requests for j in range(s_q)]
+    slots = [blocks[p // bs] * bs + p % bs for (n, blocks) in requests for p in range(n, n + s_q)]
+    table = [blocks + [0] * (width - len(blocks)) for _, blocks in requests]
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return Batch(tensor(pos, torch.int64), tensor(slots, torch.int64), False,
+                 block_table=tensor(table, torch.int32), cache_seqlens=tensor([n + s_q for n, _ in requests], torch.int32),
+                 logits_index=tensor([i * s_q + s_q - 1 for i in range(b)], torch.int64))

@@ -120,11 +120,23 @@ def resolve(op: str, device: torch.device, backend=None) -> str:
 # torch.compile evaluates the choice once, while tracing, and bakes the result into the graph.
 @torch.compiler.assume_constant_result
 def _resolve(op: str, device_type: str, device_index, backend) -> str:
-    env = os.environ.get(ENV_VAR, "")
+    env = _getenv(ENV_VAR)
     # TRITON_INTERPRET matters only where triton is asked for (auto never picks it for CPU tensors)
     named = backend if backend is not None else env.strip().lower()
-    interpret = os.environ.get("TRITON_INTERPRET", "0") if named == "triton" else None
+    interpret = _getenv("TRITON_INTERPRET", "0") if named == "triton" else None
     return _decide(op, device_type, device_index, backend, env, interpret)
+
+
+# os.environ.get encodes the key and decodes the value (~1 us, paid by every op call); CPython keeps
+# the raw environment in os.environ._data (bytes on POSIX), which every os.environ change updates.
+_RAW_ENV = os.environ._data if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict) else None
+
+
+def _getenv(name: str, default: str = "") -> str:
+    if _RAW_ENV is None:
+        return os.environ.get(name, default)
+    value = _RAW_ENV.get(name.encode())
+    return default if value is None else os.fsdecode(value)
 
 
 # Cached: deciding asks the dispatcher which kernels _C registered, which costs more than a
