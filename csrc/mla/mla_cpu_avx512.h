@@ -1,20 +1,21 @@
-// Inner loops of the CPU mla_decode (torch-free; the glue, the split-KV combine and the
-// portable fallback are in mla_cpu.cpp).
+// The avx512 and avx512_bf16 levels' mla_decode loop (torch-free; the glue, the split-KV combine
+// and the portable loop are in mla_cpu.cpp, the avx2 loop in mla_cpu_avx2.h).
 //
 // One call attends one group of up to kGroupRows query rows of a request (all s_q * H rows of a
-// request share the single latent key head) to a contiguous range of its keys. The rows live in
-// the 16 lanes of a vector, so the query is held transposed (qt[d][row], fp32): a key is streamed
-// once per group, its scores for all rows come out of 576 FMAs with the key's values broadcast,
-// and the online softmax runs lane-wise with no horizontal reduction. Keys go in tiles of kTile,
-// converted to fp32 once, then O[row][512] += p[row][key] * V[key] in 4-row x 64-column
-// register blocks. With avx512_bf16, bf16 takes vdpbf16ps straight from the cache (half the
-// instructions, products exact, sums fp32): the scores over adjacent dim pairs, O over adjacent
-// key pairs with p rounded to bf16 (FlashMLA does the same; well inside the bf16 tolerance).
-// (bf16, B = 8, H = 16, 4096 keys, 1 thread: 14.3 ms with O by fp32 FMAs, 10.2 ms so.)
-//
-// The FP8 cache (mla_fp8_layout.h) goes
-// through the same loops: each tile's rows are dequantized once, exactly (e4m3 * a power-of-two
-// scale fits bf16), into bf16 rows for the vdpbf16ps path or fp32 rows for the others.
+// request share the single latent key head) to a contiguous range of its keys, streaming each key
+// once for the group. Keys go in tiles of kTile, converted to fp32 once (the FP8 cache dequantized
+// exactly: e4m3 * a power-of-two scale fits bf16, into bf16 rows for the vdpbf16ps path, fp32 for
+// the others). Scores: the dims in the lanes, 4 rows x 4 keys per pass and one transposing sum of
+// the 16 accumulators, so the work is proportional to the rows (the shipped model has 4 heads; this
+// layout replaced one with the 16 rows in the lanes: the same speed at 16 rows, 1.2-1.6x faster at
+// 4 and 8). The online softmax runs lane-wise (rows in the lanes), then O[row][512] +=
+// p[row][key] * V[key] in 4-row x 64-column register blocks. With avx512_bf16, bf16 takes
+// vdpbf16ps straight from the cache (products exact, sums fp32): the scores over dim pairs, O over
+// adjacent key pairs with p rounded to bf16 (FlashMLA does the same; well inside the bf16
+// tolerance). Whether that beats fp32 FMAs depends on the core: the AMD EPYC of the README
+// measured 14.3 ms with O by fp32 FMAs, 10.2 ms so (bf16, B = 8, H = 16, 4096 keys, 1 thread); on
+// a Sapphire Rapids core a zmm vdpbf16ps issues at a quarter of the zmm FMA rate, and the fp32
+// kernel (DSV3_KERNELS_CPU_ISA=avx512) is the faster one there.
 //
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after cpu_isa_at_least(CpuIsa::kAvx512) said yes.
@@ -29,72 +30,10 @@
 #include <immintrin.h>
 #endif
 
-#include "common/cpu_isa.h"
-#include "common/float_type.h"
-#include "mla/mla_fp8_layout.h"
+#include "mla/mla_cpu_avx2.h"
+#include "mla/mla_cpu_common.h"
 
 namespace dsv3::mla::cpu {
-
-constexpr int kGroupRows = 16;  // query rows per work item: one vector of lanes
-constexpr int kTile = 8;        // keys per online-softmax step
-constexpr int kDim = 576;       // c_kv 512 | k_pe 64
-constexpr int kValueDim = 512;
-constexpr int kDotBlock = 32;  // dims per partial sum of a score
-
-// Where key j of a request lives: block_row[j >> log2_block] is its block in cache.
-struct KeyRange {
-  const void* cache;          // [num_blocks, block_size, 576] of the dtype
-  const int32_t* block_row;   // the request's block_table row (already checked)
-  int log2_block;
-  int64_t begin, end;         // [begin, end) of the request's keys
-};
-
-// The group's queries and visibility. Lanes past `rows` have q = 0 and last = -1.
-struct RowGroup {
-  // [576][kGroupRows] fp32, or for the avx512_bf16 kernel [288][kGroupRows][2] bf16 (dim pairs)
-  const void* q;
-  const int32_t* last;   // [kGroupRows]: the last key each row sees (-1: none)
-  int rows;
-  float scale;
-};
-
-// Bytes of one cached token: 576 values of D, or the FP8 cache's 656.
-template <FloatType D, bool Fp8>
-constexpr int64_t row_bytes() {
-  return Fp8 ? kFp8TokenBytes : kDim * (D == FloatType::kFloat32 ? 4 : 2);
-}
-
-template <FloatType D, bool Fp8 = false>
-inline const void* key_ptr(const KeyRange& k, int64_t j) {
-  const int64_t bs_mask = (int64_t{1} << k.log2_block) - 1;
-  const int64_t slot = static_cast<int64_t>(k.block_row[j >> k.log2_block]) * (bs_mask + 1) + (j & bs_mask);
-  return static_cast<const char*>(k.cache) + slot * row_bytes<D, Fp8>();
-}
-
-// An e4m3 byte's bits moved into an fp32 (sign; exponent and mantissa shifted down 20 bits): the
-// fp32 is e4m3 * 2^-120 exactly, subnormals included (they become fp32 denormals).
-inline uint32_t e4m3_as_f32_bits(uint8_t b) {
-  return (static_cast<uint32_t>(b & 0x80) << 24) | (static_cast<uint32_t>(b & 0x7F) << 20);
-}
-constexpr float kTwoPow120 = 1.329227995784916e36f;
-
-// One FP8-cache token -> 576 fp32 values (c_kv = e4m3 * scale | k_pe), the portable way.
-inline void dequant_fp8_row(const uint8_t* src, float* dst) {
-  float scale[kFp8Scales];
-  std::memcpy(scale, src + kFp8ScaleOffset, sizeof(scale));
-  for (int c = 0; c < kValueDim; ++c) {
-    const uint32_t bits = e4m3_as_f32_bits(src[c]);
-    float f;
-    std::memcpy(&f, &bits, 4);
-    dst[c] = f * kTwoPow120 * scale[c / kFp8Tile];
-  }
-  for (int c = 0; c < kDim - kValueDim; ++c) {
-    uint16_t h;
-    std::memcpy(&h, src + kFp8RopeOffset + 2 * c, 2);
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    std::memcpy(dst + kValueDim + c, &bits, 4);
-  }
-}
 
 #if defined(__x86_64__)
 
@@ -107,10 +46,10 @@ inline void dequant_fp8_row(const uint8_t* src, float* dst) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // exp(x) for x <= 0 (the softmax only takes differences to the running max), ~1 ulp (Cephes'
-// polynomial on [-ln2/2, ln2/2], 2^n applied by scalef). Below -110 the result is exactly 0, so
-// a masked key (-inf) weighs nothing.
+// polynomial on [-ln2/2, ln2/2], 2^n applied by scalef); exactly 0 below kExpCutoff.
 DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-110.0f));
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpCutoff), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpCutoff));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -122,26 +61,37 @@ DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));
 }
 
-// 16 e4m3 bytes -> e4m3 * scale in fp32, exactly (see e4m3_as_f32_bits; two multiplies, so that
-// no factor overflows for any scale).
-DSV3_MLA_AVX512 inline __m512 dequant16_fp8(const uint8_t* src, __m512 scale) {
-  const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  const __m512 f = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(x, 20), _mm512_set1_epi32(0x87F00000)));
-  return _mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(kTwoPow120)), scale);
+// 16 e4m3 bytes -> e4m3 * scale in fp32, exactly, by way of fp16 (fp8_to_f16_bits), times
+// `factor` = 2^8 * scale (see fp8_tile_factor).
+DSV3_MLA_AVX512 inline __m512 dequant16_fp8(const uint8_t* src, __m512 factor) {
+  const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(x)), factor);
 }
 
 // One FP8-cache token -> 576 bf16 values (exact: e4m3 has 4 significant bits).
 DSV3_MLA_AVX512BF16 inline void dequant_fp8_row_bf16(const uint8_t* src, uint16_t* dst) {
-  for (int t = 0; t < kValueDim / kFp8Tile; ++t) {
+  for (int t = 0; t < kFp8Scales; ++t) {
     float scale;
     std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
-    const __m512 vs = _mm512_set1_ps(scale);
-    for (int c = t * kFp8Tile; c < (t + 1) * kFp8Tile; c += 32) {
-      const __m512bh b = _mm512_cvtne2ps_pbh(dequant16_fp8(src + c + 16, vs), dequant16_fp8(src + c, vs));
-      _mm512_storeu_si512(dst + c, (__m512i)b);
+    const uint8_t* tile = src + t * kFp8Tile;
+    uint16_t* out = dst + t * kFp8Tile;
+    if (!fp8_factor_fits(scale)) {
+      alignas(64) float f[kFp8Tile];
+      dequant_fp8_tile(tile, scale, f);
+      for (int c = 0; c < kFp8Tile; ++c) {  // exact in bf16: the top half of the bits
+        uint32_t bits;
+        std::memcpy(&bits, f + c, 4);
+        out[c] = static_cast<uint16_t>(bits >> 16);
+      }
+      continue;
+    }
+    const __m512 factor = _mm512_set1_ps(256.0f * scale);
+    for (int c = 0; c < kFp8Tile; c += 32) {
+      const __m512bh b = _mm512_cvtne2ps_pbh(dequant16_fp8(tile + c + 16, factor), dequant16_fp8(tile + c, factor));
+      _mm512_storeu_si512(out + c, (__m512i)b);
     }
   }
   std::memcpy(dst + kValueDim, src + kFp8RopeOffset, 2 * (kDim - kValueDim));
@@ -160,11 +110,17 @@ DSV3_MLA_AVX512 inline __m512 load16(const void* base, int64_t i) {
 
 // One FP8-cache token -> 576 fp32 values.
 DSV3_MLA_AVX512 inline void dequant_fp8_row_f32(const uint8_t* src, float* dst) {
-  for (int t = 0; t < kValueDim / kFp8Tile; ++t) {
+  for (int t = 0; t < kFp8Scales; ++t) {
     float scale;
     std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
-    const __m512 vs = _mm512_set1_ps(scale);
-    for (int c = t * kFp8Tile; c < (t + 1) * kFp8Tile; c += 16) _mm512_storeu_ps(dst + c, dequant16_fp8(src + c, vs));
+    const uint8_t* tile = src + t * kFp8Tile;
+    float* out = dst + t * kFp8Tile;
+    if (!fp8_factor_fits(scale)) {
+      dequant_fp8_tile(tile, scale, out);
+      continue;
+    }
+    const __m512 factor = _mm512_set1_ps(256.0f * scale);
+    for (int c = 0; c < kFp8Tile; c += 16) _mm512_storeu_ps(out + c, dequant16_fp8(tile + c, factor));
   }
   for (int c = 0; c < kDim - kValueDim; c += 16)
     _mm512_storeu_ps(dst + kValueDim + c, load16<FloatType::kBFloat16>(src + kFp8RopeOffset, c));
@@ -192,40 +148,99 @@ DSV3_MLA_AVX512 inline void accumulate_rows(float* o, const float* p, const floa
   }
 }
 
-// The queries of a group, laid out for the kernels: `rows` rows of q (stride 576) -> dst.
-template <typename T>
-inline void transpose_f32(const T* q, int rows, float* dst) {
-  std::fill(dst, dst + kDim * kGroupRows, 0.0f);
-  for (int r = 0; r < rows; ++r)
-    for (int d = 0; d < kDim; ++d) dst[d * kGroupRows + r] = static_cast<float>(q[r * kDim + d]);
-}
-
-inline void transpose_bf16_pairs(const uint16_t* q, int rows, uint16_t* dst) {
-  std::fill(dst, dst + kDim * kGroupRows, uint16_t{0});
-  for (int r = 0; r < rows; ++r)
-    for (int d = 0; d < kDim; ++d) dst[(d / 2 * kGroupRows + r) * 2 + d % 2] = q[r * kDim + d];
-}
-
-// scores[t][row] = q[row] . key t (unscaled) for kTile bf16 keys, q in dim pairs. Summed in blocks
-// of kDotBlock, as in attend_avx512: one chain of 576 products loses ~sqrt(576) roundings of the
-// full sum, more than the fp32 lse tolerance of 1e-5 allows.
-DSV3_MLA_AVX512BF16 inline void scores_bf16_pairs(const uint16_t* q, const void* const* raw, float* scores) {
-  __m512 s[kTile];
-  for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
-  for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
-    __m512 blk[kTile];
-    for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
-    for (int d = d0; d < d0 + kDotBlock; d += 2) {
-      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d * kGroupRows);
-      for (int t = 0; t < kTile; ++t) {
-        int32_t pair;
-        std::memcpy(&pair, static_cast<const uint16_t*>(raw[t]) + d, 4);
-        blk[t] = _mm512_dpbf16_ps(blk[t], qv, (__m512bh)_mm512_set1_epi32(pair));
-      }
-    }
-    for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
+// Lane i of the result: the sum of acc[i]'s lanes. A transposing tree (15 adds, 30 shuffles;
+// 16 separate reductions take 64 + 16). Its lanes come out in the order g = {0, 2, 1, 3, 8, 10,
+// 9, 11, 4, 6, 5, 7, 12, 14, 13, 15}, an involution: fed acc[g(i)], lane i is acc[i]'s sum.
+DSV3_MLA_AVX512 inline __m512 sum_lanes16(const __m512* acc) {
+  static constexpr int g[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) {  // 128-bit quarters 0-1: acc[g(i)]'s 8 partial sums, 2-3: acc[g(i + 8)]'s
+    const __m512 a = acc[g[i]], b = acc[g[i + 8]];
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   }
-  for (int t = 0; t < kTile; ++t) _mm512_store_ps(scores + t * kGroupRows, s[t]);
+  for (int i = 0; i < 4; ++i)  // quarter: 4 partial sums of one vector
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lanes of a quarter: 2 + 2 partial sums of two vectors
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[i], y[i + 2], 0x44), _mm512_shuffle_ps(y[i], y[i + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+// scores[t][r] += sums of acc[r * T + t], r < R, t < T.
+template <int R, int T>
+DSV3_MLA_AVX512 inline void store_sums(const __m512* acc, float* scores) {
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, sum_lanes16(acc));
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) scores[t * kGroupRows + r] = sums[r * T + t];
+}
+
+// scores[t][r] = q[r] . key t (unscaled) for R rows of q (row-major) and T keys, the dims in the
+// lanes: the work is proportional to the rows, where the rows-in-lanes loops above pay for 16.
+// Each lane sums 576 / 16 products (18 pairs with vdpbf16ps), then sum_lanes16 sums the lanes.
+template <int R, int T>
+DSV3_MLA_AVX512 inline void dot_rows_f32(const float* q, const float* const* key, float* scores) {
+  static_assert(R * T <= 16);
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int d = 0; d < kDim; d += 16) {
+    __m512 kv[T];
+    for (int t = 0; t < T; ++t) {
+      kv[t] = _mm512_loadu_ps(key[t] + d);
+      if constexpr (R > 1) keep_in_register(kv[t]);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 qv = _mm512_loadu_ps(q + r * kDim + d);
+      keep_in_register(qv);
+      for (int t = 0; t < T; ++t) acc[r * T + t] = _mm512_fmadd_ps(qv, kv[t], acc[r * T + t]);
+    }
+  }
+  store_sums<R, T>(acc, scores);
+}
+
+template <int R, int T>
+DSV3_MLA_AVX512BF16 inline void dot_rows_bf16(const uint16_t* q, const void* const* key, float* scores) {
+  static_assert(R * T <= 16);
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int d = 0; d < kDim; d += 32) {
+    __m512bh kv[T];
+    for (int t = 0; t < T; ++t) kv[t] = (__m512bh)_mm512_loadu_si512(static_cast<const uint16_t*>(key[t]) + d);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * kDim + d);
+      for (int t = 0; t < T; ++t) acc[r * T + t] = _mm512_dpbf16_ps(acc[r * T + t], qv, kv[t]);
+    }
+  }
+  store_sums<R, T>(acc, scores);
+}
+
+template <bool Pairs, int R, int T>
+DSV3_MLA_AVX512 inline void dot_rows(const void* q, int r0, const void* const* key, float* scores) {
+  if constexpr (Pairs) {
+    dot_rows_bf16<R, T>(static_cast<const uint16_t*>(q) + r0 * kDim, key, scores + r0);
+  } else {
+    dot_rows_f32<R, T>(static_cast<const float*>(q) + r0 * kDim, reinterpret_cast<const float* const*>(key),
+                       scores + r0);
+  }
+}
+
+// scores[t][r] for the group's rows (q row-major: bf16 for Pairs, else fp32) and kTile keys, in
+// blocks of 4 rows x 4 keys or 1-2 rows x 8 keys (16 accumulators at most).
+template <bool Pairs>
+DSV3_MLA_AVX512 inline void scores_by_rows(const void* q, int rows, const void* const* key, float* scores) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    dot_rows<Pairs, 4, 4>(q, r, key, scores);
+    dot_rows<Pairs, 4, 4>(q, r, key + 4, scores + 4 * kGroupRows);
+  }
+  switch (rows - r) {
+    case 3:
+      dot_rows<Pairs, 3, 4>(q, r, key, scores);
+      dot_rows<Pairs, 3, 4>(q, r, key + 4, scores + 4 * kGroupRows);
+      break;
+    case 2: dot_rows<Pairs, 2, 8>(q, r, key, scores); break;
+    case 1: dot_rows<Pairs, 1, 8>(q, r, key, scores); break;
+    default: break;
+  }
 }
 
 // The bf16 tile for accumulate_rows_pairs: key pairs (2i, 2i + 1) interleaved per column,
@@ -314,27 +329,27 @@ DSV3_MLA_AVX512 inline void unpermute_pairs(float* o, int rows) {
   }
 }
 
-// Attends the group to keys [k.begin, k.end): o [kGroupRows][512] gets the unnormalized output,
+// Attends the group to keys [k.begin, k.end): o [g.rows][512] gets the unnormalized output,
 // m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key).
-// tile: 2 * kTile * 576 floats of scratch; zero_key: 576 zero floats, standing in for the keys
-// past the end of the last tile (never read from the cache).
+// g.q: the rows row-major, bf16 for Pairs, else fp32. tile: 2 * kTile * 576 floats of scratch;
+// zero_key: 576 zero floats, standing in for the keys past the end of the last tile (never read
+// from the cache).
 // Fp8 (the cache is the FP8 one, D names the dequantized rows' type): each key is dequantized
 // into the tile's second half (bf16 rows for Pairs) or its first (fp32 rows), then as above.
-// Pairs (bf16, the caller checked avx512_bf16): scores by scores_bf16_pairs (g.q in dim pairs),
-// O by accumulate_pairs, nothing converted to fp32. Otherwise the scores are summed in blocks of
-// kDotBlock (see scores_bf16_pairs).
-template <FloatType D, bool Pairs, bool Fp8 = false>
+// Pairs (bf16, the caller checked avx512_bf16): scores and O by vdpbf16ps, nothing converted to fp32.
+template <FloatType D, bool Pairs, bool Fp8>
 DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l,
                                        float* tile, const float* zero_key) {
   static_assert(!Pairs || D == FloatType::kBFloat16, "dim pairs are bf16");
   uint16_t* fp8_rows = reinterpret_cast<uint16_t*>(tile + kTile * kDim);  // Fp8 && Pairs: [kTile][576] bf16
-  std::fill(o, o + kGroupRows * kValueDim, 0.0f);
+  std::fill(o, o + g.rows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 vscale = _mm512_set1_ps(g.scale);
   const __m512i vlast = _mm512_loadu_si512(g.last);
   __m512 vm = neg_inf, vl = _mm512_setzero_ps();
   alignas(64) float p[kTile * kGroupRows];
   alignas(64) float alpha[kGroupRows];
+  alignas(64) float scores[kTile * kGroupRows] = {};  // lanes past g.rows stay 0 (masked below)
   for (int64_t j0 = k.begin; j0 < k.end; j0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, k.end - j0));
     // The rows of the tile after next, while this one computes: the blocks are scattered, and the
@@ -370,24 +385,10 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
         key[t] = dst;
       }
     }
+    const void* const* keys = Pairs ? raw : reinterpret_cast<const void* const*>(key);
+    scores_by_rows<Pairs>(g.q, g.rows, keys, scores);
     __m512 s[kTile];
-    if constexpr (Pairs) {
-      alignas(64) float scores[kTile * kGroupRows];
-      scores_bf16_pairs(static_cast<const uint16_t*>(g.q), raw, scores);
-      for (int t = 0; t < kTile; ++t) s[t] = _mm512_load_ps(scores + t * kGroupRows);
-    } else {
-      const float* qt = static_cast<const float*>(g.q);
-      for (int t = 0; t < kTile; ++t) s[t] = _mm512_setzero_ps();
-      for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
-        __m512 blk[kTile];
-        for (int t = 0; t < kTile; ++t) blk[t] = _mm512_setzero_ps();
-        for (int d = d0; d < d0 + kDotBlock; ++d) {
-          const __m512 qv = _mm512_loadu_ps(qt + d * kGroupRows);
-          for (int t = 0; t < kTile; ++t) blk[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(key[t][d]), blk[t]);
-        }
-        for (int t = 0; t < kTile; ++t) s[t] = _mm512_add_ps(s[t], blk[t]);
-      }
-    }
+    for (int t = 0; t < kTile; ++t) s[t] = _mm512_load_ps(scores + t * kGroupRows);
     __m512 mx = neg_inf;
     for (int t = 0; t < kTile; ++t) {
       const __mmask16 seen = t < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + t)), vlast)
