@@ -119,29 +119,36 @@ DSV3_TARGET_AVX2 inline void dot_rows_avx2(const float* q, const float* const* k
     for (int t = 0; t < T; ++t) scores[t * kGroupRows + r] = sums[r * T + t];
 }
 
-// scores[t][r] for the group's rows and kTile keys: blocks of 4 rows x 2 keys, the last 1-3 rows
-// with more keys per pass (8 accumulators each).
-DSV3_TARGET_AVX2 inline void scores_avx2(const float* q, int rows, const float* const* key, float* scores) {
+// scores[t][r] for the group's rows and the tile's first n keys (at least): blocks of 4 rows x 2
+// keys, the last 1-3 rows with more keys per pass (8 accumulators each).
+template <typename Prefetch>
+DSV3_TARGET_AVX2 inline void scores_avx2(const float* q, int rows, const float* const* key, int n, float* scores,
+                                         Prefetch& prefetch) {
   int r = 0;
-  for (; r + 4 <= rows; r += 4)
-    for (int t = 0; t < kTile; t += 2) dot_rows_avx2<4, 2>(q + r * kDim, key + t, scores + t * kGroupRows + r);
-  switch (rows - r) {
-    case 3:
-      for (int t = 0; t < kTile; t += 2) dot_rows_avx2<3, 2>(q + r * kDim, key + t, scores + t * kGroupRows + r);
-      break;
-    case 2:
-      for (int t = 0; t < kTile; t += 4) dot_rows_avx2<2, 4>(q + r * kDim, key + t, scores + t * kGroupRows + r);
-      break;
-    case 1: dot_rows_avx2<1, 8>(q + r * kDim, key, scores + r); break;
-    default: break;
+  for (; r + 4 <= rows; r += 4) {
+    for (int t = 0; t < n; t += 2) {
+      prefetch.issue(4);
+      dot_rows_avx2<4, 2>(q + r * kDim, key + t, scores + t * kGroupRows + r);
+    }
+  }
+  const int tail = rows - r;
+  for (int t = 0; tail > 0 && t < n; t += 8 / tail) {  // 2, 4 or 8 keys per pass
+    prefetch.issue(4);
+    switch (tail) {
+      case 3: dot_rows_avx2<3, 2>(q + r * kDim, key + t, scores + t * kGroupRows + r); break;
+      case 2: dot_rows_avx2<2, 4>(q + r * kDim, key + t, scores + t * kGroupRows + r); break;
+      case 1: dot_rows_avx2<1, 8>(q + r * kDim, key + t, scores + t * kGroupRows + r); break;
+      default: break;
+    }
   }
 }
 
 // o[i][0..512) = o[i] * alpha[i] + sum_{t < n} p[t][i] * v[t], for R rows from row 0 of o, p, alpha.
-template <int R>
+template <int R, typename Prefetch>
 DSV3_TARGET_AVX2 inline void accumulate_rows_avx2(float* o, const float* p, const float* alpha,
-                                                  const float* const* v, int n) {
+                                                  const float* const* v, int n, Prefetch& prefetch) {
   for (int c0 = 0; c0 < kValueDim; c0 += 16) {
+    prefetch.issue(4);
     __m256 acc[R][2];
     for (int i = 0; i < R; ++i) {
       const __m256 a = _mm256_set1_ps(alpha[i]);
@@ -178,20 +185,17 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
   }
   alignas(32) float p[kTile * kGroupRows] = {};  // scores, then probabilities; lanes past g.rows stay masked
   alignas(32) float alpha[kGroupRows];
+  TilePrefetch<D, Fp8> prefetch(k);
   for (int64_t j0 = k.begin; j0 < k.end; j0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, k.end - j0));
+    prefetch.queue(j0 + 2 * kTile);
     const float* key[kTile];
     for (int t = 0; t < kTile; ++t) {
-      // Key t of the tile after next, prefetched one key at a time between the conversions: all of
-      // a tile's lines at once fill the miss buffers and stall the core until they drain.
-      if (j0 + 2 * kTile + t < k.end) {
-        const char* row = static_cast<const char*>(key_ptr<D, Fp8>(k, j0 + 2 * kTile + t));
-        for (int64_t b = 0; b < row_bytes<D, Fp8>(); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-      }
       if (t >= n) {
         key[t] = zero_key;
         continue;
       }
+      prefetch.issue(2);
       const void* raw = key_ptr<D, Fp8>(k, j0 + t);
       float* dst = tile + t * kDim;
       if constexpr (Fp8) {
@@ -203,7 +207,7 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
       }
       key[t] = dst;
     }
-    scores_avx2(static_cast<const float*>(g.q), g.rows, key, p);
+    scores_avx2(static_cast<const float*>(g.q), g.rows, key, n, p, prefetch);
     for (int v = 0; v < vecs; ++v) {
       __m256 s[kTile];
       __m256 mx = neg_inf;
@@ -229,11 +233,11 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
       _mm256_store_ps(alpha + 8 * v, a);
     }
     int i = 0;
-    for (; i + 4 <= g.rows; i += 4) accumulate_rows_avx2<4>(o + i * kValueDim, p + i, alpha + i, key, n);
+    for (; i + 4 <= g.rows; i += 4) accumulate_rows_avx2<4>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch);
     switch (g.rows - i) {
-      case 3: accumulate_rows_avx2<3>(o + i * kValueDim, p + i, alpha + i, key, n); break;
-      case 2: accumulate_rows_avx2<2>(o + i * kValueDim, p + i, alpha + i, key, n); break;
-      case 1: accumulate_rows_avx2<1>(o + i * kValueDim, p + i, alpha + i, key, n); break;
+      case 3: accumulate_rows_avx2<3>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
+      case 2: accumulate_rows_avx2<2>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
+      case 1: accumulate_rows_avx2<1>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
       default: break;
     }
   }

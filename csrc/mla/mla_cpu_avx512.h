@@ -126,16 +126,18 @@ DSV3_MLA_AVX512 inline void dequant_fp8_row_f32(const uint8_t* src, float* dst) 
     _mm512_storeu_ps(dst + kValueDim + c, load16<FloatType::kBFloat16>(src + kFp8RopeOffset, c));
 }
 
-// o[i][0..512) = o[i] * alpha[i] + sum_t p[t][i] * v[t], for R rows starting at row 0 of o, p, alpha.
-template <int R>
-DSV3_MLA_AVX512 inline void accumulate_rows(float* o, const float* p, const float* alpha, const float* const* v) {
+// o[i][0..512) = o[i] * alpha[i] + sum_{t < n} p[t][i] * v[t], for R rows from row 0 of o, p, alpha.
+template <int R, typename Prefetch>
+DSV3_MLA_AVX512 inline void accumulate_rows(float* o, const float* p, const float* alpha, const float* const* v,
+                                            int n, Prefetch& prefetch) {
   for (int c0 = 0; c0 < kValueDim; c0 += 64) {
+    prefetch.issue(8);
     __m512 acc[R][4];
     for (int i = 0; i < R; ++i) {
       const __m512 a = _mm512_set1_ps(alpha[i]);
       for (int u = 0; u < 4; ++u) acc[i][u] = _mm512_mul_ps(_mm512_loadu_ps(o + i * kValueDim + c0 + 16 * u), a);
     }
-    for (int t = 0; t < kTile; ++t) {
+    for (int t = 0; t < n; ++t) {
       __m512 vv[4];
       for (int u = 0; u < 4; ++u) vv[u] = _mm512_loadu_ps(v[t] + c0 + 16 * u);
       for (int i = 0; i < R; ++i) {
@@ -223,19 +225,22 @@ DSV3_MLA_AVX512 inline void dot_rows(const void* q, int r0, const void* const* k
   }
 }
 
-// scores[t][r] for the group's rows (q row-major: bf16 for Pairs, else fp32) and kTile keys, in
-// blocks of 4 rows x 4 keys or 1-2 rows x 8 keys (16 accumulators at most).
-template <bool Pairs>
-DSV3_MLA_AVX512 inline void scores_by_rows(const void* q, int rows, const void* const* key, float* scores) {
+// scores[t][r] for the group's rows (q row-major: bf16 for Pairs, else fp32) and the tile's first
+// n keys (at least), in blocks of 4 rows x 4 keys or 1-2 rows x 8 keys (16 accumulators at most).
+template <bool Pairs, typename Prefetch>
+DSV3_MLA_AVX512 inline void scores_by_rows(const void* q, int rows, const void* const* key, int n, float* scores,
+                                           Prefetch& prefetch) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    dot_rows<Pairs, 4, 4>(q, r, key, scores);
-    dot_rows<Pairs, 4, 4>(q, r, key + 4, scores + 4 * kGroupRows);
+    for (int t = 0; t < n; t += 4) {
+      prefetch.issue(8);
+      dot_rows<Pairs, 4, 4>(q, r, key + t, scores + t * kGroupRows);
+    }
   }
+  prefetch.issue(8);
   switch (rows - r) {
     case 3:
-      dot_rows<Pairs, 3, 4>(q, r, key, scores);
-      dot_rows<Pairs, 3, 4>(q, r, key + 4, scores + 4 * kGroupRows);
+      for (int t = 0; t < n; t += 4) dot_rows<Pairs, 3, 4>(q, r, key + t, scores + t * kGroupRows);
       break;
     case 2: dot_rows<Pairs, 2, 8>(q, r, key, scores); break;
     case 1: dot_rows<Pairs, 1, 8>(q, r, key, scores); break;
@@ -246,8 +251,8 @@ DSV3_MLA_AVX512 inline void scores_by_rows(const void* q, int rows, const void* 
 // The bf16 tile for accumulate_rows_pairs: key pairs (2i, 2i + 1) interleaved per column,
 // vi[chunk of 32 columns][i][unpacklo, unpackhi][32 bf16]. vpunpck*wd work per 128-bit lane, so
 // the fp32 lanes of the dot products hold the columns in a fixed permuted order (unpermute_pairs).
-DSV3_MLA_AVX512BF16 inline void interleave_pairs(const void* const* raw, uint16_t* vi) {
-  for (int i = 0; i < kTile / 2; ++i) {
+DSV3_MLA_AVX512BF16 inline void interleave_pairs(const void* const* raw, int pairs, uint16_t* vi) {
+  for (int i = 0; i < pairs; ++i) {
     const uint16_t* a = static_cast<const uint16_t*>(raw[2 * i]);
     const uint16_t* b = static_cast<const uint16_t*>(raw[2 * i + 1]);
     for (int ch = 0; ch < kValueDim / 32; ++ch) {
@@ -274,16 +279,17 @@ DSV3_MLA_AVX512BF16 inline void pair_probs(const float* p, uint32_t* pp) {
 
 // As accumulate_rows by vdpbf16ps over key pairs: p rounded to bf16 (as FlashMLA does; the
 // products and sums stay fp32), v straight from the cache. o's columns are in pair order.
-template <int R>
+template <int R, typename Prefetch>
 DSV3_MLA_AVX512BF16 inline void accumulate_rows_pairs(float* o, const uint32_t* pp, const float* alpha,
-                                                      const uint16_t* vi) {
+                                                      const uint16_t* vi, int pairs, Prefetch& prefetch) {
   for (int c0 = 0; c0 < kValueDim; c0 += 64) {
+    prefetch.issue(8);
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(alpha[r]);
       for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_mul_ps(_mm512_loadu_ps(o + r * kValueDim + c0 + 16 * u), a);
     }
-    for (int i = 0; i < kTile / 2; ++i) {
+    for (int i = 0; i < pairs; ++i) {
       __m512bh vv[4];
       for (int u = 0; u < 4; ++u)
         vv[u] = (__m512bh)_mm512_loadu_si512(vi + ((c0 / 32 + u / 2) * (kTile / 2) + i) * 64 + 32 * (u % 2));
@@ -297,18 +303,21 @@ DSV3_MLA_AVX512BF16 inline void accumulate_rows_pairs(float* o, const uint32_t* 
   }
 }
 
-// One tile of O updates for all rows (a call, not inlined: the caller lacks avx512_bf16).
+// One tile of O updates for all rows, over the pairs holding its first n keys (a call, not
+// inlined: the caller lacks avx512_bf16).
+template <typename Prefetch>
 DSV3_MLA_AVX512BF16 inline void accumulate_pairs(int rows, float* o, const float* p, const float* alpha,
-                                                 const void* const* raw, uint16_t* vi) {
-  interleave_pairs(raw, vi);
+                                                 const void* const* raw, int n, uint16_t* vi, Prefetch& prefetch) {
+  const int pairs = (n + 1) / 2;
+  interleave_pairs(raw, pairs, vi);
   alignas(64) uint32_t pp[kTile / 2 * kGroupRows];
   pair_probs(p, pp);
   int r = 0;
-  for (; r + 4 <= rows; r += 4) accumulate_rows_pairs<4>(o + r * kValueDim, pp + r, alpha + r, vi);
+  for (; r + 4 <= rows; r += 4) accumulate_rows_pairs<4>(o + r * kValueDim, pp + r, alpha + r, vi, pairs, prefetch);
   switch (rows - r) {
-    case 3: accumulate_rows_pairs<3>(o + r * kValueDim, pp + r, alpha + r, vi); break;
-    case 2: accumulate_rows_pairs<2>(o + r * kValueDim, pp + r, alpha + r, vi); break;
-    case 1: accumulate_rows_pairs<1>(o + r * kValueDim, pp + r, alpha + r, vi); break;
+    case 3: accumulate_rows_pairs<3>(o + r * kValueDim, pp + r, alpha + r, vi, pairs, prefetch); break;
+    case 2: accumulate_rows_pairs<2>(o + r * kValueDim, pp + r, alpha + r, vi, pairs, prefetch); break;
+    case 1: accumulate_rows_pairs<1>(o + r * kValueDim, pp + r, alpha + r, vi, pairs, prefetch); break;
     default: break;
   }
 }
@@ -350,43 +359,39 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
   alignas(64) float p[kTile * kGroupRows];
   alignas(64) float alpha[kGroupRows];
   alignas(64) float scores[kTile * kGroupRows] = {};  // lanes past g.rows stay 0 (masked below)
+  TilePrefetch<D, Fp8> prefetch(k);
   for (int64_t j0 = k.begin; j0 < k.end; j0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, k.end - j0));
-    // The rows of the tile after next, while this one computes: the blocks are scattered, and the
-    // hardware prefetcher leaves many lines to demand misses (bf16, goal shape, 1 thread: 16.5 ms
-    // without, 13 ms with).
-    for (int64_t j = j0 + 2 * kTile; j < std::min(j0 + 3 * kTile, k.end); ++j) {
-      const char* row = static_cast<const char*>(key_ptr<D, Fp8>(k, j));
-      for (int64_t b = 0; b < row_bytes<D, Fp8>(); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-    }
+    prefetch.queue(j0 + 2 * kTile);
     // raw: the cache rows (zeros past the end); key: them in fp32 (unless Pairs).
     const float* key[kTile];
     const void* raw[kTile];
     for (int t = 0; t < kTile; ++t) {
-      if constexpr (Fp8) {
-        if (t >= n) {
-          raw[t] = zero_key;
-          key[t] = zero_key;
-        } else if constexpr (Pairs) {
-          dequant_fp8_row_bf16(static_cast<const uint8_t*>(key_ptr<D, true>(k, j0 + t)), fp8_rows + t * kDim);
-          raw[t] = fp8_rows + t * kDim;
-        } else {
-          dequant_fp8_row_f32(static_cast<const uint8_t*>(key_ptr<D, true>(k, j0 + t)), tile + t * kDim);
-          key[t] = tile + t * kDim;
-        }
+      if (t >= n) {
+        raw[t] = zero_key;
+        key[t] = zero_key;
         continue;
       }
-      raw[t] = t < n ? key_ptr<D>(k, j0 + t) : zero_key;
-      if constexpr (D == FloatType::kFloat32) {
-        key[t] = static_cast<const float*>(raw[t]);
-      } else if constexpr (!Pairs) {
-        float* dst = tile + t * kDim;
-        for (int d = 0; d < kDim; d += 16) _mm512_storeu_ps(dst + d, load16<D>(raw[t], d));
-        key[t] = dst;
+      prefetch.issue(4);
+      const void* row = key_ptr<D, Fp8>(k, j0 + t);
+      if constexpr (Fp8 && Pairs) {
+        dequant_fp8_row_bf16(static_cast<const uint8_t*>(row), fp8_rows + t * kDim);
+        raw[t] = fp8_rows + t * kDim;
+      } else if constexpr (Fp8) {
+        dequant_fp8_row_f32(static_cast<const uint8_t*>(row), tile + t * kDim);
+        key[t] = tile + t * kDim;
+      } else if constexpr (D == FloatType::kFloat32) {
+        key[t] = static_cast<const float*>(row);
+      } else {
+        raw[t] = row;
+        if constexpr (!Pairs) {
+          for (int d = 0; d < kDim; d += 16) _mm512_storeu_ps(tile + t * kDim + d, load16<D>(row, d));
+          key[t] = tile + t * kDim;
+        }
       }
     }
     const void* const* keys = Pairs ? raw : reinterpret_cast<const void* const*>(key);
-    scores_by_rows<Pairs>(g.q, g.rows, keys, scores);
+    scores_by_rows<Pairs>(g.q, g.rows, keys, n, scores, prefetch);
     __m512 s[kTile];
     for (int t = 0; t < kTile; ++t) s[t] = _mm512_load_ps(scores + t * kGroupRows);
     __m512 mx = neg_inf;
@@ -410,15 +415,15 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     vm = m_new;
     _mm512_store_ps(alpha, a);
     if constexpr (Pairs) {
-      accumulate_pairs(g.rows, o, p, alpha, raw, reinterpret_cast<uint16_t*>(tile));
+      accumulate_pairs(g.rows, o, p, alpha, raw, n, reinterpret_cast<uint16_t*>(tile), prefetch);
       continue;
     }
     int i = 0;
-    for (; i + 4 <= g.rows; i += 4) accumulate_rows<4>(o + i * kValueDim, p + i, alpha + i, key);
+    for (; i + 4 <= g.rows; i += 4) accumulate_rows<4>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch);
     switch (g.rows - i) {
-      case 3: accumulate_rows<3>(o + i * kValueDim, p + i, alpha + i, key); break;
-      case 2: accumulate_rows<2>(o + i * kValueDim, p + i, alpha + i, key); break;
-      case 1: accumulate_rows<1>(o + i * kValueDim, p + i, alpha + i, key); break;
+      case 3: accumulate_rows<3>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
+      case 2: accumulate_rows<2>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
+      case 1: accumulate_rows<1>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch); break;
       default: break;
     }
   }
