@@ -223,6 +223,28 @@ def test_fp8_cache_write(device, backend, t, dtype, fused):
         torch.testing.assert_close(deq_got, deq_want, rtol=2 ** -3, atol=1e-3)
 
 
+@pytest.mark.ops("mla_cache_write")
+def test_fp8_cache_write_rounds_to_nearest_even(device, backend):
+    """Every e4m3 value, the midpoints between neighbours (ties: to the even code) and points just
+    off them, both signs, in tiles whose amax is 448 * 2^k (scale 2^k): the reference's bytes."""
+    codes = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (codes[:-1] + codes[1:]) / 2
+    vals = torch.cat([codes, mid, mid * (1 + 2 ** -20), mid * (1 - 2 ** -20)])
+    vals = torch.cat([vals, -vals])
+    vals = torch.cat([vals, torch.zeros(-vals.numel() % (4 * 127))]).view(-1, 127)
+    tiles = torch.cat([vals, torch.full((vals.shape[0], 1), 448.0)], dim=1)  # amax 448 in every tile
+    kv_c = tiles.reshape(-1, 512) * torch.randint(-10, 11, (tiles.numel() // 512, 1)).float().exp2()
+    t = kv_c.shape[0]
+    k_pe = torch.randn(t, 64)
+    cache = torch.full((-(-t // 16), 16, FP8_BYTES), 0xFF, dtype=torch.uint8)
+    slots = torch.randperm(cache.shape[0] * 16)[:t]
+    want = cache.clone()
+    ref.mla_cache_write(kv_c, k_pe, want, slots)
+    args = [x.to(device) for x in (kv_c, k_pe, cache, slots)]
+    dispatch.implementation("mla_cache_write", backend)(*args, None, 1e-6, None, None)
+    torch.testing.assert_close(args[2].cpu(), want, rtol=0, atol=0)
+
+
 @pytest.mark.ops("mla_cache_write", "mla_decode")
 def test_fp8_write_then_decode(device, backend):
     """The public ops, FP8 against bf16 cache: the same prompt written (fused norm and RoPE) into
