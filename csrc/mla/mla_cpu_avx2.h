@@ -77,7 +77,8 @@ DSV3_TARGET_AVX2 inline void dequant_fp8_row_avx2(const uint8_t* src, float* dst
     }
     const __m256 factor = _mm256_set1_ps(256.0f * scale);
     for (int c = 0; c < kFp8Tile; c += 16) {
-      const __m256i h = fp8_to_f16_bits(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + c))));
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + c));
+      const __m256i h = fp8_to_f16_bits(_mm256_cvtepi8_epi16(bytes));
       _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), factor));
       _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), factor));
     }
