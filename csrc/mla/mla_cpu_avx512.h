@@ -14,8 +14,8 @@
 // adjacent key pairs with p rounded to bf16 (FlashMLA does the same; well inside the bf16
 // tolerance). Whether that beats fp32 FMAs depends on the core: the AMD EPYC of the README
 // measured 14.3 ms with O by fp32 FMAs, 10.2 ms so (bf16, B = 8, H = 16, 4096 keys, 1 thread); on
-// a Sapphire Rapids core a zmm vdpbf16ps issues at a quarter of the zmm FMA rate, and the fp32
-// kernel (DSV3_KERNELS_CPU_ISA=avx512) is the faster one there.
+// a Sapphire Rapids core a zmm vdpbf16ps (32 products) issues at a quarter of the rate of a zmm
+// FMA (16), and the fp32 kernel (DSV3_KERNELS_CPU_ISA=avx512) is the faster one there.
 //
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after cpu_isa_at_least(CpuIsa::kAvx512) said yes.
@@ -177,8 +177,8 @@ DSV3_MLA_AVX512 inline void store_sums(const __m512* acc, float* scores) {
 }
 
 // scores[t][r] = q[r] . key t (unscaled) for R rows of q (row-major) and T keys, the dims in the
-// lanes: the work is proportional to the rows, where the rows-in-lanes loops above pay for 16.
-// Each lane sums 576 / 16 products (18 pairs with vdpbf16ps), then sum_lanes16 sums the lanes.
+// lanes: the work is proportional to the rows (the rows in the lanes would pay for 16). Each lane
+// sums 576 / 16 products (18 pairs with vdpbf16ps), then sum_lanes16 sums the lanes.
 template <int R, int T>
 DSV3_MLA_AVX512 inline void dot_rows_f32(const float* q, const float* const* key, float* scores) {
   static_assert(R * T <= 16);
