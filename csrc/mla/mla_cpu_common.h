@@ -1,6 +1,6 @@
 // What the CPU mla_decode's inner loops share (torch-free): the work item's shape, where a key
-// lives, and the portable FP8 dequantization. The loops: the portable one in mla_cpu.cpp,
-// mla_cpu_avx2.h, mla_cpu_avx512.h.
+// lives, the exp cutoff, the key prefetch, and the scalar FP8 dequantization. The loops: the
+// portable one in mla_cpu.cpp, mla_cpu_avx2.h, mla_cpu_avx512.h.
 #pragma once
 
 #include <algorithm>
@@ -59,10 +59,12 @@ inline const void* key_ptr(const KeyRange& k, int64_t j) {
 // Keeps a loaded vector in a register: GCC otherwise folds its load into every FMA that uses it
 // (one load per use), and loads, not FMAs, limit the dot product loops (avx2, 4 rows x 2 keys:
 // 10 loads per 8 FMAs so, 6 this way).
+#if defined(__x86_64__)
 template <typename V>
 inline void keep_in_register(V& v) {
   __asm__("" : "+v"(v));
 }
+#endif
 
 // Software prefetch of the keys of a later tile, a few lines per call of issue() from inside the
 // current tile's loops: in a burst, a tile's lines fill the L1 miss buffers and stall the core
