@@ -2,13 +2,14 @@
 
 Providers: the dsv3_kernels backends that run natively on the device (the Triton interpreter on
 the CPU is a correctness tool, not timed), each over the bf16 cache and ("<backend>-fp8") over the
-FP8 cache (FlashMLA's 656-byte token; compared with the same backend's bf16 cache), plus peers,
-all in bf16:
+FP8 cache (FlashMLA's 656-byte token), plus peers, all in bf16:
   naive  the plain PyTorch absorbed decode: gather the blocks, einsum, softmax, einsum
-         (dsv3_kernels.reference.mla.naive_absorbed_decode)
+         (dsv3_kernels.reference.mla.naive_absorbed_decode); "naive-fp8" over the FP8 cache
+         gathers the blocks, dequantizes them to bf16 (reference.mla.dequantize_tokens), then the same
   sdpa   F.scaled_dot_product_attention on the gathered cache (one shared 576-wide key head)
 Bytes and FLOPs as FlashMLA counts them (roofline.mla_decode_cost: the FP8 rows count 656 cache
-bytes per token); page size 64, equal lengths.
+bytes per token); page size 64, equal lengths. Baselines: naive in the provider's cache format;
+naive-fp8, the FP8 kernels on the GPU and at CPU_FP8_GOAL: the same code over the bf16 cache.
 Run: pytest benchmarks/bench_mla.py [--device cpu|cuda]
 """
 
@@ -39,7 +40,7 @@ CPU_FP8_GOAL = (8, 1, 16, 16384)
 def _providers(device):
     kernels = [b for b in dk.available_backends("mla_decode", device)
                if b != "torch" and not (b == "triton" and device == "cpu")]
-    return kernels + [k + "-fp8" for k in kernels] + ["naive", "sdpa"]
+    return kernels + [k + "-fp8" for k in kernels] + ["naive", "naive-fp8", "sdpa"]
 
 
 def _cases(device):
@@ -89,6 +90,12 @@ def test_mla_decode(bench, device, case):
     if provider == "naive":
         def fn(q, c, t, n):
             return ref.naive_absorbed_decode(q, c, t, n, SCALE, causal)
+    elif provider == "naive-fp8":
+        def fn(q, c, t, n):
+            blocks = t[:, : -(-int(n.max()) // BLOCK)]  # the used blocks, in table order
+            deq = ref.dequantize_tokens(c[blocks]).to(q.dtype)
+            table = torch.arange(blocks.numel(), device=q.device, dtype=torch.int32).view(blocks.shape)
+            return ref.naive_absorbed_decode(q, deq.flatten(0, 1), table, n, SCALE, causal)
     elif provider == "sdpa":
         fn = _sdpa
     else:
@@ -97,6 +104,10 @@ def test_mla_decode(bench, device, case):
         def fn(q, c, t, n):
             return dk.mla_decode(q, c, t, n, SCALE, causal, backend=backend)
     shape = (batch, s_q, heads, seqlen)
+    if fp8 and (provider == "naive-fp8" or device == "cuda" or shape == CPU_FP8_GOAL):
+        baseline = provider.split("-")[0]  # the same code over the bf16 cache
+    else:
+        baseline = None if shape == CPU_FP8_GOAL else "naive-fp8" if fp8 else "naive"
     bench(fn, lambda: _make_args(batch, s_q, heads, seqlen, device, fp8), op="mla_decode",
           shape=f"B={batch} s_q={s_q} H={heads} L={seqlen}", provider=provider, flops=flops, nbytes=nbytes,
-          precision="bf16", baseline=provider.split("-")[0] if fp8 else None if shape == CPU_FP8_GOAL else "naive")
+          precision="bf16", baseline=baseline)

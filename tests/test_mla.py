@@ -105,6 +105,28 @@ def test_mla_decode(device, backend, case, dtype, causal):
     check_against_reference(out, lse, args, causal)
 
 
+# s_q x H for every row count 1-18 and 33: a request's s_q * H rows share the key head, and the
+# CPU kernels take them in work items of 16, scores in blocks of 4 rows (the last 1-3 apart), the
+# softmax in vectors of 8 (avx2) or 16 rows; the GPU kernels in tiles of 64.
+ROW_SHAPES = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 5), (2, 3), (1, 7), (4, 2), (3, 3), (2, 5), (1, 11), (4, 3),
+              (1, 13), (2, 7), (3, 5), (4, 4), (1, 17), (2, 9), (3, 11)]
+
+
+@pytest.mark.ops("mla_decode")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q, h", [native_only(*shape) for shape in ROW_SHAPES])
+def test_mla_decode_row_counts(device, backend, s_q, h, causal):
+    """Every row count against the reference, on tiny and odd lengths (the tails of key tiles and
+    blocks; causal rows that see no key) with NaN in every unused slot; the dtype cycles with the
+    row count, and causal cases also split the keys."""
+    dtype = [torch.bfloat16, torch.float16, torch.float32][(s_q * h) % 3]
+    _skip_unsupported(backend, 16, dtype)
+    args = make_cache([0, 1, 2, 3, 9, 17, 70], 16, dtype, device, s_q=s_q, h=h)
+    poison_allocator(device)
+    out, lse = _run(backend, args, causal, 2 if causal else 0)
+    check_against_reference(out, lse, args, causal)
+
+
 @pytest.mark.ops("mla_decode")
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
 def test_mla_decode_num_splits(device, backend, num_splits):

@@ -14,8 +14,8 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
-from conftest import poison_allocator
-from test_mla import SCALE, make_cache
+from conftest import native_only, poison_allocator
+from test_mla import ROW_SHAPES, SCALE, make_cache
 from test_mla import _write_case as bf16_write_case
 
 FP8_BYTES = ref.FP8_TOKEN_BYTES
@@ -95,6 +95,44 @@ def test_fp8_decode(device, backend, case, causal):
     poison_allocator(device)
     out, lse = _decode(backend, args, causal)
     check_against_reference(out, lse, args, causal)
+
+
+@pytest.mark.ops("mla_decode")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s_q, h", [native_only(*shape) for shape in ROW_SHAPES])
+def test_fp8_decode_row_counts(device, backend, s_q, h, causal):
+    """test_mla.py's row counts over the FP8 cache (q's dtype cycles with the row count)."""
+    dtype = [torch.bfloat16, torch.float16, torch.float32][(s_q * h) % 3]
+    _skip_unsupported(backend, 16, dtype)
+    *args, _ = make_fp8_cache([0, 1, 2, 3, 9, 17, 70], 16, dtype, device, s_q=s_q, h=h)
+    out, lse = _decode(backend, args, causal, 2 if causal else 0)
+    check_against_reference(out, lse, args, causal)
+
+
+@pytest.mark.ops("mla_decode")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_decode_every_code_and_extreme_scales(device, backend, dtype):
+    """Every e4m3 code but the NaN ones (subnormals included) and tile scales from 2^-13 to 2^121,
+    where 2^8 * scale overflows fp32 (the CPU vector paths dequantize by way of fp16 and take a
+    scalar way there): dequantized exactly, so the result is the reference's. q is 0 on the
+    2^121 tile, whose values would overflow the scores; they still are values of the output."""
+    q, cache, block_table, seqlens, _ = make_fp8_cache([77, 130], 64, dtype, device, s_q=2, h=3)
+    used = cache[..., 0] != 0xFF
+    codes = torch.randint(0, 254, cache.shape[:2] + (512,), device=device, dtype=torch.uint8)
+    codes += (codes >= 0x7F).to(torch.uint8)  # skips 0x7F; 0xFF is out of range
+    exps = torch.randint(-13, 5, cache.shape[:2] + (4,), device=device)
+    huge = torch.rand(cache.shape[:2], device=device) < 0.5
+    exps[..., 0] = torch.where(huge, 121, exps[..., 0])
+    # there |e4m3| < 2^-3 (exponent field <= 3), so that the output's fp32 sums stay finite
+    codes[..., :128] = torch.where(huge[..., None], codes[..., :128] & 0x9F, codes[..., :128])
+    scales = torch.ldexp(torch.ones_like(exps, dtype=torch.float32), exps)
+    cache[..., :512] = torch.where(used[..., None], codes, cache[..., :512])
+    cache[..., 512:528] = torch.where(used[..., None], scales.view(torch.uint8).view(*cache.shape[:2], 16),
+                                      cache[..., 512:528])
+    q[..., :128] = 0
+    args = (q, cache, block_table, seqlens)
+    out, lse = _decode(backend, args, True)
+    check_against_reference(out, lse, args, True)
 
 
 @pytest.mark.ops("mla_decode")
@@ -183,6 +221,28 @@ def test_fp8_cache_write(device, backend, t, dtype, fused):
         assert (got != want).sum() <= 4
         deq_got, deq_want = ref.dequantize_tokens(got[written]), ref.dequantize_tokens(want[written])
         torch.testing.assert_close(deq_got, deq_want, rtol=2 ** -3, atol=1e-3)
+
+
+@pytest.mark.ops("mla_cache_write")
+def test_fp8_cache_write_rounds_to_nearest_even(device, backend):
+    """Every e4m3 value, the midpoints between neighbours (ties: to the even code) and points just
+    off them, both signs, in tiles whose amax is 448 * 2^k (scale 2^k): the reference's bytes."""
+    codes = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (codes[:-1] + codes[1:]) / 2
+    vals = torch.cat([codes, mid, mid * (1 + 2 ** -20), mid * (1 - 2 ** -20)])
+    vals = torch.cat([vals, -vals])
+    vals = torch.cat([vals, torch.zeros(-vals.numel() % (4 * 127))]).view(-1, 127)
+    tiles = torch.cat([vals, torch.full((vals.shape[0], 1), 448.0)], dim=1)  # amax 448 in every tile
+    kv_c = tiles.reshape(-1, 512) * torch.randint(-10, 11, (tiles.numel() // 512, 1)).float().exp2()
+    t = kv_c.shape[0]
+    k_pe = torch.randn(t, 64)
+    cache = torch.full((-(-t // 16), 16, FP8_BYTES), 0xFF, dtype=torch.uint8)
+    slots = torch.randperm(cache.shape[0] * 16)[:t]
+    want = cache.clone()
+    ref.mla_cache_write(kv_c, k_pe, want, slots)
+    args = [x.to(device) for x in (kv_c, k_pe, cache, slots)]
+    dispatch.implementation("mla_cache_write", backend)(*args, None, 1e-6, None, None)
+    torch.testing.assert_close(args[2].cpu(), want, rtol=0, atol=0)
 
 
 @pytest.mark.ops("mla_cache_write", "mla_decode")

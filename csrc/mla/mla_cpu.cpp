@@ -2,48 +2,63 @@
 // dsv3_kernels/reference/mla.py).
 //
 // mla_decode: work items are (request, group of up to 16 query rows, split of the request's keys).
-// Each item streams its keys once for all its rows (the AVX-512 loop in mla_cpu_kernels.h, or the
-// portable one here) and leaves an unnormalized output with its running max and sum; with one
-// split that is finalized in place, with several the splits are merged by their log-sum-exp.
+// Each item streams its keys once for all its rows (the loops of mla_cpu_avx512.h, mla_cpu_avx2.h
+// or the portable one here, picked by cpu_isa(); their work is proportional to the rows) and
+// leaves an unnormalized output with its running max and sum; with one split that is finalized in
+// place, with several the splits are merged by their log-sum-exp. The levels' results differ only
+// by summation order and the vector paths' exp (~1 ulp, 0 below kExpCutoff).
 // Metadata is checked per request before anything is read: a request that would read out of
 // bounds gets NaN instead.
 //
 // The FP8 cache (uint8, 656-byte tokens) takes the same kernels, its keys dequantized per tile.
-// mla_cache_write quantizes into it as the reference does (bit for bit: power-of-two scales).
+// mla_cache_write is in mla_cache_write_cpu.cpp.
 //
 // DSV3_KERNELS_CPU_ISA picks the level (common/cpu_isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/torch_glue.h"
 #include "mla/mla_checks.h"
-#include "mla/mla_cpu_kernels.h"
+#include "mla/mla_cpu_avx2.h"
+#include "mla/mla_cpu_avx512.h"
 
 namespace dsv3::mla::cpu {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-// Keys per split that make a split worth its share of the combine and of waking a thread.
-constexpr int64_t kMinSplitKeys = 512;
+// Keys per split that make a split worth its share of the combine and of waking a thread. With
+// the work proportional to the rows, a request of the shipped model's 4 heads gains from two
+// splits from 256 keys on (2 threads, s_q = 1 / 2, 256 keys: 38 / 65 us in one split, 29 / 49
+// in two; 512 keys: 68 / 122 us, 46 / 78).
+constexpr int64_t kMinSplitKeys = 128;
 
 // ---------------------------------------------------------------- mla_decode
 
-// The portable version of attend_avx512 (same contract), one key at a time; the loop over the
-// rows is contiguous, for the compiler to vectorize. key: kDim floats of scratch.
+// q[0..576) . key[0..576) in 8 partial sums (each over 72 products, as a vector lane of the avx2
+// path would be), for the compiler to vectorize without reassociating.
+inline float dot_portable(const float* q, const float* key) {
+  float part[8] = {};
+  for (int d = 0; d < kDim; d += 8)
+    for (int i = 0; i < 8; ++i) part[i] += q[d + i] * key[d + i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+// The portable version of attend_avx2 (same contract, g.q row-major fp32), one key at a time.
+// key: kDim floats of scratch.
 template <typename T, bool Fp8>
 void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* key, const float*) {
-  std::fill(o, o + kGroupRows * kValueDim, 0.0f);
+  std::fill(o, o + g.rows * kValueDim, 0.0f);
   std::fill(m, m + kGroupRows, -kInf);
   std::fill(l, l + kGroupRows, 0.0f);
-  const float* qt = static_cast<const float*>(g.q);
+  const float* q = static_cast<const float*>(g.q);
   for (int64_t j = k.begin; j < k.end; ++j) {
     if constexpr (Fp8) {
       dequant_fp8_row(static_cast<const uint8_t*>(key_ptr<float_type_of<T>(), true>(k, j)), key);
@@ -51,16 +66,9 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
       const T* src = static_cast<const T*>(key_ptr<float_type_of<T>()>(k, j));
       for (int d = 0; d < kDim; ++d) key[d] = static_cast<float>(src[d]);
     }
-    float s[kGroupRows] = {};
-    for (int d0 = 0; d0 < kDim; d0 += kDotBlock) {
-      float blk[kGroupRows] = {};
-      for (int d = d0; d < d0 + kDotBlock; ++d)
-        for (int r = 0; r < kGroupRows; ++r) blk[r] += qt[d * kGroupRows + r] * key[d];
-      for (int r = 0; r < kGroupRows; ++r) s[r] += blk[r];
-    }
     for (int r = 0; r < g.rows; ++r) {
       if (j > g.last[r]) continue;
-      const float x = s[r] * g.scale;
+      const float x = dot_portable(q + r * kDim, key) * g.scale;
       float* orow = o + r * kValueDim;
       if (x > m[r]) {
         const float alpha = std::exp(m[r] - x);  // 0 for the first key (m = -inf)
@@ -75,7 +83,8 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
   }
 }
 
-// A kernel and the layout of the queries it takes (see RowGroup::q); buffers of kDim * kGroupRows floats.
+// A kernel and the layout of the queries it takes (RowGroup::q), into a buffer of
+// kDim * kGroupRows floats: row-major, fp32 or (for the avx512_bf16 kernel) bf16.
 template <typename T>
 struct Attend {
   void (*layout)(const T* q, int rows, void* dst);
@@ -83,12 +92,12 @@ struct Attend {
 };
 
 template <typename T>
-void layout_f32(const T* q, int rows, void* dst) {
-  transpose_f32(q, rows, static_cast<float*>(dst));
+void layout_rows_f32(const T* q, int rows, void* dst) {
+  for (int i = 0; i < rows * kDim; ++i) static_cast<float*>(dst)[i] = static_cast<float>(q[i]);
 }
 
-void layout_bf16_pairs(const c10::BFloat16* q, int rows, void* dst) {
-  transpose_bf16_pairs(reinterpret_cast<const uint16_t*>(q), rows, static_cast<uint16_t*>(dst));
+void layout_rows_bf16(const c10::BFloat16* q, int rows, void* dst) {
+  std::memcpy(dst, q, rows * kDim * sizeof(c10::BFloat16));
 }
 
 template <typename T, bool Fp8>
@@ -96,12 +105,31 @@ Attend<T> pick_attend() {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
-      return {&layout_bf16_pairs, &attend_avx512<FloatType::kBFloat16, true, Fp8>};
+      return {&layout_rows_bf16, &attend_avx512<FloatType::kBFloat16, true, Fp8>};
   }
-  if (cpu_isa_at_least(CpuIsa::kAvx512)) return {&layout_f32<T>, &attend_avx512<float_type_of<T>(), false, Fp8>};
+  if (cpu_isa_at_least(CpuIsa::kAvx512))
+    return {&layout_rows_f32<T>, &attend_avx512<float_type_of<T>(), false, Fp8>};
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return {&layout_rows_f32<T>, &attend_avx2<float_type_of<T>(), Fp8>};
 #endif
-  return {&layout_f32<T>, &attend_portable<T, Fp8>};
+  return {&layout_rows_f32<T>, &attend_portable<T, Fp8>};
 }
+
+// A thread's buffers for the attend kernels, kept across calls (allocating and clearing them took
+// ~3 us a call), each 64-byte aligned: a vector load that straddles two cache lines costs two
+// (avx2 scores of 4 rows: 0.20 ns per FMA aligned, 0.25 at malloc's 16-byte alignment).
+struct Scratch {
+  static constexpr int64_t kFloats = kDim * kGroupRows + 2 * kTile * kDim + kDim + kGroupRows * kValueDim;
+  std::vector<float> buf = std::vector<float>(kFloats + 16);
+  float* qt = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63});
+  float* tile = qt + kDim * kGroupRows;  // 2 * kTile keys
+  float* zero_key = tile + 2 * kTile * kDim;  // kDim zeros, never written
+  float* o = zero_key + kDim;  // kGroupRows rows of 512
+
+  static Scratch& of_this_thread() {
+    thread_local Scratch scratch;
+    return scratch;
+  }
+};
 
 // out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf.
 template <typename T>
@@ -117,10 +145,10 @@ void finalize_row(const float* o, float m, float l, T* out, float* lse) {
 }
 
 // Split count for num_splits = 0: enough items for every thread twice over (evens out unequal
-// lengths), but no split shorter than kMinSplitKeys.
+// lengths), but no split shorter than kMinSplitKeys; one thread has nothing to even out.
 int64_t auto_splits(int64_t items, int64_t max_len) {
   const int64_t threads = at::get_num_threads();
-  if (items >= 2 * threads) return 1;
+  if (threads == 1 || items >= 2 * threads) return 1;
   const int64_t want = (2 * threads + items - 1) / items;
   return std::max<int64_t>(1, std::min(want, max_len / kMinSplitKeys));
 }
@@ -172,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
     auto lse_at = [&](int64_t i, int64_t r) { return lse_ptr + (i * h + r % h) * s_q + r / h; };
 
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qt(kDim * kGroupRows), tile(2 * kTile * kDim), zero_key(kDim, 0.0f);
-      std::vector<float> o(kGroupRows * kValueDim);
+      Scratch& scratch = Scratch::of_this_thread();
+      float *qt = scratch.qt, *tile = scratch.tile, *zero_key = scratch.zero_key, *o = scratch.o;
       alignas(64) int32_t last[kGroupRows];
       alignas(64) float m[kGroupRows], l[kGroupRows];
       int64_t loaded = -1;  // the (request, group) whose queries are in qt
@@ -184,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         const int n_rows = static_cast<int>(std::min<int64_t>(kGroupRows, rows - r0));
         const int64_t n = lens[i];
         if (loaded != it / splits) {
-          kernel.layout(pq + (i * rows + r0) * kDim, n_rows, qt.data());
+          kernel.layout(pq + (i * rows + r0) * kDim, n_rows, qt);
           loaded = it / splits;
         }
         int64_t group_end = 0;  // one past the last key any row of the group sees
@@ -196,15 +224,15 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
         const int64_t share = ((n + splits - 1) / splits + kTile - 1) / kTile * kTile;
         const KeyRange keys{kv_cache.const_data_ptr(), table + i * max_blocks, log2_block,
                             std::min(n, sp * share), std::min({n, (sp + 1) * share, group_end})};
-        const RowGroup group{qt.data(), last, n_rows, scale};
-        kernel.attend(group, keys, o.data(), m, l, tile.data(), zero_key.data());
+        const RowGroup group{qt, last, n_rows, scale};
+        kernel.attend(group, keys, o, m, l, tile, zero_key);
         for (int r = 0; r < n_rows; ++r) {
           if (splits == 1) {
-            finalize_row(o.data() + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim,
+            finalize_row(o + r * kValueDim, m[r], l[r], po + (i * rows + r0 + r) * kValueDim,
                          lse_at(i, r0 + r));
           } else {
             float* dst = part.data() + (it * kGroupRows + r) * kPartStride;
-            std::copy(o.data() + r * kValueDim, o.data() + (r + 1) * kValueDim, dst);
+            std::copy(o + r * kValueDim, o + (r + 1) * kValueDim, dst);
             dst[kValueDim] = m[r];
             dst[kValueDim + 1] = l[r];
           }
@@ -246,134 +274,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
   return {out, lse};
 }
 
-// ---------------------------------------------------------------- mla_cache_write
-
-template <typename T>
-float round_to(float x) {
-  return static_cast<float>(static_cast<T>(x));
-}
-
-float round_to(float x, at::ScalarType t) {
-  if (t == at::kBFloat16) return round_to<c10::BFloat16>(x);
-  if (t == at::kHalf) return round_to<c10::Half>(x);
-  return x;
-}
-
-// One token's values before the cast to the cache: kv_c (optionally RMSNorm-ed and scaled) -> c
-// [512] and k_pe (optionally rotated) -> pe [64]. The rounding steps are the reference's: normed to
-// kv_c's dtype, normed * weight to their promoted dtype (the store then rounds to the cache's).
-template <typename In>
-void token_values(const In* kv_c, const In* k_pe, const float* weight, at::ScalarType product_dtype, float eps,
-                  const float* cos, const float* sin, float* c, float* pe) {
-  if (weight != nullptr) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < kLoraRank; ++i) ss += static_cast<float>(kv_c[i]) * static_cast<float>(kv_c[i]);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(kLoraRank) + eps);
-    for (int64_t i = 0; i < kLoraRank; ++i) {
-      const float normed = round_to<In>(static_cast<float>(kv_c[i]) * inv);
-      c[i] = round_to(weight[i] * normed, product_dtype);
-    }
-  } else {
-    for (int64_t i = 0; i < kLoraRank; ++i) c[i] = static_cast<float>(kv_c[i]);
-  }
-  if (cos != nullptr) {
-    for (int64_t p = 0; p < kRopeDim / 2; ++p) {
-      const float x0 = static_cast<float>(k_pe[2 * p]), x1 = static_cast<float>(k_pe[2 * p + 1]);
-      pe[2 * p] = x0 * cos[p] - x1 * sin[p];
-      pe[2 * p + 1] = x0 * sin[p] + x1 * cos[p];
-    }
-  } else {
-    for (int64_t i = 0; i < kRopeDim; ++i) pe[i] = static_cast<float>(k_pe[i]);
-  }
-}
-
-template <typename Out>
-void store_token(const float* c, const float* pe, Out* dst) {
-  for (int64_t i = 0; i < kLoraRank; ++i) dst[i] = static_cast<Out>(c[i]);
-  for (int64_t i = 0; i < kRopeDim; ++i) dst[kLoraRank + i] = static_cast<Out>(pe[i]);
-}
-
-// FlashMLA's tile scale: max(amax / 448, 1e-4) rounded up to a power of two, on the bits (the
-// reference does the same), so c / scale is exact and every backend stores the same bytes.
-float fp8_tile_scale(float amax) {
-  const float s = std::max(amax / 448.0f, 1e-4f);
-  uint32_t bits;
-  std::memcpy(&bits, &s, 4);
-  bits = (bits + 0x7FFFFFu) & ~0x7FFFFFu;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return scale;
-}
-
-// The FP8 cache's 656 bytes (mla_fp8_layout.h): c e4m3 per 128-value tile with its scale, pe in bf16.
-void store_token_fp8(const float* c, const float* pe, uint8_t* dst) {
-  for (int64_t t = 0; t < kLoraRank / kFp8Tile; ++t) {
-    float amax = 0.0f;
-    for (int64_t i = t * kFp8Tile; i < (t + 1) * kFp8Tile; ++i) amax = std::max(amax, std::abs(c[i]));
-    const float scale = fp8_tile_scale(amax);
-    for (int64_t i = t * kFp8Tile; i < (t + 1) * kFp8Tile; ++i) dst[i] = c10::Float8_e4m3fn(c[i] / scale).x;
-    std::memcpy(dst + kFp8ScaleOffset + 4 * t, &scale, 4);
-  }
-  for (int64_t i = 0; i < kRopeDim; ++i) {
-    const c10::BFloat16 h(pe[i]);
-    std::memcpy(dst + kFp8RopeOffset + 2 * i, &h.x, 2);
-  }
-}
-
-void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& kv_cache,
-                         const at::Tensor& slot_mapping, const std::optional<at::Tensor>& kv_norm_weight, double eps,
-                         const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
-  check_mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, rope_cos, rope_sin);
-  const int64_t t = kv_c.size(0);
-  if (t == 0) return;
-  // As on a GPU, a slot past the cache is skipped rather than written out of bounds (ops.py
-  // raises an error for it first where slot_mapping is on the CPU).
-  const int64_t capacity = kv_cache.size(0) * kv_cache.size(1);
-  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
-  std::vector<float> weight;
-  at::ScalarType product_dtype = kv_c.scalar_type();
-  if (kv_norm_weight) {
-    const at::Tensor w = kv_norm_weight->to(at::kFloat);
-    weight.assign(w.const_data_ptr<float>(), w.const_data_ptr<float>() + kLoraRank);
-    product_dtype = at::promoteTypes(kv_norm_weight->scalar_type(), kv_c.scalar_type());
-  }
-  const float* pcos = rope_cos ? rope_cos->const_data_ptr<float>() : nullptr;
-  const float* psin = rope_sin ? rope_sin->const_data_ptr<float>() : nullptr;
-  const bool fp8 = is_fp8_cache(kv_cache);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_c.scalar_type(), "mla_cache_write_cpu", [&] {
-    using in_t = scalar_t;
-    const in_t* pc = kv_c.const_data_ptr<in_t>();
-    const in_t* pe = k_pe.const_data_ptr<in_t>();
-    // Stores token i's values into slot `slot` of the cache; a per-dtype lambda.
-    auto write_all = [&](auto store) {
-      at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
-        float c[kLoraRank], rot[kRopeDim];
-        for (int64_t i = begin; i < end; ++i) {
-          if (slots[i] < 0 || slots[i] >= capacity) continue;
-          token_values(pc + i * kLoraRank, pe + i * kRopeDim, weight.empty() ? nullptr : weight.data(), product_dtype,
-                       static_cast<float>(eps), pcos ? pcos + i * kRopeDim / 2 : nullptr,
-                       psin ? psin + i * kRopeDim / 2 : nullptr, c, rot);
-          store(c, rot, slots[i]);
-        }
-      });
-    };
-    if (fp8) {
-      uint8_t* dst = kv_cache.data_ptr<uint8_t>();
-      write_all([&](const float* c, const float* rot, int64_t slot) { store_token_fp8(c, rot, dst + slot * kFp8TokenBytes); });
-      return;
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_cache.scalar_type(), "mla_cache_write_cpu", [&] {
-      scalar_t* dst = kv_cache.data_ptr<scalar_t>();
-      write_all([&](const float* c, const float* rot, int64_t slot) { store_token(c, rot, dst + slot * kHeadDim); });
-    });
-  });
-}
-
 }  // namespace
 }  // namespace dsv3::mla::cpu
 
 TORCH_LIBRARY_IMPL(dsv3_kernels, CPU, m) {
   using namespace dsv3::mla::cpu;
   m.impl("mla_decode", &mla_decode_cpu);
-  m.impl("mla_cache_write", &mla_cache_write_cpu);
 }
