@@ -5,9 +5,11 @@ Backends: "cuda" (the CUDA kernels in _C), "triton", "cpu" (the C++ kernels in _
   1. the explicit `backend=` argument of the op,
   2. the environment variable DSV3_KERNELS_BACKEND ("auto" or unset: no choice),
   3. automatic: CUDA tensors use the cuda kernel where it is built *and* listed in
-     verified.json for the GPU's architecture, else triton (else torch); CPU tensors use
-     the cpu kernel where it is built, else torch.
-An explicit choice that cannot run raises BackendUnavailableError naming what can.
+     verified.json for the GPU's architecture and its arguments are ones that kernel takes
+     (an op's `cuda_takes`, below), else triton (else torch); CPU tensors use the cpu kernel
+     where it is built, else torch.
+An explicit choice that cannot run raises BackendUnavailableError naming what can. The public ops
+(ops.py) check their arguments and call `run`; nothing else decides a backend.
 """
 
 import functools
@@ -27,22 +29,25 @@ class BackendUnavailableError(RuntimeError):
 
 
 class _Op:
-    def __init__(self, name, reference, triton_module=None, native=True, parts=()):
+    def __init__(self, name, reference, triton_module=None, native=True, parts=(), cuda_takes=None):
         self.name = name
         self.reference = reference
         self.triton_module = triton_module
         self.native = native
         self.parts = parts  # composite ops: available where all of their parts are
+        self.cuda_takes = cuda_takes
 
 
 _OPS: dict[str, _Op] = {}
 
 
-def register_op(name, reference, triton_module=None, native=True, parts=()):
+def register_op(name, reference, triton_module=None, native=True, parts=(), cuda_takes=None):
     """Declare an op: its torch reference, the module that registers its Triton version as the
     custom op dsv3_kernels::<name>_triton, whether _C has CPU/CUDA kernels, or the ops it is
-    composed of."""
-    _OPS[name] = _Op(name, reference, triton_module, native, tuple(parts))
+    composed of. cuda_takes(*args) -> bool, for an op whose CUDA kernel takes only some of what
+    the op accepts (dtypes, block sizes): where it is False the automatic choice is made as if
+    there were no cuda kernel."""
+    _OPS[name] = _Op(name, reference, triton_module, native, tuple(parts), cuda_takes)
 
 
 def ops():
@@ -112,19 +117,27 @@ def arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def resolve(op: str, device: torch.device, backend=None) -> str:
-    """The backend that runs `op` on tensors of `device` (see the module docstring for the rule)."""
-    return _resolve(op, device.type, device.index, backend)
+def resolve(op: str, device: torch.device, backend=None, args=()) -> str:
+    """The backend that runs `op` on tensors of `device` (see the module docstring for the rule);
+    args: the op's arguments, for its cuda_takes."""
+    spec = _get_op(op)
+    cuda_ok = device.type != "cuda" or spec.cuda_takes is None or not args or bool(spec.cuda_takes(*args))
+    return _resolve(op, device.type, device.index, backend, cuda_ok)
+
+
+def run(op: str, device: torch.device, backend, *args):
+    """Run a non-composite `op` on `args` (its schema's arguments) with the backend the rule picks."""
+    return implementation(op, resolve(op, device, backend, args))(*args)
 
 
 # torch.compile evaluates the choice once, while tracing, and bakes the result into the graph.
 @torch.compiler.assume_constant_result
-def _resolve(op: str, device_type: str, device_index, backend) -> str:
+def _resolve(op: str, device_type: str, device_index, backend, cuda_ok: bool) -> str:
     env = _getenv(ENV_VAR)
     # TRITON_INTERPRET matters only where triton is asked for (auto never picks it for CPU tensors)
     named = backend if backend is not None else env.strip().lower()
     interpret = _getenv("TRITON_INTERPRET", "0") if named == "triton" else None
-    return _decide(op, device_type, device_index, backend, env, interpret)
+    return _decide(op, device_type, device_index, backend, env, interpret, cuda_ok)
 
 
 # os.environ.get encodes the key and decodes the value (~1 us, paid by every op call); CPython keeps
@@ -142,7 +155,7 @@ def _getenv(name: str, default: str = "") -> str:
 # Cached: deciding asks the dispatcher which kernels _C registered, which costs more than a
 # decode-sized kernel on the CPU. The variables the choice reads are part of the key.
 @functools.lru_cache(maxsize=None)
-def _decide(op: str, device_type: str, device_index, backend, env: str, interpret: str) -> str:
+def _decide(op: str, device_type: str, device_index, backend, env: str, interpret: str, cuda_ok: bool) -> str:
     spec = _get_op(op)
     device = torch.device(device_type, device_index)
     source = "backend="
@@ -160,7 +173,7 @@ def _decide(op: str, device_type: str, device_index, backend, env: str, interpre
                 f"{op}: backend {backend!r} (from {source}) cannot run here: {why}. "
                 f"Available for {device.type} tensors: {available_backends(op, device)}")
     elif device.type == "cuda":
-        if _why_not(spec, "cuda", "cuda") is None and _verified(spec, arch(device)):
+        if cuda_ok and _why_not(spec, "cuda", "cuda") is None and _verified(spec, arch(device)):
             backend = "cuda"
         else:
             backend = "triton" if _why_not(spec, "triton", "cuda") is None else "torch"

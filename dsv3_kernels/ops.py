@@ -23,14 +23,21 @@ dispatch.register_op("weight_quant", _ref_fp8.weight_quant, "dsv3_kernels.triton
 dispatch.register_op("weight_dequant", _ref_fp8.weight_dequant, "dsv3_kernels.triton.fp8")
 dispatch.register_op("fp8_gemm", _ref_fp8.fp8_gemm, "dsv3_kernels.triton.fp8")
 dispatch.register_op("fp8_linear", None, parts=("act_quant", "fp8_gemm"))
-dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla")
+def _mla_decode_cuda_takes(q, kv_cache, *_):
+    """The CUDA kernel: bfloat16/float16 q (bfloat16 with the FP8 cache), block_size % 64 == 0."""
+    dtypes = (torch.bfloat16,) if kv_cache.dtype == torch.uint8 else (torch.bfloat16, torch.float16)
+    return q.dtype in dtypes and kv_cache.shape[1] % 64 == 0
+
+
+dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla", cuda_takes=_mla_decode_cuda_takes)
 dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
 dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe")
 dispatch.register_op("moe_permute", _ref_moe.moe_permute, "dsv3_kernels.triton.moe_permute")
 dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.moe_permute")
 dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_permute")
 dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton.grouped_gemm")
-dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm")
+dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm",
+                     cuda_takes=lambda hidden, *_: hidden.dtype == torch.bfloat16)  # the CUDA kernel: bf16 only
 dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep")
 dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
 dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
@@ -78,8 +85,7 @@ def _check_scale_shape(name, scale, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(scale.shape)}")
 
 
-def _run(op, device, backend, *args):
-    return dispatch.implementation(op, dispatch.resolve(op, device, backend))(*args)
+_run = dispatch.run
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt=None, *, backend=None):
@@ -206,7 +212,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
 MLA_HEAD_DIM = _ref_mla.HEAD_DIM  # 576 = c_kv 512 | k_pe 64
 MLA_LORA_RANK = _ref_mla.KV_LORA_RANK
 MLA_ROPE_DIM = _ref_mla.ROPE_DIM
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 MLA_FP8_TOKEN_BYTES = _ref_mla.FP8_TOKEN_BYTES  # 656: the FP8 cache's token (reference/mla.py)
@@ -312,12 +317,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
-    chosen = dispatch.resolve("mla_decode", q.device, backend)
-    cuda_dtypes = (torch.bfloat16,) if fp8_cache else _HALF_DTYPES
-    if chosen == "cuda" and backend is None and (q.dtype not in cuda_dtypes or kv_cache.shape[1] % 64):
-        chosen = dispatch.resolve("mla_decode", q.device, "triton")  # what the CUDA kernel does not take
-    return dispatch.implementation("mla_decode", chosen)(
-        q, kv_cache, block_table, cache_seqlens, float(softmax_scale), bool(causal), num_splits)
+    return _run("mla_decode", q.device, backend, q, kv_cache, block_table, cache_seqlens, float(softmax_scale),
+                bool(causal), num_splits)
 
 
 def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -366,8 +367,8 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
         if (max(slot_mapping.tolist()) if t <= _SMALL else int(slot_mapping.max())) >= capacity:
             i = int(slot_mapping.argmax())
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
-    dispatch.implementation("mla_cache_write", dispatch.resolve("mla_cache_write", kv_c.device, backend))(
-        kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps), rope_cos, rope_sin)
+    _run("mla_cache_write", kv_c.device, backend, kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps),
+         rope_cos, rope_sin)
 
 
 # ---- DeepSeekMoE ----
@@ -611,11 +612,8 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     _check_ids_in_range(topk_ids, e)
     if hidden.dtype == torch.float32 and fp8:
         raise TypeError("float32 hidden needs float32 experts (FP8 experts take bfloat16 hidden)")
-    chosen = dispatch.resolve("fused_moe", hidden.device, backend)
-    if chosen == "cuda" and backend is None and hidden.dtype == torch.float32:
-        chosen = dispatch.resolve("fused_moe", hidden.device, "triton")  # what the CUDA kernel does not take
-    return dispatch.implementation("fused_moe", chosen)(hidden, w13, w2, topk_weights, topk_ids,
-                                                        w13_scale_inv, w2_scale_inv)
+    return _run("fused_moe", hidden.device, backend, hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv,
+                w2_scale_inv)
 
 
 # ---- expert parallelism: tokens to the ranks that own their experts, and back ----

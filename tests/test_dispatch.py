@@ -121,3 +121,20 @@ def test_shipped_verified_table_is_well_formed():
     for e in verified.entries():
         assert e["op"] in dispatch.ops() and e["backend"] in dispatch.BACKENDS
         assert e["arch"].startswith("sm_") and e["hardware"] and e["date"] and e["tests"] > 0
+
+
+def test_auto_skips_a_cuda_kernel_that_does_not_take_the_arguments(fake_gpu, monkeypatch):
+    """An op's cuda_takes (declared with the op) decides, in dispatch.py: mla_decode's CUDA kernel takes
+    bf16/fp16 q and block sizes that are multiples of 64; fused_moe's takes bf16 only."""
+    monkeypatch.setattr(verified, "is_verified", lambda op, backend, arch: True)
+    meta = dict(device="meta")
+    q16, q32 = torch.empty(1, 1, 4, 576, dtype=torch.bfloat16, **meta), torch.empty(1, 1, 4, 576, **meta)
+    cache64 = torch.empty(2, 64, 576, dtype=torch.bfloat16, **meta)
+    cache16 = torch.empty(2, 16, 576, dtype=torch.bfloat16, **meta)
+    cuda = torch.device("cuda")
+    assert dispatch.resolve("mla_decode", cuda, None, (q16, cache64)) == "cuda"
+    assert dispatch.resolve("mla_decode", cuda, None, (q32, cache64)) == FALLBACK
+    assert dispatch.resolve("mla_decode", cuda, None, (q16, cache16)) == FALLBACK
+    assert dispatch.resolve("mla_decode", cuda, "cuda", (q16, cache16)) == "cuda"  # an explicit choice stands
+    assert dispatch.resolve("fused_moe", cuda, None, (torch.empty(2, 8, **meta),)) == FALLBACK
+    assert dispatch.resolve("fused_moe", cuda, None, (torch.empty(2, 8, dtype=torch.bfloat16, **meta),)) == "cuda"
