@@ -15,7 +15,8 @@ from dsv3_kernels.reference.fp8 import calc_diff
 
 from .cache import decode_batch, prefill_batch
 from .config import tiny
-from .model import Transformer, init_random_
+from .model import Transformer
+from .testing import init_random_
 
 
 def main(argv=None):

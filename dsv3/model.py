@@ -16,14 +16,12 @@ is the main model's. dsv3.generate drafts with it (speculative decoding).
 import torch
 from torch import nn
 
-import dsv3_kernels as dk
-
 from . import parallel
 from .attention import MLA
 from .cache import Batch, LatentCache
 from .config import ModelArgs
 from .layers import MLP, Linear, LMHead, Module, RMSNorm, VocabEmbedding
-from .moe import Experts, Gate, MoE
+from .moe import MoE
 from .rope import Rope
 
 
@@ -174,42 +172,3 @@ class Transformer(Module):
         """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
         for layer in [*self.model.layers, *self.mtp]:
             layer.self_attn.reset_absorbed()
-
-
-@torch.no_grad()
-def init_random_(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
-    """Random weights (benchmarks, tests): normal(0, std) linears (FP8 ones quantized), unit norms,
-    a small positive e_score_correction_bias; drawn on the model's device."""
-    device = model.device
-    g = torch.Generator(device).manual_seed(seed)  # on the model's device: a 671B slice is tens of GB
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device) * std
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, RMSNorm):
-            mod.weight.fill_(1.0)
-        elif isinstance(mod, (Linear, VocabEmbedding)):
-            w = randn(*mod.weight.shape)
-            if getattr(mod, "fp8", False):
-                q, s = dk.weight_quant(w)
-                mod.weight.copy_(q)
-                mod.weight_scale_inv.copy_(s)
-            else:
-                mod.weight.copy_(w)
-        elif isinstance(mod, Gate):
-            mod.weight.copy_(randn(*mod.weight.shape))
-            mod.e_score_correction_bias.copy_(torch.rand(mod.e_score_correction_bias.shape, generator=g,
-                                                         device=device) * 0.05)
-        elif isinstance(mod, Experts):
-            for w, s in ((mod.w13, mod.w13_scale_inv), (mod.w2, mod.w2_scale_inv)):
-                for e in range(w.shape[0]):
-                    x = randn(*w.shape[1:])
-                    if s is None:
-                        w[e].copy_(x)
-                    else:
-                        q, qs = dk.weight_quant(x)
-                        w[e].copy_(q)
-                        s[e].copy_(qs)
-    model.reset_absorbed()
-    return model

@@ -35,7 +35,8 @@ from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
 from dsv3.generate import DEFAULT_MODEL, Generator
 from dsv3.load import load, load_tokenizer
-from dsv3.model import Transformer, init_random_
+from dsv3.model import Transformer
+from dsv3.testing import init_random_
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "model", "data", "heldout_sample.txt")
 
