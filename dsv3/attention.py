@@ -21,32 +21,35 @@ import torch.nn.functional as F
 import dsv3_kernels as dk
 from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES, dequantize_tokens
 
-from . import parallel
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
 from .layers import FusedLinear, Linear, Module, RMSNorm, cpu_bf16_gemm
+from .parallel import Parallel
 from .rope import apply_rope
 
 
 class MLA(Module):
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+    """The attention of one layer: this rank's heads (`parallel`'s tensor-parallel split)."""
+
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, *, parallel: Parallel):
         super().__init__()
         h, qk, d = args.num_attention_heads, args.qk_head_dim, args.hidden_size
         self.nope, self.v_dim = args.qk_nope_head_dim, args.v_head_dim
         # whole heads per rank: the column splits below could otherwise cut a head in two
         lo, hi = parallel.shard_range(h, "num_attention_heads")
         self.num_heads = hi - lo
+        column, row = dict(split="column", parallel=parallel), dict(split="row", parallel=parallel)
         if args.q_lora_rank is None:
-            self.q_proj = Linear(d, h * qk, dtype, fp8, "column", device)
+            self.q_proj = Linear(d, h * qk, dtype, fp8, device, **column)
         else:
-            self.q_a_proj = Linear(d, args.q_lora_rank, dtype, fp8, None, device)
+            self.q_a_proj = Linear(d, args.q_lora_rank, dtype, fp8, device)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6, dtype, device)
-            self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, "column", device)
-        self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, None, device)
+            self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, device, **column)
+        self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, device)
         # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM where they can share a weight
         self.qkv_a = None if args.q_lora_rank is None else FusedLinear.of(self.q_a_proj, self.kv_a_proj_with_mqa)
         self.kv_a_layernorm = RMSNorm(KV_LORA_RANK, 1e-6, dtype, device)
-        self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, "column", device)
-        self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, "row", device)
+        self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, device, **column)
+        self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, device, **row)
         self.softmax_scale = args.softmax_scale()
         self.dtype = dtype
         self._absorbed = None

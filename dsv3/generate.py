@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from . import parallel
 from .cache import CACHE_DTYPES, Batch, CacheFullError, decode_batch, prefill_batch
+from .parallel import MODES, Parallel, per_token
 
 # The model folder the command line uses without --model.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
@@ -189,7 +189,7 @@ class Generator:
     first token), decode_tokens, decode_s and decode_tokens_per_s (None without a decode step);
     with speculative "mtp" also decode_steps (request-steps), tokens_per_step (decode_tokens /
     decode_steps), drafts and acceptance_rate (drafts kept / drafts verified; None without a step).
-    With expert parallelism (dsv3/parallel.py) each rank generates its own prompts (maybe none) and
+    With expert parallelism (model.parallel, dsv3/parallel.py) each rank generates its own prompts (maybe none) and
     steps until every rank is done (a finished rank runs Transformer.idle steps), eagerly and
     without speculation.
     """
@@ -198,7 +198,7 @@ class Generator:
                  speculative=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_len = model.args.max_position_embeddings
-        ep = parallel.expert_parallel()
+        ep = model.parallel.expert_parallel
         if speculative is None:
             speculative = "mtp" if len(model.mtp) and not ep else "none"
         if speculative not in ("none", "mtp"):
@@ -257,7 +257,8 @@ class Generator:
         blocks for prompt + max_new_tokens of every prompt (nothing is run then).
         """
         self.validate(prompts, max_new_tokens, temperature, top_p)
-        ep = parallel.expert_parallel()  # every rank steps until all are done
+        par = self.model.parallel
+        ep = par.expert_parallel  # every rank steps until all are done
         if not prompts and not ep:
             return []
         device, cache, eos = self.model.device, self.cache, set(self.model.args.eos_token_ids)
@@ -320,7 +321,7 @@ class Generator:
                     accept([[t] for t in sample(logits, temperature, top_p, rng).tolist()])
             first = time.perf_counter()
             decoded = 0
-            while parallel.any_rank(bool(running), device) if ep else running:
+            while par.any_rank(bool(running), device) if ep else running:
                 if not running:
                     self.model.idle()
                     continue
@@ -424,7 +425,7 @@ def _parser():
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--fp8", action="store_true", help="quantize a bf16/fp32 checkpoint to FP8 on load")
-    p.add_argument("--parallel", choices=parallel.MODES, default="tp",
+    p.add_argument("--parallel", choices=MODES, default="tp",
                    help="under torchrun: tp (tensor parallel, default) or ep (each rank its own share of the "
                         "prompts with its own cache, routed experts split over ranks, tokens sent to them all-to-all)")
     p.add_argument("--fp8-dispatch", action="store_true", help="--parallel ep: send the tokens to the experts in "
@@ -463,14 +464,15 @@ def _run_expert_parallel(generator, tokenizer, texts, args, out):
     prompt order as one process does (without streaming) and the stats of all ranks together
     (decode tokens/s: all ranks' tokens over the slowest rank's decode time)."""
     import torch.distributed as dist
-    world, rank = parallel.world_size(), parallel.rank()
+    par = generator.model.parallel
+    world, rank = par.world, par.rank
     prompts = _encode(generator, tokenizer, texts)
     generator.validate(prompts, args.max_new_tokens, args.temperature, args.top_p)  # all ranks, all prompts
     mine = list(range(rank, len(texts), world))
     outputs = generator.generate([prompts[i] for i in mine], args.max_new_tokens, args.temperature, args.top_p,
                                  args.seed)
     gathered = [None] * world
-    dist.all_gather_object(gathered, (mine, outputs, generator.last_stats, dict(parallel.traffic)))
+    dist.all_gather_object(gathered, (mine, outputs, generator.last_stats, par.traffic))
     if rank != 0:
         return
     new = {i: o for ids, outs, _, _ in gathered for i, o in zip(ids, outs)}
@@ -482,7 +484,7 @@ def _run_expert_parallel(generator, tokenizer, texts, args, out):
     _print_stats(dict(prefill_tokens=sum(s["prefill_tokens"] for s in stats), ttft_s=max(s["ttft_s"] for s in stats),
                       decode_tokens=decoded, decode_tokens_per_s=decoded / decode_s if decoded else None),
                  generator, out)
-    traffic = parallel.per_token([g[3] for g in gathered])
+    traffic = per_token([g[3] for g in gathered])
     if traffic is not None:
         from .moe import Experts
         slots = next(m.num_slots for m in generator.model.modules() if isinstance(m, Experts))
@@ -495,7 +497,7 @@ def _run_expert_parallel(generator, tokenizer, texts, args, out):
 def _run(generator, tokenizer, texts, args, out, echo=True):
     """Generate for the prompt texts and print them to `out`; one prompt streams its tokens as they
     come (after the prompt itself with `echo`)."""
-    if parallel.expert_parallel():
+    if generator.model.parallel.expert_parallel:
         return _run_expert_parallel(generator, tokenizer, texts, args, out)
     prompts = _encode(generator, tokenizer, texts)
     generator.validate(prompts, args.max_new_tokens, args.temperature, args.top_p)  # before printing anything
@@ -548,8 +550,9 @@ def main(argv=None):
     # (seed + rank). Rank 0 prints.
     if (args.fp8_dispatch or args.eplb) and args.parallel != "ep":
         fail(f"{'--fp8-dispatch' if args.fp8_dispatch else '--eplb'} needs --parallel ep")
-    rank = parallel.init_from_env(torch.device(device).type, args.parallel, args.fp8_dispatch)
-    if parallel.world_size() > 1:
+    par = Parallel.from_env(torch.device(device).type, args.parallel, args.fp8_dispatch)
+    rank = par.rank
+    if par.world > 1:
         if args.interactive:
             fail("--interactive runs in one process (no torchrun)")
         if torch.device(device).type == "cuda":
@@ -559,16 +562,17 @@ def main(argv=None):
     try:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-        if args.eplb and parallel.world_size() > 1:
+        if args.eplb and par.world > 1:
             from . import eplb
             from .config import ModelArgs
             config = ModelArgs.from_json(model_dir)
             moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-            parallel.set_mode("ep", args.fp8_dispatch,
-                              eplb.plan(args.eplb, moe_layers, parallel.world_size(), args.redundant_experts))
+            par = Parallel("ep", par.rank, par.world, args.fp8_dispatch,
+                           eplb.plan(args.eplb, moe_layers, par.world, args.redundant_experts))
         tokenizer = load_tokenizer(model_dir)  # first: a missing tokenizer fails before a long load
         model = load(model_dir, dtype=getattr(torch, args.dtype), device=device, fp8=True if args.fp8 else None,
-                     backend=None if args.backend == "auto" else args.backend, mtp=not parallel.expert_parallel())
+                     backend=None if args.backend == "auto" else args.backend, mtp=not par.expert_parallel,
+                     parallel=par)
     except (FileNotFoundError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, --eplb's file
         fail(str(e))
     try:
@@ -582,7 +586,7 @@ def main(argv=None):
     except (ValueError, CacheFullError) as e:  # prompts too long for the model or for the cache
         fail(str(e))
     finally:
-        parallel.shutdown()
+        par.shutdown()
     while args.interactive:
         print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline().rstrip("\r\n")

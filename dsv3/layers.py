@@ -12,8 +12,7 @@ from torch import nn
 import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 
-from . import parallel
-from .parallel import shard_range
+from .parallel import Parallel
 
 BLOCK = 128  # FP8 weight blocks: 128 x 128
 
@@ -49,21 +48,25 @@ class Linear(Module):
     weight: [out, in] of `dtype`, or with fp8 float8_e4m3fn plus weight_scale_inv float32
     [ceil(out/128), in/128] (dequantized = block * scale). A linear whose input width is not a
     multiple of 128 cannot run the FP8 GEMM and stays in `dtype` (the loader dequantizes it).
-    parallel: None (replicated); "column": this rank holds out/world rows (outputs);
-    "row": in/world columns, and the caller sums the ranks' partial outputs.
+    split: None (replicated); "column": this rank holds out/world rows (outputs); "row": in/world
+    columns, and the caller sums the ranks' partial outputs; over the tensor-parallel ranks of
+    `parallel` (a dsv3.parallel.Parallel, needed with a split).
     what: the config field the split dimension comes from (named by the error of an uneven split).
     """
 
-    def __init__(self, in_features, out_features, dtype, fp8=False, parallel=None, device=None, what=None):
+    def __init__(self, in_features, out_features, dtype, fp8=False, device=None, *, split=None,
+                 parallel: Parallel = None, what=None):
         super().__init__()
         self.full_shape = (out_features, in_features)
-        self.parallel = parallel
+        self.split = split
         # the part of the checkpoint's [out, in] weight this rank holds (the loader reads these)
         self.rows, self.cols = slice(0, out_features), slice(0, in_features)
-        if parallel == "column":
-            self.rows = slice(*shard_range(out_features, what or "output features"))
-        elif parallel == "row":
-            self.cols = slice(*shard_range(in_features, what or "input features"))
+        if split == "column":
+            self.rows = slice(*parallel.shard_range(out_features, what or "output features"))
+        elif split == "row":
+            self.cols = slice(*parallel.shard_range(in_features, what or "input features"))
+        elif split is not None:
+            raise ValueError(f"split must be None, 'column' or 'row', got {split!r}")
         self.in_features, self.out_features = self.cols.stop - self.cols.start, self.rows.stop - self.rows.start
         in_features, out_features = self.in_features, self.out_features
         self.fp8 = fp8 and in_features % BLOCK == 0
@@ -86,7 +89,7 @@ class Linear(Module):
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, {'fp8' if self.fp8 else self.weight.dtype}"
-                + (f", {self.parallel}-parallel" if self.parallel else ""))
+                + (f", {self.split}-parallel" if self.split else ""))
 
 
 # Decode-sized bf16 products on the CPU (up to this many rows) run the C++ grouped-GEMM kernel as one
@@ -169,42 +172,46 @@ def _view_param(t):
 
 
 class VocabEmbedding(Module):
-    """Embedding split over ranks by vocabulary rows; each token's row comes from its owner rank."""
+    """Embedding split over the tensor-parallel ranks by vocabulary rows; each token's row comes
+    from its owner rank."""
 
-    def __init__(self, vocab_size, dim, dtype, device=None):
+    def __init__(self, vocab_size, dim, dtype, device=None, *, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel
         self.full_shape = (vocab_size, dim)
         self.lo, self.hi = parallel.shard_range(vocab_size, "vocab_size")
         self.rows, self.cols = slice(self.lo, self.hi), slice(0, dim)  # as Linear's, for the loader
         self.weight = _param(self.hi - self.lo, dim, dtype=dtype, device=device)
 
     def forward(self, ids):
-        if parallel.tp_size() == 1:
+        if self.parallel.tp_size == 1:
             return F.embedding(ids, self.weight)
         mine = (ids >= self.lo) & (ids < self.hi)
         out = F.embedding((ids - self.lo).clamp(0, self.hi - self.lo - 1), self.weight)
-        return parallel.all_reduce(out * mine[:, None].to(out.dtype))
+        return self.parallel.all_reduce(out * mine[:, None].to(out.dtype))
 
 
 class LMHead(Linear):
     """The output projection, column-parallel over the vocabulary; logits gathered on every rank."""
 
-    def __init__(self, dim, vocab_size, dtype, device=None):
-        super().__init__(dim, vocab_size, dtype, fp8=False, parallel="column", device=device, what="vocab_size")
+    def __init__(self, dim, vocab_size, dtype, device=None, *, parallel: Parallel):
+        super().__init__(dim, vocab_size, dtype, False, device, split="column", parallel=parallel, what="vocab_size")
+        self.parallel = parallel
 
     def forward(self, x):
-        return parallel.all_gather_last_dim(super().forward(x))
+        return self.parallel.all_gather_last_dim(super().forward(x))
 
 
 class MLP(Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)); gate/up column- and down row-parallel,
     so the output is this rank's partial sum (the caller all-reduces). what: inter's config field."""
 
-    def __init__(self, dim, inter, dtype, fp8=False, device=None, what="intermediate_size"):
+    def __init__(self, dim, inter, dtype, fp8=False, device=None, *, parallel: Parallel, what="intermediate_size"):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
-        self.up_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
-        self.down_proj = Linear(inter, dim, dtype, fp8, "row", device, what)
+        split = dict(parallel=parallel, what=what)
+        self.gate_proj = Linear(dim, inter, dtype, fp8, device, split="column", **split)
+        self.up_proj = Linear(dim, inter, dtype, fp8, device, split="column", **split)
+        self.down_proj = Linear(inter, dim, dtype, fp8, device, split="row", **split)
         self.gate_up = FusedLinear.of(self.gate_proj, self.up_proj)
 
     def forward(self, x):

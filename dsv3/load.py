@@ -25,11 +25,11 @@ from safetensors import SafetensorError, safe_open
 
 import dsv3_kernels as dk
 
-from . import parallel
 from .config import ModelArgs
 from .layers import BLOCK, Linear, RMSNorm, VocabEmbedding
 from .model import Transformer
 from .moe import Experts, Gate
+from .parallel import Parallel
 
 log = logging.getLogger("dsv3")
 
@@ -179,14 +179,15 @@ class _Loader:
 
 
 def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True,
-         mtp=True) -> Transformer:
+         mtp=True, parallel: Parallel = None) -> Transformer:
     """Build the Transformer of `model_dir`'s config.json and load its weights.
 
     dtype: activations and unquantized weights (bfloat16; float32 for the reference path).
     fp8: None keeps the checkpoint's format; True quantizes a bf16/fp32 checkpoint to FP8 (128x128
-    blocks) on load; False dequantizes an FP8 checkpoint. With torch.distributed initialized
-    (torchrun), this rank's shard only. mtp: load the multi-token-prediction layers the config
-    and the checkpoint have (False: skip them). Returns the model in eval mode on `device`.
+    blocks) on load; False dequantizes an FP8 checkpoint. parallel: a dsv3.parallel.Parallel
+    (None: one process); this rank's shard only, the progress bar on rank 0. mtp: load the
+    multi-token-prediction layers the config and the checkpoint have (False: skip them). Returns
+    the model in eval mode on `device`.
     """
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -203,7 +204,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
         log.info("config.json has num_nextn_predict_layers = %d, the checkpoint %d: loading %d MTP layer(s)",
                  wanted, present, present)
     args.num_nextn_predict_layers = present
-    model = Transformer(args, dtype, fp8, device=device, backend=backend)
+    model = Transformer(args, dtype, fp8, device=device, backend=backend, parallel=parallel)
     loader = _Loader(files)
     lm_head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     jobs = []  # (checkpoint file of the first tensor read, name, how to load)
@@ -222,7 +223,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
     # read shard by shard (the progress bar's unit), in the order of the files
     order = {f: i for i, f in enumerate(dict.fromkeys(sorted(files.values())))}
     jobs.sort(key=lambda j: order.get(files.get(j[0]), -1))
-    show = progress and parallel.rank() == 0
+    show = progress and model.parallel.rank == 0
     bar = _progress(len(order), show)
     current = None
     try:

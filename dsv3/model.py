@@ -16,23 +16,24 @@ is the main model's. dsv3.generate drafts with it (speculative decoding).
 import torch
 from torch import nn
 
-from . import parallel
 from .attention import MLA
 from .cache import Batch, LatentCache
 from .config import ModelArgs
 from .layers import MLP, Linear, LMHead, Module, RMSNorm, VocabEmbedding
 from .moe import MoE
+from .parallel import Parallel
 from .rope import Rope
 
 
 class DecoderLayer(Module):
-    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device, *, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel  # the all-reduces of the attention's and the MLP's partial sums
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.self_attn = MLA(args, dtype, fp8, device)
+        self.self_attn = MLA(args, dtype, fp8, device, parallel=parallel)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.mlp = (MoE(args, dtype, fp8, device, layer_id) if args.is_moe_layer(layer_id)
-                    else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
+        self.mlp = (MoE(args, dtype, fp8, device, layer_id, parallel=parallel) if args.is_moe_layer(layer_id)
+                    else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device, parallel=parallel))
 
     def forward(self, x, residual, batch, kv_cache, rope):
         """The residual stream is x + residual (residual None: x alone), [N, hidden] -> the layer's
@@ -43,20 +44,20 @@ class DecoderLayer(Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        attn = parallel.all_reduce(self.self_attn(h, batch, kv_cache, rope))
+        attn = self.parallel.all_reduce(self.self_attn(h, batch, kv_cache, rope))
         if batch.query_rows is not None:
             residual = residual[batch.query_rows]
         h, residual = self.post_attention_layernorm(attn, residual)
-        return parallel.all_reduce(self.mlp(h)), residual
+        return self.parallel.all_reduce(self.mlp(h)), residual
 
 
 class SharedHead(Module):
     """An MTP layer's output head: norm, then head (column-parallel like lm_head)."""
 
-    def __init__(self, args, dtype, device):
+    def __init__(self, args, dtype, device, *, parallel: Parallel):
         super().__init__()
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        self.head = LMHead(args.hidden_size, args.vocab_size, dtype, device, parallel=parallel)
 
     def forward(self, x):
         return self.head(self.norm(x))
@@ -66,37 +67,42 @@ class MTPLayer(DecoderLayer):
     """A multi-token-prediction module: enorm, hnorm, eh_proj (replicated; bf16 as in DeepSeek's
     release, which does not quantize it), a decoder layer (a MoE layer for DeepSeek-V3), shared_head."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
-        super().__init__(args, layer_id, dtype, fp8, device)
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device, *, parallel: Parallel):
+        super().__init__(args, layer_id, dtype, fp8, device, parallel=parallel)
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype, False, None, device)
-        self.shared_head = SharedHead(args, dtype, device)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype, False, device)
+        self.shared_head = SharedHead(args, dtype, device, parallel=parallel)
 
 
 class Body(Module):
     """Hugging Face's `model.` prefix: embed_tokens, layers, norm."""
 
-    def __init__(self, args, dtype, fp8, device):
+    def __init__(self, args, dtype, fp8, device, *, parallel: Parallel):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, fp8, device) for i in range(args.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, dtype, device, parallel=parallel)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, fp8, device, parallel=parallel)
+                                    for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
 
 
 class Transformer(Module):
     """The causal LM. dtype: activations and unquantized weights (bfloat16; float32 is the
     reference precision); fp8: linears and experts hold e4m3 + weight_scale_inv (128x128 blocks).
-    backend: the dsv3_kernels backend of every op (None: dispatch's rule; "torch": the reference)."""
+    backend: the dsv3_kernels backend of every op (None: dispatch's rule; "torch": the reference).
+    parallel: how the model is split over processes (dsv3.parallel.Parallel; None: one process):
+    it decides which part of each weight this rank holds."""
 
-    def __init__(self, args: ModelArgs, dtype=torch.bfloat16, fp8=None, device=None, backend=None):
+    def __init__(self, args: ModelArgs, dtype=torch.bfloat16, fp8=None, device=None, backend=None,
+                 parallel: Parallel = None):
         super().__init__()
         self.args, self.dtype = args, dtype
         self.fp8 = args.fp8 if fp8 is None else fp8
-        self.model = Body(args, dtype, self.fp8, device)
-        self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        self.parallel = parallel = parallel or Parallel()
+        self.model = Body(args, dtype, self.fp8, device, parallel=parallel)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device, parallel=parallel)
         # checkpoint model.layers.{num_hidden_layers + k} (checkpoint_name maps the names)
-        self.mtp = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, dtype, self.fp8, device)
+        self.mtp = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, dtype, self.fp8, device, parallel=parallel)
                                  for k in range(args.num_nextn_predict_layers))
         self.rope = Rope(args, device)
         self.set_backend(backend)
