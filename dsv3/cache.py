@@ -109,8 +109,9 @@ def prefill_batch(requests, cache: LatentCache, device=None, all_logits=False) -
                  logits_index=None if all_logits else ends.to(device))
 
 
-def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
-    """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones."""
+def decode_batch(requests, cache: LatentCache, device=None, s_q=1, all_logits=False) -> Batch:
+    """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones.
+    Logits: of each request's last new token, or with all_logits of all B * s_q tokens."""
     # This runs on the host every decode step: the few numbers per request are computed in Python
     # and become tensors in one call each (whole-batch tensor ops cost more below a few hundred
     # requests: each op is microseconds, each request a handful of integer operations).
@@ -125,4 +126,23 @@ def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
 
     return Batch(tensor(pos, torch.int64), tensor(slots, torch.int64), False,
                  block_table=tensor(table, torch.int32), cache_seqlens=tensor([n + s_q for n, _ in requests], torch.int32),
-                 logits_index=tensor([i * s_q + s_q - 1 for i in range(b)], torch.int64))
+                 logits_index=None if all_logits else tensor([i * s_q + s_q - 1 for i in range(b)], torch.int64))
+
+
+# ---- speculative decoding (dsv3/generator.py): one draft token per request and step ----
+
+def verify_batch(requests, cache: LatentCache, device=None) -> Batch:
+    """The target's step over each request's last token and its draft: requests [(cached_tokens,
+    block_ids)], two new tokens each (s_q = 2, causal), the logits of both rows."""
+    return decode_batch(requests, cache, device, s_q=2, all_logits=True)
+
+
+def draft_batch(verify: Batch, kept: torch.Tensor) -> Batch:
+    """The MTP module's pass over the same two rows per request after the verify step: kept int64
+    [B] (1 where the draft was kept, else 0). Both rows write the MTP layer's keys, but only the
+    request's last row (row 1 where the draft was kept, row 0 else) goes through its attention, MLP
+    and head (Batch.query_rows; its cache_seqlens count to that row): a rejected draft's row is
+    overwritten by the next step."""
+    b = kept.shape[0]
+    return dataclasses.replace(verify, query_rows=torch.arange(b, device=kept.device) * 2 + kept,
+                               cache_seqlens=verify.cache_seqlens - 1 + kept.to(torch.int32))

@@ -10,7 +10,7 @@ Multi-token prediction (DeepSeek-V3's MTP module, `Transformer.mtp`, checkpoint
 (normalized) hidden state h_i with the embedding of the next token t_{i+1},
 eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), runs one decoder layer over its own latent cache layer
 (RoPE position i) and predicts t_{i+2} through shared_head.norm and shared_head.head. The embedding
-is the main model's. dsv3.generate drafts with it (speculative decoding).
+is the main model's. dsv3.generator drafts with it (speculative decoding).
 """
 
 import torch

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3 import generate as gen
+from dsv3 import generator as gen
 from dsv3 import train
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
-from dsv3.generate import DEFAULT_MODEL, Generator, main, probabilities, verify
+from dsv3.generate import DEFAULT_MODEL, main
+from dsv3.generator import Generator
+from dsv3.sampling import probabilities, verify
 from dsv3.load import CheckpointError, load
 
 N = train.PRESETS["test"]["num_hidden_layers"]  # the MTP layer's checkpoint index
@@ -139,9 +141,9 @@ def test_greedy_identical_shipped_model(shipped):
     spec, plain = Generator(shipped, block_size=16), Generator(shipped, block_size=16, speculative="none")
     for n in (1, 2, 3, 24):
         assert spec.generate(tok_prompts, max_new_tokens=n) == plain.generate(tok_prompts, max_new_tokens=n)
-    assert spec.last_stats["acceptance_rate"] > 0.2  # the path that keeps drafts ran
-    assert spec.last_stats["tokens_per_step"] == pytest.approx(
-        spec.last_stats["decode_tokens"] / spec.last_stats["decode_steps"])
+    assert spec.last_stats.acceptance_rate > 0.2  # the path that keeps drafts ran
+    assert spec.last_stats.tokens_per_step == pytest.approx(
+        spec.last_stats.decode_tokens / spec.last_stats.decode_steps)
 
 
 def test_drafts_are_the_teacher_forced_mtp_drafts(shipped, monkeypatch):
@@ -189,8 +191,8 @@ def test_drafts_are_the_teacher_forced_mtp_drafts(shipped, monkeypatch):
             else:
                 done[r] += 1
         pending = dict(zip(live, next(calls)))
-    assert spec.last_stats["drafts"] == drafts
-    assert round(spec.last_stats["acceptance_rate"] * drafts) == kept
+    assert spec.last_stats.drafts == drafts
+    assert round(spec.last_stats.acceptance_rate * drafts) == kept
     assert 0 < kept < drafts
 
 
@@ -254,7 +256,7 @@ def test_sampling_runs_and_is_seeded(shipped):
     a = g.generate(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
     assert g.generate(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3) == a
     assert all(len(x) <= 12 for x in a)
-    assert g.last_stats["drafts"] > 0
+    assert g.last_stats.drafts > 0
 
 
 def test_speculative_argument_errors(ckpt):
