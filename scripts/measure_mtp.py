@@ -30,9 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsv3 import corpus
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
+from dsv3.evaluate import token_bytes
 from dsv3.generate import DEFAULT_MODEL
 from dsv3.generator import Generator
 from dsv3.load import load, load_tokenizer
@@ -46,7 +46,7 @@ def teacher_forced(model, tokenizer, text, window=512):
     """(draft agrees with the main model's greedy choice, MTP nats per token, MTP nats per byte)."""
     bos, window = model.args.bos_token_id, min(window, model.args.max_position_embeddings)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    nbytes = corpus.token_bytes(tokenizer)
+    nbytes = token_bytes(tokenizer)
     agree = total = 0
     nll = nb = 0.0
     for s in range(0, len(ids), window - 1):

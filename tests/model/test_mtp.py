@@ -1,4 +1,4 @@
-"""Multi-token prediction: the MTP module against the plain PyTorch one of dsv3.train on the same
+"""Multi-token prediction: the MTP module against the plain PyTorch one of training/ on the same
 weights, loading MTP layers, and speculative decoding (greedy identical to non-speculative greedy,
 speculative sampling drawing from the target distribution)."""
 
@@ -11,22 +11,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3 import generator as gen
-from dsv3 import train
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
 from dsv3.generate import DEFAULT_MODEL, main
 from dsv3.generator import Generator
 from dsv3.sampling import probabilities, verify
+from training.model import PRESETS, TrainableTransformer
+from training.train import losses
 from dsv3.load import CheckpointError, load
 
-N = train.PRESETS["test"]["num_hidden_layers"]  # the MTP layer's checkpoint index
+N = PRESETS["test"]["num_hidden_layers"]  # the MTP layer's checkpoint index
 
 
 def write_mtp_checkpoint(path, seed=0, std=0.1):
-    """A random `test`-preset model with one MTP layer (dsv3.train's module, fp32, HF names)."""
-    args = ModelArgs(**train.PRESETS["test"], num_nextn_predict_layers=1)
+    """A random `test`-preset model with one MTP layer (training's TrainableTransformer, fp32, HF names)."""
+    args = ModelArgs(**PRESETS["test"], num_nextn_predict_layers=1)
     torch.manual_seed(seed)
-    m = train.TrainModel(args)
+    m = TrainableTransformer(args)
     m.init_weights(std=std)
     for moe in m.moe_layers():
         moe.gate.e_score_correction_bias.uniform_(0, 0.2)
@@ -46,7 +47,7 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_mtp_logits_equal_plain_pytorch(ckpt, backend):
     """Prefill the main model, then the MTP module over positions 0..T-2 (h_i, t_{i+1}): its logits
-    equal dsv3.train's MTP module on the same fp32 weights (loaded from DeepSeek's names)."""
+    equal training's MTP module on the same fp32 weights (loaded from DeepSeek's names)."""
     path, ref_model = ckpt
     ids = torch.randint(0, ref_model.args.vocab_size, (3, 37))
     targets = torch.randint(0, ref_model.args.vocab_size, (3, 37))
@@ -100,7 +101,7 @@ def test_mtp_objective(ckpt):
     """loss = main + lambda * mean MTP loss; the MTP loss of depth 1 predicts targets[:, 1:]."""
     _, m = ckpt
     ids, targets = torch.randint(0, m.args.vocab_size, (2, 2, 16)).unbind(0)
-    total, main_loss, (mtp,) = train.losses(m, ids, targets, 0.3)
+    total, main_loss, (mtp,) = losses(m, ids, targets, 0.3)
     logits, (mtp_logits,) = m(ids, targets)
     assert mtp_logits.shape == (2, 15, m.args.vocab_size)
     want = torch.nn.functional.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten())
