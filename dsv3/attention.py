@@ -22,7 +22,7 @@ import dsv3_kernels as dk
 from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES, dequantize_tokens
 
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
-from .layers import FusedLinear, Linear, Module, RMSNorm, cpu_bf16_gemm
+from .layers import FusedLinear, Linear, Module, RMSNorm, grouped_gemm_on_cpu
 from .parallel import Parallel
 from .rope import apply_rope
 
@@ -83,7 +83,7 @@ class MLA(Module):
     def forward(self, x, batch, kv_cache, rope):
         """x: [N, hidden], rope: the (cos, sin) fp32 [N, 32] of batch.positions -> this rank's
         partial o_proj output [N, hidden]; writes the N tokens
-        into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., 656]) at
+        into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., FP8_TOKEN_BYTES]) at
         batch.slot_mapping. With batch.query_rows (decode), the output covers those rows only."""
         cos, sin = rope
         rows = batch.query_rows
@@ -131,14 +131,14 @@ class MLA(Module):
         return self._per_head(out.reshape(-1, self.num_heads, KV_LORA_RANK).to(self.dtype), w_uv)
 
     def _per_head(self, x, w):
-        """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU: the C++ grouped
-        GEMM with one group per head (bf16 bmm takes ~3x longer there at decode sizes); else bmm."""
+        """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU
+        (layers.grouped_gemm_on_cpu): dsv3_kernels.grouped_gemm with one group per head (bf16 bmm
+        takes ~3x longer there at decode sizes); else bmm."""
         n, h, k = x.shape
-        kernel = cpu_bf16_gemm(self.backend) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
-        if kernel is None:
+        if not grouped_gemm_on_cpu(x, self.backend):
             return torch.einsum("nhk,hjk->nhj", x, w)
-        offsets = _head_offsets(h, n)
-        out = kernel(x.transpose(0, 1).reshape(h * n, k).contiguous(), w, offsets, None, None)
+        out = dk.grouped_gemm(x.transpose(0, 1).reshape(h * n, k).contiguous(), w, _head_offsets(h, n),
+                              backend=self.backend)
         return out.view(h, n, -1).transpose(0, 1)
 
 

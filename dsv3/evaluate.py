@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from .cache import CACHE_DTYPES, prefill_batch
+from .cache import CACHE_DTYPE_HELP, CACHE_DTYPES, prefill_batch
+from .config import cdiv
 from .moe import Gate
 
 
@@ -51,7 +52,7 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
 
     hooks = [g.register_forward_hook(count(c)) for g, c in zip(gates, loads)]
     mtp = len(model.mtp) > 0
-    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64, dtype=kv_cache_dtype, mtp=mtp)
+    cache = model.new_cache(windows_per_batch * cdiv(window, 64), block_size=64, dtype=kv_cache_dtype, mtp=mtp)
     device, nll = model.device, 0.0
     mtp_nll, mtp_tokens, mtp_bytes, agree = 0.0, 0, 0, 0
     token_nbytes = token_bytes(tokenizer).to(device) if mtp else None
@@ -127,9 +128,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
-    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
-                   help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
-                        "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None, help=CACHE_DTYPE_HELP)
     p.add_argument("--expert-load", metavar="FILE", default=None,
                    help="write the expert loads ({\"expert_load\": [[share] * E] per MoE layer}) to FILE as JSON "
                         "(what dsv3.generate --eplb reads)")

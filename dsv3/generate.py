@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .cache import CACHE_DTYPES, CacheFullError
+from .cache import CACHE_DTYPE_HELP, CACHE_DTYPES, CacheFullError
 from .generator import GenerationStats, Generator
 from .parallel import MODES, Parallel, per_token
 from .sampling import SamplingParams
@@ -75,9 +75,7 @@ def _parser():
                         "(python -m dsv3.evaluate --expert-load FILE)")
     p.add_argument("--redundant-experts", type=int, default=0, help="with --eplb: extra expert slots in all (a "
                                                                     "multiple of the ranks with n_routed_experts)")
-    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
-                   help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
-                        "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None, help=CACHE_DTYPE_HELP)
     p.add_argument("--speculative", choices=["none", "mtp"], default=None,
                    help="mtp: draft with the checkpoint's multi-token-prediction module and verify two tokens per "
                         "step (default when the checkpoint has one); none: one token per step")

@@ -24,6 +24,7 @@ import time
 import torch
 
 from .cache import CacheFullError, decode_batch, draft_batch, prefill_batch, verify_batch
+from .config import cdiv
 from .cuda_graph import CudaGraphDecoder
 from .sampling import SamplingParams, draw, sample, verify
 
@@ -161,7 +162,7 @@ class Generator:
                              ">= 1 and its model.layers.{num_hidden_layers} tensors in the checkpoint)")
         self.speculative = speculative
         if num_blocks is None:
-            num_blocks = -(-self.max_len // block_size)
+            num_blocks = cdiv(self.max_len, block_size)
         self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype, mtp=speculative == "mtp")
         # expert parallelism's all-to-all split sizes are host values: no graph capture
         self.cuda_graph = model.device.type == "cuda" and not ep if cuda_graph is None else cuda_graph

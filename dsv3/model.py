@@ -126,7 +126,7 @@ class Transformer(Module):
 
     def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None, mtp=False) -> LatentCache:
         """A paged latent cache for this model. dtype: a torch float dtype (default: the
-        activations'), or "fp8" for FlashMLA's 656-byte FP8 token (dsv3.cache). mtp: also one layer
+        activations'), or "fp8" for FlashMLA's FP8 token (dsv3.cache). mtp: also one layer
         per MTP module (after the decoder layers' ones), for mtp_forward."""
         layers = len(self.model.layers) + (len(self.mtp) if mtp else 0)
         return LatentCache(layers, num_blocks, block_size, dtype or self.dtype, self.device)

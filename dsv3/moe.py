@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
+from dsv3_kernels.ops import GEMM_BLOCK
 
 from .config import ModelArgs
-from .layers import BLOCK, MLP, Module, _param
+from .layers import MLP, Module, _param
 from .parallel import Parallel
 
 
@@ -63,14 +64,14 @@ class Experts(Module):
                                          device=device)
             self.n_replicas = torch.tensor([len(w) for w in where], dtype=torch.int64, device=device)
         e, d, i = len(self.logical), args.hidden_size, args.moe_intermediate_size
-        self.fp8 = fp8 and d % BLOCK == 0 and i % BLOCK == 0
+        self.fp8 = fp8 and d % GEMM_BLOCK == 0 and i % GEMM_BLOCK == 0
         # the expert kernels take bf16 or FP8; fp32 experts run on the torch backend only
         wdtype = torch.float8_e4m3fn if self.fp8 else (torch.float32 if dtype == torch.float32 else torch.bfloat16)
         self.w13 = _param(e, 2 * i, d, dtype=wdtype, device=device)
         self.w2 = _param(e, d, i, dtype=wdtype, device=device)
         if self.fp8:
-            self.w13_scale_inv = _param(e, 2 * i // BLOCK, d // BLOCK, dtype=torch.float32, device=device)
-            self.w2_scale_inv = _param(e, d // BLOCK, i // BLOCK, dtype=torch.float32, device=device)
+            self.w13_scale_inv = _param(e, 2 * i // GEMM_BLOCK, d // GEMM_BLOCK, dtype=torch.float32, device=device)
+            self.w2_scale_inv = _param(e, d // GEMM_BLOCK, i // GEMM_BLOCK, dtype=torch.float32, device=device)
         else:
             self.w13_scale_inv = self.w2_scale_inv = None
 
@@ -107,7 +108,7 @@ class Experts(Module):
         rows, ids, weights = received[:3]
         if fp8:  # e4m3 x its 1x128 scale (fused_moe takes bf16 rows; FP8 experts requantize them)
             n, d = rows.shape
-            rows = (rows.float().view(n, d // BLOCK, BLOCK) * received[3][..., None]).view(n, d).to(self._dtype())
+            rows = (rows.float().view(n, d // GEMM_BLOCK, GEMM_BLOCK) * received[3][..., None]).view(n, d).to(self._dtype())
         out = dk.fused_moe(rows, self.w13, self.w2, weights, ids, self.w13_scale_inv, self.w2_scale_inv,
                            backend=self.backend)
         (back,), _ = par.all_to_all_rows([out], recv_counts, counts)
