@@ -156,7 +156,7 @@ def _load(args, par: Parallel, device):
     """(tokenizer, model) of --model (default: the shipped one) as args ask; this rank's part of the
     model. Raises FileNotFoundError or ValueError (ConfigError, CheckpointError, --eplb's file)."""
     from .load import load, load_tokenizer
-    model_dir = args.model or DEFAULT_MODEL
+    model_dir = DEFAULT_MODEL if args.model is None else args.model
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     if args.eplb and par.world > 1:

@@ -33,31 +33,26 @@ from .sampling import SamplingParams, draw, sample, verify
 class GenerationStats:
     """The timings of one generate call: prefill_tokens, ttft_s (prefill and the first token),
     decode_tokens, decode_s, decode_tokens_per_s (None without a decode step); with speculative
-    decoding also decode_steps (request-steps: one draft verified each), drafts_kept, drafts,
-    tokens_per_step and acceptance_rate (None without a step; all None without speculation).
-    stats["name"] reads stats.name (for callers written when this was a dict)."""
+    decoding also decode_steps (request-steps: one draft verified each), drafts (= decode_steps),
+    drafts_kept, tokens_per_step and acceptance_rate (None without a step; all None without
+    speculation). stats["name"] reads stats.name (for callers written when this was a dict)."""
     prefill_tokens: int
     ttft_s: float
     decode_tokens: int
     decode_s: float
     decode_steps: int | None = None
     drafts_kept: int | None = None
+    # derived from the above (fields, so that repr and dataclasses.asdict show them)
+    decode_tokens_per_s: float | None = dataclasses.field(init=False)
+    drafts: int | None = dataclasses.field(init=False)
+    tokens_per_step: float | None = dataclasses.field(init=False)
+    acceptance_rate: float | None = dataclasses.field(init=False)
 
-    @property
-    def decode_tokens_per_s(self):
-        return self.decode_tokens / self.decode_s if self.decode_tokens else None
-
-    @property
-    def drafts(self):
-        return self.decode_steps
-
-    @property
-    def tokens_per_step(self):
-        return self.decode_tokens / self.decode_steps if self.decode_steps else None
-
-    @property
-    def acceptance_rate(self):
-        return self.drafts_kept / self.drafts if self.drafts else None
+    def __post_init__(self):
+        self.decode_tokens_per_s = self.decode_tokens / self.decode_s if self.decode_tokens else None
+        self.drafts = self.decode_steps
+        self.tokens_per_step = self.decode_tokens / self.decode_steps if self.decode_steps else None
+        self.acceptance_rate = self.drafts_kept / self.drafts if self.drafts else None
 
     def __getitem__(self, name):
         return getattr(self, name)
@@ -213,13 +208,13 @@ class Generator:
         speculative = self.speculative == "mtp"
         requests = _Requests(prompts, params, self.cache, set(self.model.args.eos_token_ids), on_token, speculative)
         try:  # an exception (or Ctrl-C) must not leak blocks
-            loop = self._speculative_loop if speculative else self._loop
+            loop = self._speculative_loop if speculative else self._plain_loop
             self.last_stats = loop(requests, params, rng)
         finally:
             requests.release()
         return requests.outputs
 
-    def _loop(self, requests, params, rng) -> GenerationStats:
+    def _plain_loop(self, requests, params, rng) -> GenerationStats:
         """The prefill, then one token per running request and step; with expert parallelism until
         every rank is done (idle steps on a rank with no request running)."""
         model, par, device = self.model, self.model.parallel, self.model.device
