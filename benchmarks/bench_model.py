@@ -26,7 +26,8 @@ from conftest import device_of
 from dsv3.cache import decode_batch, prefill_batch
 from dsv3.config import ModelArgs, deepseek_v3_671b
 from dsv3.load import load
-from dsv3.model import Transformer, init_random_
+from dsv3.model import Transformer
+from dsv3.testing import init_random_
 
 transformers = pytest.importorskip("transformers")
 

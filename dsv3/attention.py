@@ -21,32 +21,35 @@ import torch.nn.functional as F
 import dsv3_kernels as dk
 from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES, dequantize_tokens
 
-from . import parallel
 from .config import KV_LORA_RANK, ROPE_DIM, ModelArgs
-from .layers import FusedLinear, Linear, Module, RMSNorm, cpu_bf16_gemm
+from .layers import FusedLinear, Linear, Module, RMSNorm, grouped_gemm_on_cpu
+from .parallel import Parallel
 from .rope import apply_rope
 
 
 class MLA(Module):
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None):
+    """The attention of one layer: this rank's heads (`parallel`'s tensor-parallel split)."""
+
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, *, parallel: Parallel):
         super().__init__()
         h, qk, d = args.num_attention_heads, args.qk_head_dim, args.hidden_size
         self.nope, self.v_dim = args.qk_nope_head_dim, args.v_head_dim
         # whole heads per rank: the column splits below could otherwise cut a head in two
         lo, hi = parallel.shard_range(h, "num_attention_heads")
         self.num_heads = hi - lo
+        column, row = dict(split="column", parallel=parallel), dict(split="row", parallel=parallel)
         if args.q_lora_rank is None:
-            self.q_proj = Linear(d, h * qk, dtype, fp8, "column", device)
+            self.q_proj = Linear(d, h * qk, dtype, fp8, device, **column)
         else:
-            self.q_a_proj = Linear(d, args.q_lora_rank, dtype, fp8, None, device)
+            self.q_a_proj = Linear(d, args.q_lora_rank, dtype, fp8, device)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6, dtype, device)
-            self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, "column", device)
-        self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, None, device)
+            self.q_b_proj = Linear(args.q_lora_rank, h * qk, dtype, fp8, device, **column)
+        self.kv_a_proj_with_mqa = Linear(d, KV_LORA_RANK + ROPE_DIM, dtype, fp8, device)
         # q_a_proj and kv_a_proj_with_mqa read the same x: one GEMM where they can share a weight
         self.qkv_a = None if args.q_lora_rank is None else FusedLinear.of(self.q_a_proj, self.kv_a_proj_with_mqa)
         self.kv_a_layernorm = RMSNorm(KV_LORA_RANK, 1e-6, dtype, device)
-        self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, "column", device)
-        self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, "row", device)
+        self.kv_b_proj = Linear(KV_LORA_RANK, h * (self.nope + self.v_dim), dtype, fp8, device, **column)
+        self.o_proj = Linear(h * self.v_dim, d, dtype, fp8, device, **row)
         self.softmax_scale = args.softmax_scale()
         self.dtype = dtype
         self._absorbed = None
@@ -80,7 +83,7 @@ class MLA(Module):
     def forward(self, x, batch, kv_cache, rope):
         """x: [N, hidden], rope: the (cos, sin) fp32 [N, 32] of batch.positions -> this rank's
         partial o_proj output [N, hidden]; writes the N tokens
-        into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., 656]) at
+        into kv_cache [num_blocks, block_size, 576] (or the FP8 cache, uint8 [.., FP8_TOKEN_BYTES]) at
         batch.slot_mapping. With batch.query_rows (decode), the output covers those rows only."""
         cos, sin = rope
         rows = batch.query_rows
@@ -128,14 +131,14 @@ class MLA(Module):
         return self._per_head(out.reshape(-1, self.num_heads, KV_LORA_RANK).to(self.dtype), w_uv)
 
     def _per_head(self, x, w):
-        """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU: the C++ grouped
-        GEMM with one group per head (bf16 bmm takes ~3x longer there at decode sizes); else bmm."""
+        """x [n, H, K] @ w[h].T per head -> [n, H, N] (w [H, N, K]). bf16 on the CPU
+        (layers.grouped_gemm_on_cpu): dsv3_kernels.grouped_gemm with one group per head (bf16 bmm
+        takes ~3x longer there at decode sizes); else bmm."""
         n, h, k = x.shape
-        kernel = cpu_bf16_gemm(self.backend) if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
-        if kernel is None:
+        if not grouped_gemm_on_cpu(x, self.backend):
             return torch.einsum("nhk,hjk->nhj", x, w)
-        offsets = _head_offsets(h, n)
-        out = kernel(x.transpose(0, 1).reshape(h * n, k).contiguous(), w, offsets, None, None)
+        out = dk.grouped_gemm(x.transpose(0, 1).reshape(h * n, k).contiguous(), w, _head_offsets(h, n),
+                              backend=self.backend)
         return out.view(h, n, -1).transpose(0, 1)
 
 

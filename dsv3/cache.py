@@ -4,9 +4,9 @@ Per token and layer the cache holds 576 values (FlashMLA's layout): the normaliz
 (kv_lora_rank 512, also the value) and the RoPE'd shared key k_pe (64). Tokens live in blocks of
 `block_size` slots; a request owns a list of blocks (its block table), so requests of different
 lengths share one pool without fragmentation.
-With dtype "fp8" a token takes FlashMLA's 656 bytes per layer instead: c_kv in e4m3 with one fp32
-scale per 128 values, k_pe in bf16 (the layout: dsv3_kernels.mla_decode); the kernels quantize as
-they write and dequantize as they read.
+With dtype "fp8" a token takes FlashMLA's FP8_TOKEN_BYTES = 656 bytes per layer instead: c_kv in
+e4m3 with one fp32 scale per 128 values, k_pe in bf16 (the layout: dsv3_kernels.mla_decode); the
+kernels quantize as they write and dequantize as they read.
 """
 
 import dataclasses
@@ -15,11 +15,13 @@ import torch
 
 from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES
 
-from .config import KV_LORA_RANK, ROPE_DIM
+from .config import KV_LORA_RANK, ROPE_DIM, cdiv
 
 HEAD_DIM = KV_LORA_RANK + ROPE_DIM
 FP8 = "fp8"  # the LatentCache dtype of the FP8 cache
 CACHE_DTYPES = {"bf16": torch.bfloat16, FP8: FP8}  # --kv-cache-dtype of the command lines
+CACHE_DTYPE_HELP = (f"the latent KV cache: bf16, or fp8 (FlashMLA's {FP8_TOKEN_BYTES}-byte token: e4m3 c_kv with "
+                    f"fp32 scales, bf16 k_pe); default: the activations' dtype")
 
 
 class CacheFullError(RuntimeError):
@@ -49,7 +51,7 @@ class BlockAllocator:
 
 class LatentCache:
     """kv: [num_layers, num_blocks, block_size, 576] of `dtype` (a torch float dtype, bf16 by
-    default), or for dtype "fp8" the FP8 cache uint8 [num_layers, num_blocks, block_size, 656]."""
+    default), or for dtype "fp8" the FP8 cache uint8 [num_layers, num_blocks, block_size, FP8_TOKEN_BYTES]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int = 64, dtype=torch.bfloat16, device=None):
         if block_size < 1 or block_size & (block_size - 1):
@@ -68,7 +70,7 @@ class LatentCache:
         return self.kv.shape[0] * self.kv.shape[-1] * self.kv.element_size()
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
 
 @dataclasses.dataclass
@@ -109,8 +111,9 @@ def prefill_batch(requests, cache: LatentCache, device=None, all_logits=False) -
                  logits_index=None if all_logits else ends.to(device))
 
 
-def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
-    """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones."""
+def decode_batch(requests, cache: LatentCache, device=None, s_q=1, all_logits=False) -> Batch:
+    """requests: [(cached_tokens, block_ids)]; each gets s_q new tokens after its cached ones.
+    Logits: of each request's last new token, or with all_logits of all B * s_q tokens."""
     # This runs on the host every decode step: the few numbers per request are computed in Python
     # and become tensors in one call each (whole-batch tensor ops cost more below a few hundred
     # requests: each op is microseconds, each request a handful of integer operations).
@@ -125,4 +128,23 @@ def decode_batch(requests, cache: LatentCache, device=None, s_q=1) -> Batch:
 
     return Batch(tensor(pos, torch.int64), tensor(slots, torch.int64), False,
                  block_table=tensor(table, torch.int32), cache_seqlens=tensor([n + s_q for n, _ in requests], torch.int32),
-                 logits_index=tensor([i * s_q + s_q - 1 for i in range(b)], torch.int64))
+                 logits_index=None if all_logits else tensor([i * s_q + s_q - 1 for i in range(b)], torch.int64))
+
+
+# ---- speculative decoding (dsv3/generator.py): one draft token per request and step ----
+
+def verify_batch(requests, cache: LatentCache, device=None) -> Batch:
+    """The target's step over each request's last token and its draft: requests [(cached_tokens,
+    block_ids)], two new tokens each (s_q = 2, causal), the logits of both rows."""
+    return decode_batch(requests, cache, device, s_q=2, all_logits=True)
+
+
+def draft_batch(verify: Batch, kept: torch.Tensor) -> Batch:
+    """The MTP module's pass over the same two rows per request after the verify step: kept int64
+    [B] (1 where the draft was kept, else 0). Both rows write the MTP layer's keys, but only the
+    request's last row (row 1 where the draft was kept, row 0 else) goes through its attention, MLP
+    and head (Batch.query_rows; its cache_seqlens count to that row): a rejected draft's row is
+    overwritten by the next step."""
+    b = kept.shape[0]
+    return dataclasses.replace(verify, query_rows=torch.arange(b, device=kept.device) * 2 + kept,
+                               cache_seqlens=verify.cache_seqlens - 1 + kept.to(torch.int32))

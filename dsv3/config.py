@@ -10,6 +10,8 @@ import json
 import math
 import os
 
+from dsv3_kernels.ops import GEMM_BLOCK
+
 
 class ConfigError(ValueError):
     """A config.json field has a value this package cannot run."""
@@ -18,6 +20,16 @@ class ConfigError(ValueError):
 # The MLA kernels' fixed latent layout: 512 compressed kv values + 64 RoPE values per token.
 KV_LORA_RANK = 512
 ROPE_DIM = 64
+
+# quantization_config of an FP8 checkpoint in DeepSeek-V3's format: e4m3 weights with one scale per
+# GEMM_BLOCK x GEMM_BLOCK (128 x 128) block, activations quantized per 1 x 128 as they come.
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [GEMM_BLOCK, GEMM_BLOCK]}
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of positive ints: the blocks of b that hold a (cache blocks, FP8 scale blocks)."""
+    return -(-a // b)
 
 
 @dataclasses.dataclass
@@ -133,8 +145,9 @@ class ModelArgs:
         if q is not None:
             if q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
                 bad("quantization_config", "only quant_method 'fp8' with fmt 'e4m3' is supported")
-            if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
-                bad("quantization_config", "weight_block_size must be [128, 128] (DeepSeek-V3's blocks)")
+            blocks = FP8_CONFIG["weight_block_size"]
+            if list(q.get("weight_block_size", blocks)) != blocks:
+                bad("quantization_config", f"weight_block_size must be {blocks} (DeepSeek-V3's blocks)")
             if q.get("activation_scheme", "dynamic") != "dynamic":
                 bad("quantization_config", "activation_scheme must be 'dynamic'")
 
@@ -207,8 +220,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 def deepseek_v3_671b() -> ModelArgs:
     """DeepSeek-V3 / R1 as released (config.json of deepseek-ai/DeepSeek-V3), FP8 weights."""
-    return ModelArgs(quantization_config=dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                              weight_block_size=[128, 128]))
+    return ModelArgs(quantization_config=dict(FP8_CONFIG))
 
 
 def tiny(**overrides) -> ModelArgs:

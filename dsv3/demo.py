@@ -14,8 +14,9 @@ import dsv3_kernels as dk
 from dsv3_kernels.reference.fp8 import calc_diff
 
 from .cache import decode_batch, prefill_batch
-from .config import tiny
-from .model import Transformer, init_random_
+from .config import cdiv, tiny
+from .model import Transformer
+from .testing import init_random_
 
 
 def main(argv=None):
@@ -42,7 +43,7 @@ def model_demo(dev, steps=16):
 
     def generate(model, follow=None):
         """Greedy decoding (or feeding `follow`'s tokens): (tokens, logits of every step, decode tokens/s)."""
-        num_blocks = -(-(len(prompt) + steps) // 64)
+        num_blocks = cdiv(len(prompt) + steps, 64)
         cache = model.new_cache(num_blocks=num_blocks, block_size=64)
         blocks = cache.allocator.allocate(num_blocks)
         logits = [model(prompt, prefill_batch([(len(prompt), blocks)], cache, dev), cache)]

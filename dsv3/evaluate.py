@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from . import corpus
-from .cache import CACHE_DTYPES, prefill_batch
+from .cache import CACHE_DTYPE_HELP, CACHE_DTYPES, prefill_batch
+from .config import cdiv
 from .moe import Gate
 
 
@@ -52,10 +52,10 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
 
     hooks = [g.register_forward_hook(count(c)) for g, c in zip(gates, loads)]
     mtp = len(model.mtp) > 0
-    cache = model.new_cache(windows_per_batch * -(-window // 64), block_size=64, dtype=kv_cache_dtype, mtp=mtp)
+    cache = model.new_cache(windows_per_batch * cdiv(window, 64), block_size=64, dtype=kv_cache_dtype, mtp=mtp)
     device, nll = model.device, 0.0
     mtp_nll, mtp_tokens, mtp_bytes, agree = 0.0, 0, 0, 0
-    token_bytes = corpus.token_bytes(tokenizer).to(device) if mtp else None
+    token_nbytes = token_bytes(tokenizer).to(device) if mtp else None
     try:
         for start in range(0, len(chunks), windows_per_batch):
             group = chunks[start:start + windows_per_batch]
@@ -81,7 +81,7 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
                 want = torch.tensor([t for c in group for t in c[1:]], device=device)
                 mtp_nll += torch.nn.functional.cross_entropy(mlogits[pred], want, reduction="sum").item()
                 mtp_tokens += want.numel()
-                mtp_bytes += int(token_bytes[want].sum())
+                mtp_bytes += int(token_nbytes[want].sum())
                 main_next = logits[[i + 1 for i in keep]].argmax(-1)
                 agree += int((mlogits[pred].argmax(-1) == main_next[pred]).sum())
             for b in blocks:
@@ -97,6 +97,18 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
         r.update(mtp_nats_per_byte=mtp_nll / mtp_bytes, mtp_nats_per_token=mtp_nll / mtp_tokens,
                  mtp_agreement=agree / mtp_tokens)
     return r
+
+
+def token_bytes(tokenizer) -> torch.Tensor:
+    """int64 [vocab]: the bytes each token of a byte-level BPE tokenizer stands for (the length of
+    its vocabulary string: one character per byte; 0 for special tokens)."""
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    n = tokenizer.get_vocab_size()
+    out = torch.zeros(n, dtype=torch.int64)
+    for i in range(n):
+        s = tokenizer.id_to_token(i)
+        out[i] = 0 if s is None or s in special else len(s)
+    return out
 
 
 def _starts(group):
@@ -116,9 +128,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
-    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
-                   help="the latent KV cache: bf16, or fp8 (FlashMLA's 656-byte token: e4m3 c_kv with fp32 scales, "
-                        "bf16 k_pe); default: the activations' dtype")
+    p.add_argument("--kv-cache-dtype", choices=sorted(CACHE_DTYPES), default=None, help=CACHE_DTYPE_HELP)
     p.add_argument("--expert-load", metavar="FILE", default=None,
                    help="write the expert loads ({\"expert_load\": [[share] * E] per MoE layer}) to FILE as JSON "
                         "(what dsv3.generate --eplb reads)")

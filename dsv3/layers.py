@@ -1,21 +1,19 @@
-"""The model's building blocks: RMSNorm, linears (bf16/fp32, or FP8 e4m3 + 128x128 weight_scale_inv
-through dsv3_kernels.fp8_linear), column/row-parallel linears, the vocab-parallel embedding and
-head, and the dense SwiGLU MLP. Parameter names are Hugging Face's."""
+"""The model's building blocks: RMSNorm, linears (bf16/fp32, or FP8 e4m3 + weight_scale_inv per
+GEMM_BLOCK x GEMM_BLOCK = 128 x 128 block through dsv3_kernels.fp8_linear), column/row-parallel
+linears, the vocab-parallel embedding and head, and the dense SwiGLU MLP. Parameter names are
+Hugging Face's."""
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dsv3_kernels as dk
-from dsv3_kernels import dispatch
+from dsv3_kernels.ops import GEMM_BLOCK
 
-from . import parallel
-from .parallel import shard_range
-
-BLOCK = 128  # FP8 weight blocks: 128 x 128
+from .config import cdiv
+from .parallel import Parallel
 
 
 def _param(*shape, dtype, device):
@@ -49,28 +47,32 @@ class Linear(Module):
     weight: [out, in] of `dtype`, or with fp8 float8_e4m3fn plus weight_scale_inv float32
     [ceil(out/128), in/128] (dequantized = block * scale). A linear whose input width is not a
     multiple of 128 cannot run the FP8 GEMM and stays in `dtype` (the loader dequantizes it).
-    parallel: None (replicated); "column": this rank holds out/world rows (outputs);
-    "row": in/world columns, and the caller sums the ranks' partial outputs.
+    split: None (replicated); "column": this rank holds out/world rows (outputs); "row": in/world
+    columns, and the caller sums the ranks' partial outputs; over the tensor-parallel ranks of
+    `parallel` (a dsv3.parallel.Parallel, needed with a split).
     what: the config field the split dimension comes from (named by the error of an uneven split).
     """
 
-    def __init__(self, in_features, out_features, dtype, fp8=False, parallel=None, device=None, what=None):
+    def __init__(self, in_features, out_features, dtype, fp8=False, device=None, *, split=None,
+                 parallel: Parallel = None, what=None):
         super().__init__()
         self.full_shape = (out_features, in_features)
-        self.parallel = parallel
+        self.split = split
         # the part of the checkpoint's [out, in] weight this rank holds (the loader reads these)
         self.rows, self.cols = slice(0, out_features), slice(0, in_features)
-        if parallel == "column":
-            self.rows = slice(*shard_range(out_features, what or "output features"))
-        elif parallel == "row":
-            self.cols = slice(*shard_range(in_features, what or "input features"))
+        if split == "column":
+            self.rows = slice(*parallel.shard_range(out_features, what or "output features"))
+        elif split == "row":
+            self.cols = slice(*parallel.shard_range(in_features, what or "input features"))
+        elif split is not None:
+            raise ValueError(f"split must be None, 'column' or 'row', got {split!r}")
         self.in_features, self.out_features = self.cols.stop - self.cols.start, self.rows.stop - self.rows.start
         in_features, out_features = self.in_features, self.out_features
-        self.fp8 = fp8 and in_features % BLOCK == 0
+        self.fp8 = fp8 and in_features % GEMM_BLOCK == 0
         if self.fp8:
             self.weight = _param(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
-            self.weight_scale_inv = _param(-(-out_features // BLOCK), in_features // BLOCK, dtype=torch.float32,
-                                           device=device)
+            self.weight_scale_inv = _param(cdiv(out_features, GEMM_BLOCK), in_features // GEMM_BLOCK,
+                                           dtype=torch.float32, device=device)
         else:
             self.weight = _param(out_features, in_features, dtype=dtype, device=device)
             self.weight_scale_inv = None
@@ -86,26 +88,21 @@ class Linear(Module):
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, {'fp8' if self.fp8 else self.weight.dtype}"
-                + (f", {self.parallel}-parallel" if self.parallel else ""))
+                + (f", {self.split}-parallel" if self.split else ""))
 
 
-# Decode-sized bf16 products on the CPU (up to this many rows) run the C++ grouped-GEMM kernel as one
-# group: it streams bf16 weights at 30-60 GB/s where oneDNN's F.linear reaches 14-24 GB/s (M=1,
-# K 256-512, N 512-4096, 2 threads, measured 2026-11-29); larger M stays with oneDNN.
+# Decode-sized bf16 products on the CPU (up to this many rows) run dsv3_kernels.grouped_gemm as one
+# group: its C++ kernel streams bf16 weights at 30-60 GB/s where oneDNN's F.linear reaches 14-24
+# GB/s (M=1, K 256-512, N 512-4096, 2 threads, measured 2026-11-29); larger M stays with oneDNN.
 DECODE_ROWS = 16
 
 
-def cpu_bf16_gemm(backend):
-    """The cpu backend's grouped_gemm kernel, or None where dispatch picks another backend (torch:
-    the reference path keeps plain PyTorch)."""
-    return _cpu_gemm_kernel(backend, os.environ.get(dispatch.ENV_VAR))
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_gemm_kernel(backend, env):  # env: the dispatch variable's value is part of the choice
-    if dispatch.resolve("grouped_gemm", torch.device("cpu"), backend) != "cpu":
-        return None
-    return dispatch.implementation("grouped_gemm", "cpu")
+def grouped_gemm_on_cpu(x: torch.Tensor, backend) -> bool:
+    """The rule for the bf16 products of linear() (up to DECODE_ROWS rows) and of MLA's per-head
+    products on the CPU: dsv3_kernels.grouped_gemm (its dispatch rule then picks the C++ kernel)
+    for bf16 CPU tensors with backend None or "cpu"; else plain PyTorch (F.linear, einsum): the
+    torch backend is the reference path, and triton on the CPU is its interpreter."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and backend in (None, "cpu")
 
 
 @functools.lru_cache(maxsize=DECODE_ROWS)
@@ -114,15 +111,15 @@ def _one_segment(rows):
 
 
 def linear(x, weight, weight_scale_inv, backend):
-    """x @ weight.T: FP8 (weight_scale_inv given) through dsv3_kernels.fp8_linear, else bf16/fp32."""
+    """x [..., in] @ weight[out, in].T -> [..., out] in x's dtype: FP8 (weight_scale_inv given)
+    through dsv3_kernels.fp8_linear; bf16 on the CPU up to DECODE_ROWS rows through
+    dsv3_kernels.grouped_gemm (grouped_gemm_on_cpu); else F.linear."""
     if weight_scale_inv is not None:
         return dk.fp8_linear(x, weight, weight_scale_inv, out_dtype=x.dtype, backend=backend)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1]:
-        kernel = cpu_bf16_gemm(backend)
-        if kernel is not None:
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            y = kernel(x2, weight[None], _one_segment(x2.shape[0]), None, None)
-            return y.view(*x.shape[:-1], weight.shape[0])
+    if x.numel() <= DECODE_ROWS * x.shape[-1] and grouped_gemm_on_cpu(x, backend):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = dk.grouped_gemm(x2, weight[None], _one_segment(x2.shape[0]), backend=backend)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -143,19 +140,19 @@ class FusedLinear:
         same = all(m.in_features == first.in_features and m.weight.dtype == w.dtype and m.fp8 == first.fp8
                    for m in linears)
         # FP8: every part but the last must end on a 128-row scale block
-        if not same or (first.fp8 and any(m.out_features % BLOCK for m in linears[:-1])):
+        if not same or (first.fp8 and any(m.out_features % GEMM_BLOCK for m in linears[:-1])):
             return None
         sizes = [m.out_features for m in linears]
         weight = torch.empty(sum(sizes), first.in_features, dtype=w.dtype, device=w.device)
         scale = None
         if first.fp8:
-            scale = torch.empty(-(-sum(sizes) // BLOCK), first.in_features // BLOCK, dtype=torch.float32,
+            scale = torch.empty(cdiv(sum(sizes), GEMM_BLOCK), first.in_features // GEMM_BLOCK, dtype=torch.float32,
                                 device=w.device)
         row = 0
         for m, n in zip(linears, sizes):
             m.weight = _view_param(weight[row:row + n])
             if scale is not None:
-                m.weight_scale_inv = _view_param(scale[row // BLOCK:-(-(row + n) // BLOCK)])
+                m.weight_scale_inv = _view_param(scale[row // GEMM_BLOCK:cdiv(row + n, GEMM_BLOCK)])
             row += n
         return FusedLinear(weight, scale, sizes, first)
 
@@ -169,42 +166,46 @@ def _view_param(t):
 
 
 class VocabEmbedding(Module):
-    """Embedding split over ranks by vocabulary rows; each token's row comes from its owner rank."""
+    """Embedding split over the tensor-parallel ranks by vocabulary rows; each token's row comes
+    from its owner rank."""
 
-    def __init__(self, vocab_size, dim, dtype, device=None):
+    def __init__(self, vocab_size, dim, dtype, device=None, *, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel
         self.full_shape = (vocab_size, dim)
         self.lo, self.hi = parallel.shard_range(vocab_size, "vocab_size")
         self.rows, self.cols = slice(self.lo, self.hi), slice(0, dim)  # as Linear's, for the loader
         self.weight = _param(self.hi - self.lo, dim, dtype=dtype, device=device)
 
     def forward(self, ids):
-        if parallel.tp_size() == 1:
+        if self.parallel.tp_size == 1:
             return F.embedding(ids, self.weight)
         mine = (ids >= self.lo) & (ids < self.hi)
         out = F.embedding((ids - self.lo).clamp(0, self.hi - self.lo - 1), self.weight)
-        return parallel.all_reduce(out * mine[:, None].to(out.dtype))
+        return self.parallel.all_reduce(out * mine[:, None].to(out.dtype))
 
 
 class LMHead(Linear):
     """The output projection, column-parallel over the vocabulary; logits gathered on every rank."""
 
-    def __init__(self, dim, vocab_size, dtype, device=None):
-        super().__init__(dim, vocab_size, dtype, fp8=False, parallel="column", device=device, what="vocab_size")
+    def __init__(self, dim, vocab_size, dtype, device=None, *, parallel: Parallel):
+        super().__init__(dim, vocab_size, dtype, False, device, split="column", parallel=parallel, what="vocab_size")
+        self.parallel = parallel
 
     def forward(self, x):
-        return parallel.all_gather_last_dim(super().forward(x))
+        return self.parallel.all_gather_last_dim(super().forward(x))
 
 
 class MLP(Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)); gate/up column- and down row-parallel,
     so the output is this rank's partial sum (the caller all-reduces). what: inter's config field."""
 
-    def __init__(self, dim, inter, dtype, fp8=False, device=None, what="intermediate_size"):
+    def __init__(self, dim, inter, dtype, fp8=False, device=None, *, parallel: Parallel, what="intermediate_size"):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
-        self.up_proj = Linear(dim, inter, dtype, fp8, "column", device, what)
-        self.down_proj = Linear(inter, dim, dtype, fp8, "row", device, what)
+        split = dict(parallel=parallel, what=what)
+        self.gate_proj = Linear(dim, inter, dtype, fp8, device, split="column", **split)
+        self.up_proj = Linear(dim, inter, dtype, fp8, device, split="column", **split)
+        self.down_proj = Linear(inter, dim, dtype, fp8, device, split="row", **split)
         self.gate_up = FusedLinear.of(self.gate_proj, self.up_proj)
 
     def forward(self, x):

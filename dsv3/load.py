@@ -25,24 +25,21 @@ from safetensors import SafetensorError, safe_open
 
 import dsv3_kernels as dk
 
-from . import parallel
-from .config import ModelArgs
-from .layers import BLOCK, Linear, RMSNorm, VocabEmbedding
+from dsv3_kernels.ops import GEMM_BLOCK
+
+from .config import FP8_CONFIG, ModelArgs, cdiv
+from .layers import Linear, RMSNorm, VocabEmbedding
 from .model import Transformer
 from .moe import Experts, Gate
+from .parallel import Parallel
 
 log = logging.getLogger("dsv3")
 
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
     """The checkpoint's files do not hold the tensors the config describes, or are damaged."""
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 def checkpoint_files(model_dir) -> dict:
@@ -112,7 +109,7 @@ class _Loader:
         if w.get_dtype() != "F8_E4M3":
             return w, None
         scale_name = name + "_scale_inv"
-        want = (_cdiv(shape[0], BLOCK), _cdiv(shape[1], BLOCK))
+        want = (cdiv(shape[0], GEMM_BLOCK), cdiv(shape[1], GEMM_BLOCK))
         if scale_name not in self.reader.files:
             self.errors["missing"].append(scale_name)
             return None, None
@@ -135,9 +132,10 @@ class _Loader:
         if weight.dtype != torch.float8_e4m3fn:
             weight.copy_(self._float(w, s, rows, cols))
             return
-        if s is not None and rows.start % BLOCK == 0 and cols.start % BLOCK == 0:  # FP8 as stored
+        if s is not None and rows.start % GEMM_BLOCK == 0 and cols.start % GEMM_BLOCK == 0:  # FP8 as stored
             weight.copy_(w[rows.start:rows.stop, cols.start:cols.stop])
-            scale_inv.copy_(s[rows.start // BLOCK:_cdiv(rows.stop, BLOCK), cols.start // BLOCK:cols.stop // BLOCK])
+            scale_inv.copy_(s[rows.start // GEMM_BLOCK:cdiv(rows.stop, GEMM_BLOCK),
+                              cols.start // GEMM_BLOCK:cols.stop // GEMM_BLOCK])
             return
         q, qs = dk.weight_quant(self._float(w, s, rows, cols).to(weight.device))  # quantize on load
         weight.copy_(q)
@@ -174,19 +172,20 @@ class _Loader:
                         half = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
                         weight = weight[half]
                         if scale is not None:
-                            scale = scale[half.start // BLOCK:half.stop // BLOCK]
+                            scale = scale[half.start // GEMM_BLOCK:half.stop // GEMM_BLOCK]
                     self._store(w, s, slice(0, shape[0]), slice(0, shape[1]), weight, scale)
 
 
 def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, progress=True,
-         mtp=True) -> Transformer:
+         mtp=True, parallel: Parallel = None) -> Transformer:
     """Build the Transformer of `model_dir`'s config.json and load its weights.
 
     dtype: activations and unquantized weights (bfloat16; float32 for the reference path).
     fp8: None keeps the checkpoint's format; True quantizes a bf16/fp32 checkpoint to FP8 (128x128
-    blocks) on load; False dequantizes an FP8 checkpoint. With torch.distributed initialized
-    (torchrun), this rank's shard only. mtp: load the multi-token-prediction layers the config
-    and the checkpoint have (False: skip them). Returns the model in eval mode on `device`.
+    blocks) on load; False dequantizes an FP8 checkpoint. parallel: a dsv3.parallel.Parallel
+    (None: one process); this rank's shard only, the progress bar on rank 0. mtp: load the
+    multi-token-prediction layers the config and the checkpoint have (False: skip them). Returns
+    the model in eval mode on `device`.
     """
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
@@ -203,7 +202,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
         log.info("config.json has num_nextn_predict_layers = %d, the checkpoint %d: loading %d MTP layer(s)",
                  wanted, present, present)
     args.num_nextn_predict_layers = present
-    model = Transformer(args, dtype, fp8, device=device, backend=backend)
+    model = Transformer(args, dtype, fp8, device=device, backend=backend, parallel=parallel)
     loader = _Loader(files)
     lm_head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
     jobs = []  # (checkpoint file of the first tensor read, name, how to load)
@@ -222,7 +221,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
     # read shard by shard (the progress bar's unit), in the order of the files
     order = {f: i for i, f in enumerate(dict.fromkeys(sorted(files.values())))}
     jobs.sort(key=lambda j: order.get(files.get(j[0]), -1))
-    show = progress and parallel.rank() == 0
+    show = progress and model.parallel.rank == 0
     bar = _progress(len(order), show)
     current = None
     try:

@@ -10,31 +10,30 @@ Multi-token prediction (DeepSeek-V3's MTP module, `Transformer.mtp`, checkpoint
 (normalized) hidden state h_i with the embedding of the next token t_{i+1},
 eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), runs one decoder layer over its own latent cache layer
 (RoPE position i) and predicts t_{i+2} through shared_head.norm and shared_head.head. The embedding
-is the main model's. dsv3.generate drafts with it (speculative decoding).
+is the main model's. dsv3.generator drafts with it (speculative decoding).
 """
 
 import torch
 from torch import nn
 
-import dsv3_kernels as dk
-
-from . import parallel
 from .attention import MLA
 from .cache import Batch, LatentCache
 from .config import ModelArgs
 from .layers import MLP, Linear, LMHead, Module, RMSNorm, VocabEmbedding
-from .moe import Experts, Gate, MoE
+from .moe import MoE
+from .parallel import Parallel
 from .rope import Rope
 
 
 class DecoderLayer(Module):
-    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device, *, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel  # the all-reduces of the attention's and the MLP's partial sums
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.self_attn = MLA(args, dtype, fp8, device)
+        self.self_attn = MLA(args, dtype, fp8, device, parallel=parallel)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.mlp = (MoE(args, dtype, fp8, device, layer_id) if args.is_moe_layer(layer_id)
-                    else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device))
+        self.mlp = (MoE(args, dtype, fp8, device, layer_id, parallel=parallel) if args.is_moe_layer(layer_id)
+                    else MLP(args.hidden_size, args.intermediate_size, dtype, fp8, device, parallel=parallel))
 
     def forward(self, x, residual, batch, kv_cache, rope):
         """The residual stream is x + residual (residual None: x alone), [N, hidden] -> the layer's
@@ -45,20 +44,20 @@ class DecoderLayer(Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        attn = parallel.all_reduce(self.self_attn(h, batch, kv_cache, rope))
+        attn = self.parallel.all_reduce(self.self_attn(h, batch, kv_cache, rope))
         if batch.query_rows is not None:
             residual = residual[batch.query_rows]
         h, residual = self.post_attention_layernorm(attn, residual)
-        return parallel.all_reduce(self.mlp(h)), residual
+        return self.parallel.all_reduce(self.mlp(h)), residual
 
 
 class SharedHead(Module):
     """An MTP layer's output head: norm, then head (column-parallel like lm_head)."""
 
-    def __init__(self, args, dtype, device):
+    def __init__(self, args, dtype, device, *, parallel: Parallel):
         super().__init__()
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        self.head = LMHead(args.hidden_size, args.vocab_size, dtype, device, parallel=parallel)
 
     def forward(self, x):
         return self.head(self.norm(x))
@@ -68,37 +67,42 @@ class MTPLayer(DecoderLayer):
     """A multi-token-prediction module: enorm, hnorm, eh_proj (replicated; bf16 as in DeepSeek's
     release, which does not quantize it), a decoder layer (a MoE layer for DeepSeek-V3), shared_head."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device):
-        super().__init__(args, layer_id, dtype, fp8, device)
+    def __init__(self, args: ModelArgs, layer_id: int, dtype, fp8, device, *, parallel: Parallel):
+        super().__init__(args, layer_id, dtype, fp8, device, parallel=parallel)
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
-        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype, False, None, device)
-        self.shared_head = SharedHead(args, dtype, device)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype, False, device)
+        self.shared_head = SharedHead(args, dtype, device, parallel=parallel)
 
 
 class Body(Module):
     """Hugging Face's `model.` prefix: embed_tokens, layers, norm."""
 
-    def __init__(self, args, dtype, fp8, device):
+    def __init__(self, args, dtype, fp8, device, *, parallel: Parallel):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, fp8, device) for i in range(args.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, dtype, device, parallel=parallel)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, dtype, fp8, device, parallel=parallel)
+                                    for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, device)
 
 
 class Transformer(Module):
     """The causal LM. dtype: activations and unquantized weights (bfloat16; float32 is the
     reference precision); fp8: linears and experts hold e4m3 + weight_scale_inv (128x128 blocks).
-    backend: the dsv3_kernels backend of every op (None: dispatch's rule; "torch": the reference)."""
+    backend: the dsv3_kernels backend of every op (None: dispatch's rule; "torch": the reference).
+    parallel: how the model is split over processes (dsv3.parallel.Parallel; None: one process):
+    it decides which part of each weight this rank holds."""
 
-    def __init__(self, args: ModelArgs, dtype=torch.bfloat16, fp8=None, device=None, backend=None):
+    def __init__(self, args: ModelArgs, dtype=torch.bfloat16, fp8=None, device=None, backend=None,
+                 parallel: Parallel = None):
         super().__init__()
         self.args, self.dtype = args, dtype
         self.fp8 = args.fp8 if fp8 is None else fp8
-        self.model = Body(args, dtype, self.fp8, device)
-        self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device)
+        self.parallel = parallel = parallel or Parallel()
+        self.model = Body(args, dtype, self.fp8, device, parallel=parallel)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, dtype, device, parallel=parallel)
         # checkpoint model.layers.{num_hidden_layers + k} (checkpoint_name maps the names)
-        self.mtp = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, dtype, self.fp8, device)
+        self.mtp = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, dtype, self.fp8, device, parallel=parallel)
                                  for k in range(args.num_nextn_predict_layers))
         self.rope = Rope(args, device)
         self.set_backend(backend)
@@ -122,7 +126,7 @@ class Transformer(Module):
 
     def new_cache(self, num_blocks: int, block_size: int = 64, dtype=None, mtp=False) -> LatentCache:
         """A paged latent cache for this model. dtype: a torch float dtype (default: the
-        activations'), or "fp8" for FlashMLA's 656-byte FP8 token (dsv3.cache). mtp: also one layer
+        activations'), or "fp8" for FlashMLA's FP8 token (dsv3.cache). mtp: also one layer
         per MTP module (after the decoder layers' ones), for mtp_forward."""
         layers = len(self.model.layers) + (len(self.mtp) if mtp else 0)
         return LatentCache(layers, num_blocks, block_size, dtype or self.dtype, self.device)
@@ -174,42 +178,3 @@ class Transformer(Module):
         """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
         for layer in [*self.model.layers, *self.mtp]:
             layer.self_attn.reset_absorbed()
-
-
-@torch.no_grad()
-def init_random_(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
-    """Random weights (benchmarks, tests): normal(0, std) linears (FP8 ones quantized), unit norms,
-    a small positive e_score_correction_bias; drawn on the model's device."""
-    device = model.device
-    g = torch.Generator(device).manual_seed(seed)  # on the model's device: a 671B slice is tens of GB
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device) * std
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, RMSNorm):
-            mod.weight.fill_(1.0)
-        elif isinstance(mod, (Linear, VocabEmbedding)):
-            w = randn(*mod.weight.shape)
-            if getattr(mod, "fp8", False):
-                q, s = dk.weight_quant(w)
-                mod.weight.copy_(q)
-                mod.weight_scale_inv.copy_(s)
-            else:
-                mod.weight.copy_(w)
-        elif isinstance(mod, Gate):
-            mod.weight.copy_(randn(*mod.weight.shape))
-            mod.e_score_correction_bias.copy_(torch.rand(mod.e_score_correction_bias.shape, generator=g,
-                                                         device=device) * 0.05)
-        elif isinstance(mod, Experts):
-            for w, s in ((mod.w13, mod.w13_scale_inv), (mod.w2, mod.w2_scale_inv)):
-                for e in range(w.shape[0]):
-                    x = randn(*w.shape[1:])
-                    if s is None:
-                        w[e].copy_(x)
-                    else:
-                        q, qs = dk.weight_quant(x)
-                        w[e].copy_(q)
-                        s[e].copy_(qs)
-    model.reset_absorbed()
-    return model

@@ -5,7 +5,7 @@ gate (Hugging Face's `mlp.gate`): router logits = x @ weight.T in fp32, then dsv
 unbiased scores, renormalized, times routed_scaling_factor weigh them).
 experts: each expert's gate_proj/up_proj rows fused into w13 [E, 2I, D] and down_proj into
 w2 [E, D, I] (bf16 or FP8 + weight_scale_inv), run by dsv3_kernels.fused_moe.
-With more than one rank each holds E/world experts (dsv3/parallel.py). Tensor parallel: every rank
+With more than one rank each holds E/world experts (the model's dsv3.parallel.Parallel). Tensor parallel: every rank
 sees every token; its choices of other ranks' experts get the id NO_EXPERT (no work here) and the
 all-reduce of the layer output adds the owners' results. Expert parallel: the tokens travel to the
 ranks that own their experts and back (Experts.expert_parallel).
@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
+from dsv3_kernels.ops import GEMM_BLOCK
 
-from . import parallel
 from .config import ModelArgs
-from .layers import BLOCK, MLP, Module, _param
+from .layers import MLP, Module, _param
+from .parallel import Parallel
 
 
 class Gate(Module):
@@ -44,11 +45,12 @@ class Experts(Module):
     over the ranks; `replicas` [E, max replicas] then holds each expert's slots numbered over all
     ranks (rank * slots per rank + slot), repeated to the width, and n_replicas [E] their count."""
 
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0, *, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel
         self.n_routed_experts = args.n_routed_experts
         slots = parallel.expert_slots(args.n_routed_experts, layer)
-        self.logical = slots[parallel.rank()]
+        self.logical = slots[parallel.rank]
         self.lo, self.hi = self.logical[0], self.logical[-1] + 1  # the range tensor parallelism holds
         self.num_slots = len(slots) * len(self.logical)  # over all ranks
         self.replicas = self.n_replicas = None
@@ -62,14 +64,14 @@ class Experts(Module):
                                          device=device)
             self.n_replicas = torch.tensor([len(w) for w in where], dtype=torch.int64, device=device)
         e, d, i = len(self.logical), args.hidden_size, args.moe_intermediate_size
-        self.fp8 = fp8 and d % BLOCK == 0 and i % BLOCK == 0
+        self.fp8 = fp8 and d % GEMM_BLOCK == 0 and i % GEMM_BLOCK == 0
         # the expert kernels take bf16 or FP8; fp32 experts run on the torch backend only
         wdtype = torch.float8_e4m3fn if self.fp8 else (torch.float32 if dtype == torch.float32 else torch.bfloat16)
         self.w13 = _param(e, 2 * i, d, dtype=wdtype, device=device)
         self.w2 = _param(e, d, i, dtype=wdtype, device=device)
         if self.fp8:
-            self.w13_scale_inv = _param(e, 2 * i // BLOCK, d // BLOCK, dtype=torch.float32, device=device)
-            self.w2_scale_inv = _param(e, d // BLOCK, i // BLOCK, dtype=torch.float32, device=device)
+            self.w13_scale_inv = _param(e, 2 * i // GEMM_BLOCK, d // GEMM_BLOCK, dtype=torch.float32, device=device)
+            self.w2_scale_inv = _param(e, d // GEMM_BLOCK, i // GEMM_BLOCK, dtype=torch.float32, device=device)
         else:
             self.w13_scale_inv = self.w2_scale_inv = None
 
@@ -79,7 +81,7 @@ class Experts(Module):
 
     def forward(self, x, topk_weights, topk_ids):
         """x [T, D], routes over all experts -> the routed output of this rank's experts [T, D]."""
-        if parallel.world_size() > 1:  # other ranks' experts: no expert here (costs nothing)
+        if self.parallel.world > 1:  # other ranks' experts: no expert here (costs nothing)
             local = (topk_ids >= self.lo) & (topk_ids < self.hi)
             topk_ids = torch.where(local, topk_ids - self.lo, dk.NO_EXPERT).to(torch.int32)
         out = dk.fused_moe(x.to(self._dtype()), self.w13, self.w2, topk_weights, topk_ids, self.w13_scale_inv,
@@ -90,7 +92,8 @@ class Experts(Module):
         """x [T, D] (T may be 0: the collectives still run) -> the routed output over all experts
         [T, D]: each token once to each rank owning one of its experts, through that rank's experts
         (its choices as the rank sees them: local ids, NO_EXPERT for the others), back, summed."""
-        world, fp8 = parallel.world_size(), parallel.fp8_dispatch()
+        par = self.parallel
+        world, fp8 = par.world, par.fp8_dispatch
         if self.replicas is not None:  # each choice to one replica of its expert, spread by token and choice
             ids = topk_ids.long()
             t, k = ids.shape
@@ -101,32 +104,33 @@ class Experts(Module):
             x.to(self._dtype()), topk_ids, topk_weights, self.num_slots, world, fp8, backend=self.backend)
         counts = offsets.diff().tolist()  # the split sizes are host values (a device sync on a GPU)
         parts = [send, ids, weights] + ([scale] if fp8 else [])
-        received, recv_counts = parallel.all_to_all_rows(parts, counts)
+        received, recv_counts = par.all_to_all_rows(parts, counts)
         rows, ids, weights = received[:3]
         if fp8:  # e4m3 x its 1x128 scale (fused_moe takes bf16 rows; FP8 experts requantize them)
             n, d = rows.shape
-            rows = (rows.float().view(n, d // BLOCK, BLOCK) * received[3][..., None]).view(n, d).to(self._dtype())
+            rows = (rows.float().view(n, d // GEMM_BLOCK, GEMM_BLOCK) * received[3][..., None]).view(n, d).to(self._dtype())
         out = dk.fused_moe(rows, self.w13, self.w2, weights, ids, self.w13_scale_inv, self.w2_scale_inv,
                            backend=self.backend)
-        (back,), _ = parallel.all_to_all_rows([out], recv_counts, counts)
-        parallel.traffic["tokens"] += x.shape[0]
+        (back,), _ = par.all_to_all_rows([out], recv_counts, counts)
+        par.traffic.tokens += x.shape[0]
         return dk.ep_combine(back, inverse, backend=self.backend).to(x.dtype)
 
 
 class MoE(Module):
-    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0):
+    def __init__(self, args: ModelArgs, dtype, fp8=False, device=None, layer=0, *, parallel: Parallel):
         super().__init__()
+        self.expert_parallel = parallel.expert_parallel
         self.gate = Gate(args, device)
-        self.experts = Experts(args, dtype, fp8, device, layer)
+        self.experts = Experts(args, dtype, fp8, device, layer, parallel=parallel)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8,
-                                   device, what="moe_intermediate_size * n_shared_experts")
+                                   device, parallel=parallel, what="moe_intermediate_size * n_shared_experts")
                                if args.n_shared_experts else None)
 
     def forward(self, x):
         """x [T, D] -> this rank's partial output [T, D] (routed + shared; the caller all-reduces
         with tp), or with ep the whole output for this rank's tokens."""
         weights, ids = self.gate(x)
-        if parallel.expert_parallel():
+        if self.expert_parallel:
             out = self.experts.expert_parallel(x, weights, ids)
         else:
             out = self.experts(x, weights, ids)

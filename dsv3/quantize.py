@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 import dsv3_kernels as dk
 
-from .load import FP8_CONFIG, _open, checkpoint_files
+from .config import FP8_CONFIG
+from .load import _open, checkpoint_files
 
 
 # the MTP layers' tensors that DeepSeek's release keeps in bf16 although they are 2-D

@@ -30,12 +30,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsv3 import corpus
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
-from dsv3.generate import DEFAULT_MODEL, Generator
+from dsv3.evaluate import token_bytes
+from dsv3.generate import DEFAULT_MODEL
+from dsv3.generator import Generator
 from dsv3.load import load, load_tokenizer
-from dsv3.model import Transformer, init_random_
+from dsv3.model import Transformer
+from dsv3.testing import init_random_
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "tests", "model", "data", "heldout_sample.txt")
 
@@ -44,7 +46,7 @@ def teacher_forced(model, tokenizer, text, window=512):
     """(draft agrees with the main model's greedy choice, MTP nats per token, MTP nats per byte)."""
     bos, window = model.args.bos_token_id, min(window, model.args.max_position_embeddings)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    nbytes = corpus.token_bytes(tokenizer)
+    nbytes = token_bytes(tokenizer)
     agree = total = 0
     nll = nb = 0.0
     for s in range(0, len(ids), window - 1):
@@ -77,8 +79,8 @@ def step_costs(model_dir, depth, rounds, new_tokens=64):
     for _ in range(rounds + 1):  # the first round warms up
         for name, g in (("none", plain), ("mtp", spec)):
             g.generate(prompt, max_new_tokens=new_tokens)
-            steps = g.last_stats.get("decode_steps") or g.last_stats["decode_tokens"]
-            best[name] = min(best[name], 1e3 * g.last_stats["decode_s"] / steps)
+            steps = g.last_stats.decode_steps or g.last_stats.decode_tokens
+            best[name] = min(best[name], 1e3 * g.last_stats.decode_s / steps)
     return best["none"], best["mtp"]
 
 
@@ -110,9 +112,11 @@ def main():
     prompts = [[bos] + tok.encode(text[s:], add_special_tokens=False).ids[:64] for s in starts]
     a_spec = spec.generate(prompts, max_new_tokens=a.new_tokens)
     assert a_spec == plain.generate(prompts, max_new_tokens=a.new_tokens), "greedy differs with MTP"
-    res["generation"] = {k: spec.last_stats[k] for k in ("acceptance_rate", "tokens_per_step", "drafts")}
-    print(f"greedy generation from 16 held-out prompts: acceptance {spec.last_stats['acceptance_rate']:.1%}, "
-          f"{spec.last_stats['tokens_per_step']:.2f} tokens per step (output identical without MTP)", flush=True)
+    stats = spec.last_stats
+    res["generation"] = dict(acceptance_rate=stats.acceptance_rate, tokens_per_step=stats.tokens_per_step,
+                             drafts=stats.drafts)
+    print(f"greedy generation from 16 held-out prompts: acceptance {stats.acceptance_rate:.1%}, "
+          f"{stats.tokens_per_step:.2f} tokens per step (output identical without MTP)", flush=True)
 
     cases = {1: ["def fibonacci(n):"], 8: [f"import os{i}" for i in range(1, 9)]}
     res["speed"] = {}
@@ -124,8 +128,8 @@ def main():
         for _ in range(a.rounds):
             for name, g in (("none", plain), ("mtp", spec)):
                 g.generate(ps, max_new_tokens=a.new_tokens)
-                rows[name].append(g.last_stats["decode_tokens_per_s"])
-            rows["acceptance"].append(spec.last_stats["acceptance_rate"])
+                rows[name].append(g.last_stats.decode_tokens_per_s)
+            rows["acceptance"].append(spec.last_stats.acceptance_rate)
         ratio = [m / n for m, n in zip(rows["mtp"], rows["none"])]
         rows["speedup"] = ratio
         print(f"B={b}: decode tokens/s without MTP {', '.join(f'{x:.0f}' for x in rows['none'])}; with MTP "

@@ -3,9 +3,10 @@ pairs each expert of each MoE layer gets, with the e_score_correction_bias that 
 auxiliary-loss-free balancing learned, and with that bias zeroed (what the router alone would do).
 
     pip install matplotlib
-    python scripts/plot_expert_load.py [--model dsv3/default_model] [--out docs/expert_load.png]
+    PYTHONPATH=. python scripts/plot_expert_load.py [--model dsv3/default_model] [--out docs/expert_load.png]
 
-The held-out data are the standard-library files dsv3.train held out (dsv3.corpus.split).
+The held-out data are the standard-library files training held out (training/corpus.py's split;
+training/ is not installed with the package: PYTHONPATH=. from the repository root finds it).
 """
 
 import argparse
@@ -14,11 +15,11 @@ import os
 
 import torch
 
-from dsv3 import corpus
 from dsv3.evaluate import evaluate
 from dsv3.generate import DEFAULT_MODEL
 from dsv3.load import load, load_tokenizer
 from dsv3.moe import Gate
+from training import corpus
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Shared test machinery.
+"""Shared test machinery: pytest's hooks and fixtures only (helpers that test modules import are in
+tests/helpers.py).
 
 - Tests that verify ops carry `@pytest.mark.ops("name", ...)` and take the `device` and
   `backend` fixtures; they are parametrized over every device here and every backend that can
@@ -6,10 +7,10 @@
 - The cpu backend's cases run once per instruction-set level the host has (scalar, avx2, avx512,
   avx512_bf16: csrc/common/cpu_isa.h): "cpu-cpu" at the host's best, "cpu-cpu-avx2" etc. forced
   below it (in process, through dsv3_kernels._native.set_cpu_isa), against the same reference.
-- A parametrize value wrapped in `native_only(...)` is too large for Triton's interpreter: it runs
-  on the native backends (cpu, cuda, and triton on a GPU) and is deselected for triton on the CPU
-  (the interpreter) and for the scalar CPU level (minutes per case), where a smaller case of the
-  same kind stands in. The run's summary counts them.
+- A parametrize value wrapped in `helpers.native_only(...)` (the `native_only` marker) is too large
+  for Triton's interpreter: it runs on the native backends (cpu, cuda, and triton on a GPU) and is
+  deselected here for triton on the CPU (the interpreter) and for the scalar CPU level (minutes per
+  case), where a smaller case of the same kind stands in. The run's summary counts them.
 - `--record-verified PATH` writes, for a run on a GPU, which (op, backend, arch) passed every
   one of its tests; `python -m dsv3_kernels.verified record PATH` merges it into the package.
 """
@@ -79,11 +80,6 @@ def cpu_isa(request):
         dsv3_kernels._native.set_cpu_isa(before)
 
 
-def native_only(*values, id=None):
-    """pytest.param(*values) that the interpreter (triton on the CPU) does not run: see above."""
-    return pytest.param(*values, id=id, marks=pytest.mark.native_only)
-
-
 def _slow_backend(item):
     """Triton's interpreter, or the scalar CPU level: where native_only cases are deselected."""
     params = getattr(item, "callspec", None) and item.callspec.params
@@ -105,21 +101,13 @@ def pytest_terminal_summary(terminalreporter, config):
     n = getattr(config, "_native_only_dropped", 0)
     if n:
         terminalreporter.write_line(f"{n} large cases ran on the native backends only, not in Triton's interpreter "
-                                    "or the scalar CPU level (native_only in tests/conftest.py; smaller cases "
+                                    "or the scalar CPU level (native_only in tests/helpers.py; smaller cases "
                                     "of the same kind stand in)")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def poison_allocator(device):
-    """Fill the next allocations' memory with NaN bytes, so a kernel that leaves part of its
-    output unwritten shows it (the CUDA caching allocator hands the freed block back)."""
-    if torch.device(device).type == "cuda":
-        torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0xFF)
-        # 0xFF is NaN in fp32/bf16/fp16 and e4m3fn.
 
 
 # ---- recording which kernels passed on a GPU ----

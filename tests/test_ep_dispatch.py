@@ -10,7 +10,7 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import moe as ref
 from dsv3_kernels.reference.fp8 import calc_diff
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 from test_moe_experts import assert_same, make_experts, make_ids
 
 CASES = [  # (T, topk, E, world_size, D)

@@ -10,7 +10,7 @@ import torch
 
 import dsv3_kernels as dk
 from dsv3_kernels.reference import fp8 as ref
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 
 FP8 = torch.float8_e4m3fn
 GPU_ACCUM_TOL = 2e-3  # Hopper's fp8 MMA accumulates each 128-K block with ~14 mantissa bits

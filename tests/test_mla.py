@@ -14,7 +14,7 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 
 # DeepSeek-V3: 192**-0.5 * mscale**2 with mscale = 0.1 * ln(40) + 1.
 SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2

@@ -14,7 +14,7 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 from test_mla import ROW_SHAPES, SCALE, make_cache
 from test_mla import _write_case as bf16_write_case
 

@@ -4,7 +4,7 @@ backend against the fp32 reference (dsv3_kernels/reference/moe.py states the sem
 Inputs are fresh random values; unused memory (rows no expert covers, the weights of experts
 with no tokens) is NaN, so a kernel that reads or leaves it shows; token counts include 0, 1, 7
 and 1000 with E=256, topk=8, and the routing extremes (all on one expert, most experts empty).
-The E=256 cases are native_only (tests/conftest.py): Triton's interpreter runs the same kinds of
+The E=256 cases are native_only (tests/helpers.py): Triton's interpreter runs the same kinds of
 case with E=16 or 32 (the interpreter's cost grows with the expert count even at T=0).
 """
 
@@ -17,7 +17,7 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import fp8 as ref_fp8
 from dsv3_kernels.reference import moe as ref
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 
 FP8 = torch.float8_e4m3fn
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import norm as ref
-from conftest import native_only, poison_allocator
+from helpers import native_only, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(0, 7), (1, 1), (5, 7), (6, 50), (3, 100), (3, 129), (2, 3, 257), (4, 512), (2, 1536), (8, 7168),

@@ -10,9 +10,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dsv3 import eplb, parallel
+from dsv3 import eplb
 from dsv3.cache import decode_batch, prefill_batch
 from dsv3.load import load
+from dsv3.parallel import Parallel
 
 # A skewed expert load (16 experts): EPLB replicates the first ones
 LOAD = [0.3, 0.2, 0.1] + [0.4 / 13] * 13
@@ -49,7 +50,8 @@ def run_requests(model, requests):
     step = 0
     while True:
         running = [i for i, (_, n) in enumerate(requests) if step < n]
-        if not (parallel.any_rank(bool(running)) if parallel.expert_parallel() else running):
+        par = model.parallel
+        if not (par.any_rank(bool(running)) if par.expert_parallel else running):
             return results
         if running:
             seqs = [results[i][2] for i in running]
@@ -64,26 +66,26 @@ def run_requests(model, requests):
 
 
 def main(model_dir, out):
-    rank = parallel.init_from_env("cpu", mode="ep")
-    model = load(model_dir, torch.float32, backend="torch", progress=False)
-    mine = share(rank, parallel.world_size())
+    par = Parallel.from_env("cpu", mode="ep")
+    model = load(model_dir, torch.float32, backend="torch", progress=False, parallel=par)
+    mine = share(par.rank, par.world)
     requests = [REQUESTS[i] for i in mine]
     experts = model.model.layers[1].mlp.experts
     result = dict(requests=mine, experts=(experts.lo, experts.hi), heads=model.model.layers[0].self_attn.num_heads,
                   run=run_requests(model, requests))
-    parallel.set_mode("ep", fp8_dispatch=True)
+    par.fp8_dispatch = True  # the same model, its tokens sent in FP8 from here on
     result["fp8"] = run_requests(model, requests)
-    result["traffic"] = dict(parallel.traffic)
-    world = parallel.world_size()
-    parallel.set_mode("ep", placement={1: eplb.place(LOAD, world, world)})  # layer 1: the MoE layer
-    model = load(model_dir, torch.float32, backend="torch", progress=False)
+    result["traffic"] = par.traffic
+    placement = {1: eplb.place(LOAD, par.world, par.world)}  # layer 1: the MoE layer
+    model = load(model_dir, torch.float32, backend="torch", progress=False,
+                 parallel=Parallel("ep", par.rank, par.world, placement=placement))
     result["eplb_slots"] = model.model.layers[1].mlp.experts.logical
     result["eplb"] = run_requests(model, requests)
-    gathered = [None] * parallel.world_size()
+    gathered = [None] * par.world
     dist.all_gather_object(gathered, result)
-    if rank == 0:
+    if par.rank == 0:
         torch.save(gathered, out)
-    parallel.shutdown()
+    par.shutdown()
 
 
 if __name__ == "__main__":

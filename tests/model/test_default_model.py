@@ -1,4 +1,4 @@
-"""The shipped default model (dsv3/default_model, trained by `python -m dsv3.train`): a real
+"""The shipped default model (dsv3/default_model, trained by `python -m training.train`): a real
 DeepSeek-V3-format FP8 checkpoint that loads, generates, and reaches its recorded held-out loss on
 the fixed held-out sample shipped here (data/heldout_sample.txt: CPython standard-library source,
 PSF License; fixed, so the check is the same on every Python version)."""

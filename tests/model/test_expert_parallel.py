@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from dsv3 import parallel
 from dsv3.load import load
+from dsv3.parallel import Parallel, per_token
 from dsv3_kernels.reference.fp8 import calc_diff
 
 from ep_worker import REQUESTS, run_requests, share
@@ -63,7 +63,7 @@ def test_ranks_with_their_own_requests_equal_one_process(hf_checkpoint, tmp_path
             for n, (g, w) in enumerate(zip(steps, want[i][1])):
                 if len(REQUESTS[i][0]) + n < same:  # the steps fed the same tokens
                     assert calc_diff(g, w) < 1e-3
-    traffic = parallel.per_token([r["traffic"] for r in ranks])
+    traffic = per_token([r["traffic"] for r in ranks])
     assert 2 <= traffic["rows"] <= 2 * min(4, world)  # each token once per rank it needs, both ways
 
 
@@ -126,29 +126,21 @@ def test_nccl_two_gpus(hf_checkpoint):  # noqa: F811
     _torchrun(2, "-m", "dsv3.generate", "--parallel", "ep", "--fp8-dispatch", *args)
 
 
-@pytest.fixture
-def rank_1_of_4_ep(monkeypatch):
-    """Rank 1 of 4 in mode ep, faked (no process group needed)."""
-    monkeypatch.setattr(parallel, "world_size", lambda: 4)
-    monkeypatch.setattr(parallel, "rank", lambda: 1)
-    parallel.set_mode("ep")
-    yield
-    parallel.set_mode("tp")
-
-
-def test_what_a_rank_holds(rank_1_of_4_ep):
-    """Attention, dense MLP, shared expert, embedding and head whole; routed experts 4 of 16."""
+def test_what_a_rank_holds():
+    """Rank 1 of 4 in mode ep (no process group needed to build it): attention, dense MLP, shared
+    expert, embedding and head whole; routed experts 4 of 16."""
     from dsv3.config import tiny
     from dsv3.model import Transformer
+    par = Parallel("ep", rank=1, world=4)
     args = tiny(n_routed_experts=16, n_group=4, topk_group=2, vocab_size=255, num_attention_heads=3)
-    model = Transformer(args, torch.float32, device="meta")  # 255 and 3 would not split over 4 with tp
+    model = Transformer(args, torch.float32, device="meta", parallel=par)  # 255 and 3 would not split over 4 with tp
     layer = model.model.layers[-1]
     assert layer.self_attn.num_heads == 3 and model.model.embed_tokens.weight.shape[0] == 255
     assert (layer.mlp.experts.lo, layer.mlp.experts.hi) == (4, 8) and layer.mlp.experts.w13.shape[0] == 4
     shared = layer.mlp.shared_experts.down_proj
     assert shared.in_features == args.moe_intermediate_size * args.n_shared_experts
     with pytest.raises(ValueError, match="n_routed_experts = 18 does not split over 4 expert-parallel ranks"):
-        Transformer(tiny(n_routed_experts=18, n_group=6, topk_group=2), torch.float32, device="meta")
+        Transformer(tiny(n_routed_experts=18, n_group=6, topk_group=2), torch.float32, device="meta", parallel=par)
 
 
 def test_eplb_places_replicas_of_the_heavy_experts():

@@ -1,4 +1,4 @@
-"""dsv3.generate: the Generator against a naive full-recompute loop, batching, EOS, sampling, errors,
+"""dsv3.generator and dsv3.generate (the command line): the Generator against a naive full-recompute loop, batching, EOS, sampling, errors,
 the command line on a tiny checkpoint, and CUDA-graph decode against eager decode (GPU only)."""
 
 import collections
@@ -11,7 +11,10 @@ from hf_checkpoints import hf_checkpoint, make_hf_checkpoint  # noqa: F401 (hf_c
 
 from dsv3 import generate as gen
 from dsv3.cache import CacheFullError, decode_batch, prefill_batch
-from dsv3.generate import CudaGraphDecoder, Generator, TextStream, main, sample
+from dsv3.cuda_graph import CudaGraphDecoder
+from dsv3.generate import TextStream, main
+from dsv3.generator import Generator
+from dsv3.sampling import sample
 from dsv3.load import load, load_tokenizer
 
 # std 0.2: weights large enough that greedy decoding does not settle on one repeated token
@@ -128,8 +131,10 @@ def test_blocks_freed_and_stats(no_eos):
     out = g.generate(prompts_of([30, 2], no_eos.args.vocab_size), max_new_tokens=5)
     assert g.cache.allocator.num_free == 12
     s = g.last_stats
-    assert s["prefill_tokens"] == 32 and s["ttft_s"] > 0
-    assert s["decode_tokens"] == sum(len(o) for o in out) - 2 and s["decode_tokens_per_s"] > 0
+    assert s.prefill_tokens == 32 and s.ttft_s > 0
+    assert s.decode_tokens == sum(len(o) for o in out) - 2 and s.decode_tokens_per_s > 0
+    assert s.decode_steps is s.acceptance_rate is None  # no speculation
+    assert s["decode_tokens_per_s"] == s.decode_tokens_per_s  # read as the dict it was
     # 3 prompts of 3 blocks each do not fit 8 blocks: nothing runs, nothing stays allocated
     small = Generator(no_eos, num_blocks=8, block_size=16)
     with pytest.raises(CacheFullError):

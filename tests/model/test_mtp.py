@@ -1,4 +1,4 @@
-"""Multi-token prediction: the MTP module against the plain PyTorch one of dsv3.train on the same
+"""Multi-token prediction: the MTP module against the plain PyTorch one of training/ on the same
 weights, loading MTP layers, and speculative decoding (greedy identical to non-speculative greedy,
 speculative sampling drawing from the target distribution)."""
 
@@ -10,21 +10,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3 import generate as gen
-from dsv3 import train
+from dsv3 import generator as gen
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
-from dsv3.generate import DEFAULT_MODEL, Generator, main, probabilities, verify
+from dsv3.generate import DEFAULT_MODEL, main
+from dsv3.generator import Generator
+from dsv3.sampling import probabilities, verify
+from training.model import PRESETS, TrainableTransformer
+from training.train import losses
 from dsv3.load import CheckpointError, load
 
-N = train.PRESETS["test"]["num_hidden_layers"]  # the MTP layer's checkpoint index
+N = PRESETS["test"]["num_hidden_layers"]  # the MTP layer's checkpoint index
 
 
 def write_mtp_checkpoint(path, seed=0, std=0.1):
-    """A random `test`-preset model with one MTP layer (dsv3.train's module, fp32, HF names)."""
-    args = ModelArgs(**train.PRESETS["test"], num_nextn_predict_layers=1)
+    """A random `test`-preset model with one MTP layer (training's TrainableTransformer, fp32, HF names)."""
+    args = ModelArgs(**PRESETS["test"], num_nextn_predict_layers=1)
     torch.manual_seed(seed)
-    m = train.TrainModel(args)
+    m = TrainableTransformer(args)
     m.init_weights(std=std)
     for moe in m.moe_layers():
         moe.gate.e_score_correction_bias.uniform_(0, 0.2)
@@ -44,7 +47,7 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_mtp_logits_equal_plain_pytorch(ckpt, backend):
     """Prefill the main model, then the MTP module over positions 0..T-2 (h_i, t_{i+1}): its logits
-    equal dsv3.train's MTP module on the same fp32 weights (loaded from DeepSeek's names)."""
+    equal training's MTP module on the same fp32 weights (loaded from DeepSeek's names)."""
     path, ref_model = ckpt
     ids = torch.randint(0, ref_model.args.vocab_size, (3, 37))
     targets = torch.randint(0, ref_model.args.vocab_size, (3, 37))
@@ -98,7 +101,7 @@ def test_mtp_objective(ckpt):
     """loss = main + lambda * mean MTP loss; the MTP loss of depth 1 predicts targets[:, 1:]."""
     _, m = ckpt
     ids, targets = torch.randint(0, m.args.vocab_size, (2, 2, 16)).unbind(0)
-    total, main_loss, (mtp,) = train.losses(m, ids, targets, 0.3)
+    total, main_loss, (mtp,) = losses(m, ids, targets, 0.3)
     logits, (mtp_logits,) = m(ids, targets)
     assert mtp_logits.shape == (2, 15, m.args.vocab_size)
     want = torch.nn.functional.cross_entropy(mtp_logits.flatten(0, 1), targets[:, 1:].flatten())
@@ -139,9 +142,9 @@ def test_greedy_identical_shipped_model(shipped):
     spec, plain = Generator(shipped, block_size=16), Generator(shipped, block_size=16, speculative="none")
     for n in (1, 2, 3, 24):
         assert spec.generate(tok_prompts, max_new_tokens=n) == plain.generate(tok_prompts, max_new_tokens=n)
-    assert spec.last_stats["acceptance_rate"] > 0.2  # the path that keeps drafts ran
-    assert spec.last_stats["tokens_per_step"] == pytest.approx(
-        spec.last_stats["decode_tokens"] / spec.last_stats["decode_steps"])
+    assert spec.last_stats.acceptance_rate > 0.2  # the path that keeps drafts ran
+    assert spec.last_stats.tokens_per_step == pytest.approx(
+        spec.last_stats.decode_tokens / spec.last_stats.decode_steps)
 
 
 def test_drafts_are_the_teacher_forced_mtp_drafts(shipped, monkeypatch):
@@ -189,8 +192,8 @@ def test_drafts_are_the_teacher_forced_mtp_drafts(shipped, monkeypatch):
             else:
                 done[r] += 1
         pending = dict(zip(live, next(calls)))
-    assert spec.last_stats["drafts"] == drafts
-    assert round(spec.last_stats["acceptance_rate"] * drafts) == kept
+    assert spec.last_stats.drafts == drafts
+    assert round(spec.last_stats.acceptance_rate * drafts) == kept
     assert 0 < kept < drafts
 
 
@@ -254,7 +257,7 @@ def test_sampling_runs_and_is_seeded(shipped):
     a = g.generate(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
     assert g.generate(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3) == a
     assert all(len(x) <= 12 for x in a)
-    assert g.last_stats["drafts"] > 0
+    assert g.last_stats.drafts > 0
 
 
 def test_speculative_argument_errors(ckpt):

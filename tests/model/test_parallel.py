@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from dsv3 import parallel
 from dsv3.config import tiny
 from dsv3.load import load
 from dsv3.model import Transformer
+from dsv3.parallel import Parallel
 
 from hf_checkpoints import hf_checkpoint, run_prefill_and_decode  # noqa: F401
 
@@ -73,10 +73,9 @@ def test_generate_command_under_torchrun(hf_checkpoint):  # noqa: F811
     ("intermediate_size", dict(intermediate_size=250)),  # 62.5 per rank of 4
     ("n_routed_experts", dict(n_routed_experts=18, n_group=6, topk_group=2)),
 ])
-def test_uneven_split_names_the_field_in_process(field, overrides, monkeypatch):
-    """Rank 1 of 4, faked (no process group needed), with a dim that does not split over 4."""
-    monkeypatch.setattr(parallel, "world_size", lambda: 4)
-    monkeypatch.setattr(parallel, "rank", lambda: 1)
-    Transformer(tiny(), torch.float32, device="meta")  # the tiny config itself splits over 4
+def test_uneven_split_names_the_field_in_process(field, overrides):
+    """Rank 1 of 4 (no process group needed to build it), with a dim that does not split over 4."""
+    par = Parallel(rank=1, world=4)
+    Transformer(tiny(), torch.float32, device="meta", parallel=par)  # the tiny config itself splits over 4
     with pytest.raises(ValueError, match=rf"^{field} = \d+ does not split over 4 tensor-parallel ranks"):
-        Transformer(tiny(**overrides), torch.float32, device="meta")
+        Transformer(tiny(**overrides), torch.float32, device="meta", parallel=par)

@@ -1,5 +1,6 @@
-"""dsv3.train and dsv3.corpus on a few standard-library files and the `test` preset: the training
-model against the inference model, the balancing update, determinism, exact resume, the export."""
+"""training/ (the trainable model, its corpus, the training loop and export) on a few standard-library
+files and the `test` preset: the trainable model against the inference model, the balancing update,
+determinism, exact resume, the export."""
 
 import json
 import os
@@ -8,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3 import corpus, train
 from dsv3.cache import prefill_batch
 from dsv3.config import ModelArgs
-from dsv3.evaluate import evaluate
+from dsv3.evaluate import evaluate, token_bytes
 from dsv3.load import load, load_tokenizer
+from training import corpus, train
+from training.model import PRESETS, MoE, TrainableTransformer
 
 # a few seconds per run: 48 stdlib files, one in 4 held out, 64-token windows
 SMALL = ["--preset", "test", "--max-files", "48", "--heldout-every", "4", "--batch-size", "2", "--seq-len", "64",
@@ -34,7 +36,7 @@ def test_corpus_split_and_tokenizer(texts):
     assert train_texts and heldout and len(train_texts) + len(heldout) == 48
     tok = corpus.train_tokenizer(train_texts, 384)
     assert tok.token_to_id(corpus.BOS) == 0 and tok.token_to_id(corpus.EOS) == 1
-    nbytes = corpus.token_bytes(tok)
+    nbytes = token_bytes(tok)
     for text in heldout[:3]:  # byte-level BPE is lossless and its tokens' bytes add up to the text's
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids) == text
@@ -48,9 +50,9 @@ def test_corpus_split_and_tokenizer(texts):
 def test_training_model_matches_inference_model(tmp_path, backend):
     """The differentiable model's logits = dsv3.model's on the same fp32 weights (HF names, experts
     split per expert and fused again by the loader), with nonzero balancing biases."""
-    args = ModelArgs(**train.PRESETS["test"])
+    args = ModelArgs(**PRESETS["test"])
     torch.manual_seed(0)
-    m = train.TrainModel(args)
+    m = TrainableTransformer(args)
     m.init_weights(std=0.1)
     for moe in m.moe_layers():
         moe.gate.e_score_correction_bias.uniform_(0, 0.2)
@@ -67,8 +69,8 @@ def test_training_model_matches_inference_model(tmp_path, backend):
 
 
 def test_bias_update_moves_towards_balance():
-    args = ModelArgs(**train.PRESETS["test"])
-    moe = train.MoE(args)
+    args = ModelArgs(**PRESETS["test"])
+    moe = MoE(args)
     moe.load.copy_(torch.tensor([10, 0, 5, 5]))
     moe.update_bias(0.01)
     torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
@@ -78,9 +80,9 @@ def test_bias_update_moves_towards_balance():
 def test_balancing_evens_out_a_skewed_router():
     """A router biased towards experts 0 and 1 (one group of the two): the bias updates alone
     spread the load evenly."""
-    args = ModelArgs(**train.PRESETS["test"])
+    args = ModelArgs(**PRESETS["test"])
     torch.manual_seed(0)
-    moe = train.MoE(args)
+    moe = MoE(args)
     for p in moe.parameters():
         p.data.normal_(0, 0.1)
     moe.gate.e_score_correction_bias.copy_(torch.tensor([0.5, 0.5, 0.0, 0.0]))
@@ -161,7 +163,7 @@ def test_train_only_mtp_from_a_checkpoint(tmp_path):
     run(tmp_path / "a", 2, "--mtp-layers", "0")
     run(tmp_path / "b", 3, "--init-from", str(tmp_path / "a" / "bf16"), "--train-only", "mtp", "--no-export")
     before = load_file(str(tmp_path / "a" / "bf16" / "model.safetensors"))
-    m = train.TrainModel(ModelArgs(**train.PRESETS["test"], num_nextn_predict_layers=1))
+    m = TrainableTransformer(ModelArgs(**PRESETS["test"], num_nextn_predict_layers=1))
     m.load_state_dict(torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["model"])
     after = m.hf_state_dict()
     assert "model.layers.2.eh_proj.weight" in after and "model.layers.2.eh_proj.weight" not in before

@@ -9,10 +9,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dsv3 import parallel
 from dsv3.config import tiny
 from dsv3.load import load
 from dsv3.model import Transformer
+from dsv3.parallel import Parallel
 
 from hf_checkpoints import run_prefill_and_decode
 
@@ -21,24 +21,24 @@ STEPS = 3
 
 
 def main(model_dir, out):
-    rank = parallel.init_from_env("cpu")
+    par = Parallel.from_env("cpu")
     if model_dir == "uneven":
         try:
-            Transformer(tiny(vocab_size=321), torch.float32)
+            Transformer(tiny(vocab_size=321), torch.float32, parallel=par)
             result = "no error"
         except ValueError as e:
             result = str(e)
     else:
-        model = load(model_dir, torch.float32, backend="torch", progress=False)
+        model = load(model_dir, torch.float32, backend="torch", progress=False, parallel=par)
         heads = model.model.layers[0].self_attn.num_heads
         experts = model.model.layers[1].mlp.experts
         result = dict(run=run_prefill_and_decode(model, PROMPTS, STEPS), heads=heads,
                       experts=(experts.lo, experts.hi), vocab=model.model.embed_tokens.weight.shape[0])
-    gathered = [None] * parallel.world_size()
+    gathered = [None] * par.world
     dist.all_gather_object(gathered, result)
-    if rank == 0:
+    if par.rank == 0:
         torch.save(gathered, out)
-    parallel.shutdown()
+    par.shutdown()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 with Python), a deterministic train / held-out split by file, and the byte-level BPE tokenizer
 trained on the training files with the `tokenizers` library.
 
-Byte-level BPE is lossless (no normalizer): the bytes of a text are the bytes of its tokens, and a
-token's byte count is the length of its vocabulary string (one character per byte), which is what
-turns a loss in nats per token into nats per byte (token_bytes).
+Byte-level BPE is lossless (no normalizer): the bytes of a text are the bytes of its tokens, which
+is what turns a loss in nats per token into nats per byte (dsv3.evaluate.token_bytes: evaluation
+needs it for any text, so it lives with the evaluation, not here).
 """
 
 import sysconfig
@@ -63,17 +63,6 @@ def train_tokenizer(texts, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def token_bytes(tokenizer) -> torch.Tensor:
-    """int64 [vocab]: the bytes each token stands for (0 for special tokens)."""
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    n = tokenizer.get_vocab_size()
-    out = torch.zeros(n, dtype=torch.int64)
-    for i in range(n):
-        s = tokenizer.id_to_token(i)
-        out[i] = 0 if s is None or s in special else len(s)
-    return out
 
 
 def encode_documents(tokenizer, texts, bos: int, eos: int) -> torch.Tensor:
