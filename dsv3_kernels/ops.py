@@ -69,8 +69,11 @@ _SMALL = 1024
 
 
 def _check_same_device(**tensors):
-    first = next(iter(tensors.values())).device
-    if any(t.device != first for t in tensors.values()):  # (no listing built on the fast path)
+    others = iter(tensors.values())
+    first = next(others).device
+    for t in others:  # a plain loop: the cheapest way to compare a few devices
+        if t.device == first:
+            continue
         listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
