@@ -253,7 +253,7 @@ at::Tensor gemm_avx2(const float* a, int64_t m, const uint8_t* b, const float* b
     at::parallel_for(0, cdiv(n, nr), grain_for(nr * k), [&](int64_t begin, int64_t end) {
       std::vector<float> a_blk(small_scratch_avx2(m, k));
       const int64_t n0 = begin * nr, n1 = std::min(n, end * nr);
-      gemm_small_avx2_any(a, m, b, b_scale, k, n, n0, n1, n1, pc, a_blk.data());
+      gemm_small_avx2_any(a, m, b, b_scale, k, n, n0, n1, nullptr, pc, a_blk.data());
       convert_cols(pc, po, out_dtype, m, n, n0, n1);
     });
     return out;

@@ -203,25 +203,26 @@ inline int64_t small_chunk_avx2(int64_t m, int64_t k) {
 
 // Where a few-rows sweep prefetches B for row t (`ahead` rows past the current one) in the order
 // it visits them: rows [n_begin, n_end) of the K chunk [k0, k0 + len), then those of the next
-// chunk, then (a later call's) the rows past n_end from their start, up to pf_rows. A prefetch
-// never faults; null where there is nothing worth fetching.
+// chunk, then the B rows the caller streams next (`next`: rows of the same k, or null). A
+// prefetch never faults; null where there is nothing worth fetching.
 template <typename T>
 inline const T* prefetch_row(const T* b, int64_t k, int64_t k0, int64_t len, int64_t n_begin, int64_t n_end,
-                             int64_t pf_rows, int64_t t) {
+                             const T* next, int64_t t) {
   if (t < n_end) return b + t * k + k0;
   if (k0 + len < k) return t - n_end < n_end - n_begin ? b + (n_begin + t - n_end) * k + k0 + len : nullptr;
-  return t < pf_rows ? b + t * k : nullptr;
+  return next != nullptr ? next + (t - n_end) * k : nullptr;
 }
 
 // Scratch floats of gemm_small_avx2 (the scaled A chunk).
 inline int64_t small_scratch_avx2(int64_t m, int64_t k) { return m * small_chunk_avx2(m, k); }
 
 // Columns [n_begin, n_end) (n_begin a multiple of NR) of c[m, n] = A' B'^T, a = A' [m, k] fp32.
-// Rows of B up to pf_rows may be prefetched (those past n_end are read next by this thread, or
-// not at all). a_blk: small_scratch_avx2(m, k) floats.
+// next (or null): the B rows (of the same k) this thread reads after these, prefetched as the
+// sweep nears its end: a new stream would start with demand misses. a_blk:
+// small_scratch_avx2(m, k) floats.
 template <int NR>
 DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* b, const float* b_scale, int64_t k,
-                                      int64_t n, int64_t n_begin, int64_t n_end, int64_t pf_rows, float* c,
+                                      int64_t n, int64_t n_begin, int64_t n_end, const uint8_t* next, float* c,
                                       float* a_blk) {
   static_assert(kGemmBlk % NR == 0, "a tile must not straddle a block of b_scale_inv");
   const int64_t kblocks = k / kGemmBlk, kc = small_chunk_avx2(m, k);
@@ -246,7 +247,7 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
       for (int64_t g = 0, i = 0; g < groups; ++g) {
         const int mr = static_cast<int>((m - i) / (groups - g));  // balanced: 5 rows are 3 + 2
         // The first group streams B from memory (and prefetches); the others find it in L1.
-        const uint8_t* pf = g == 0 ? prefetch_row(b, k, k0, len, n_begin, n_end, pf_rows, n0 + ahead) : nullptr;
+        const uint8_t* pf = g == 0 ? prefetch_row(b, k, k0, len, n_begin, n_end, next, n0 + ahead) : nullptr;
         if (nr == NR) gemm_tile_fp8b_avx2_mr<NR>(mr, a_blk + i * len, len, pb, k, len, c + i * n + n0, n, k0 > 0, pf);
         else gemm_tile_fp8b_avx2_mr<1>(mr, a_blk + i * len, len, pb, k, len, c + i * n + n0, n, k0 > 0, pf);
         i += mr;
@@ -259,11 +260,11 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
 // gemm_small_avx2 with the NR of small_nr_avx2(m).
 DSV3_TARGET_AVX2 inline void gemm_small_avx2_any(const float* a, int64_t m, const uint8_t* b, const float* b_scale,
                                                  int64_t k, int64_t n, int64_t n_begin, int64_t n_end,
-                                                 int64_t pf_rows, float* c, float* a_blk) {
+                                                 const uint8_t* next, float* c, float* a_blk) {
   switch (small_nr_avx2(m)) {
-    case 8: return gemm_small_avx2<8>(a, m, b, b_scale, k, n, n_begin, n_end, pf_rows, c, a_blk);
-    case 4: return gemm_small_avx2<4>(a, m, b, b_scale, k, n, n_begin, n_end, pf_rows, c, a_blk);
-    default: return gemm_small_avx2<2>(a, m, b, b_scale, k, n, n_begin, n_end, pf_rows, c, a_blk);
+    case 8: return gemm_small_avx2<8>(a, m, b, b_scale, k, n, n_begin, n_end, next, c, a_blk);
+    case 4: return gemm_small_avx2<4>(a, m, b, b_scale, k, n, n_begin, n_end, next, c, a_blk);
+    default: return gemm_small_avx2<2>(a, m, b, b_scale, k, n, n_begin, n_end, next, c, a_blk);
   }
 }
 

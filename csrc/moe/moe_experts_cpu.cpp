@@ -152,8 +152,11 @@ void gemm_tile_portable(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64
   }
 }
 
-// Rows [r0, r1) x columns [n0, n1) of g.c; n0 a multiple of kBlock, n1 - n0 <= kBlock.
-void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Scratch& s) {
+// Rows [r0, r1) x columns [n0, n1) of g.c; n0 a multiple of kBlock, n1 - n0 <= kBlock. next (or
+// null): the first B row (of the same K) this thread's next tile reads, which the AVX2 tiles
+// prefetch as they near their end.
+void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Scratch& s,
+               const void* next = nullptr) {
 #if defined(__x86_64__)
   const int64_t m = r1 - r0, k = g.k, n = g.n;
   const auto* b8 = static_cast<const uint8_t*>(g.b);
@@ -188,13 +191,15 @@ void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Sc
       return;
     }
     case Path::kBf16Avx2:
-      gemm_bf16_avx2_any(static_cast<const float*>(g.a), static_cast<const uint16_t*>(g.b), k, n, r0, r1, n0, n1, g.c);
+      gemm_bf16_avx2_any(static_cast<const float*>(g.a), static_cast<const uint16_t*>(g.b), k, n, r0, r1, n0, n1,
+                         static_cast<const uint16_t*>(next), g.c);
       return;
     case Path::kFp8Avx2: {
       const auto* a = static_cast<const float*>(g.a);
       if (m <= fp8k::kSmallMaxRowsAvx2) {
         s.scales.resize(fp8k::small_scratch_avx2(m, k));
-        fp8k::gemm_small_avx2_any(a + r0 * k, m, b8, g.b_scale, k, n, n0, n1, n, g.c + r0 * n, s.scales.data());
+        fp8k::gemm_small_avx2_any(a + r0 * k, m, b8, g.b_scale, k, n, n0, n1, static_cast<const uint8_t*>(next),
+                                  g.c + r0 * n, s.scales.data());
         return;
       }
       s.panel32.resize(fp8k::kPanelN * fp8k::kPanelK);
@@ -406,6 +411,8 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   const float* bs = fp8 ? b_scale_inv->const_data_ptr<float>() : nullptr;
   auto* po = out.data_ptr<at::BFloat16>();
   const int64_t tiles = cdiv(n, kBlock);
+  // The first B row of an item (the weight rows it streams).
+  const auto b_rows = [&](int64_t item) { return pb + runs[item / tiles].expert * b_bytes + (item % tiles) * kBlock * k * (fp8 ? 1 : 2); };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t item = begin; item < end; ++item) {
@@ -413,7 +420,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
       const int64_t n0 = (item % tiles) * kBlock, n1 = std::min(n, n0 + kBlock);
       const Gemm g{path, a_form, as, pb + run.expert * b_bytes, bs ? bs + run.expert * bs_stride : nullptr,
                    k, n, c.data_ptr<float>()};
-      gemm_tile(g, run.r0, run.r1, n0, n1, s);
+      gemm_tile(g, run.r0, run.r1, n0, n1, s, item + 1 < end ? b_rows(item + 1) : nullptr);
       store_cols(g.c + run.r0 * n, po + run.r0 * n, run.r1 - run.r0, n, n0, n1);
     }
   });
@@ -578,6 +585,11 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
   Uninit<uint8_t> h(rows * inter * es);
   Uninit<float> h_scale(path == Path::kFp8Dot ? rows * iblocks : 0);
   const int64_t itiles = cdiv(inter, kBlock);
+  // The first w13 / w2 row of a gate-up / down item (the gate rows of a gate-up item: its up rows
+  // are `inter` rows on).
+  const auto w13_rows = [&](int64_t item, int64_t row) {
+    return p13 + (runs[item / itiles].expert * 2 * inter + row) * d * wes;
+  };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * itiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     float act[kBlock];
@@ -588,8 +600,9 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
       const int64_t c0 = (item % itiles) * kBlock, c1 = std::min(inter, c0 + kBlock), len = c1 - c0;
       const Gemm g{path, a.data(), a_scale.data(), p13 + run.expert * 2 * inter * d * wes,
                    fp8 ? s13 + run.expert * 2 * iblocks * dblocks : nullptr, d, 2 * inter, gate_up.data()};
-      gemm_tile(g, run.r0, run.r1, c0, c1, s);
-      gemm_tile(g, run.r0, run.r1, inter + c0, inter + c1, s);
+      gemm_tile(g, run.r0, run.r1, c0, c1, s, w13_rows(item, inter + c0));
+      gemm_tile(g, run.r0, run.r1, inter + c0, inter + c1, s,
+                item + 1 < end ? w13_rows(item + 1, ((item + 1) % itiles) * kBlock) : nullptr);
       for (int64_t r = run.r0; r < run.r1; ++r) {
         float* gu = gate_up.data() + r * 2 * inter;
         round_bf16(gu + c0, len);
@@ -611,6 +624,9 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
   // 4. Per item of (run, 128 columns of D): the down projection, rounded to bf16 -> y [rows, D].
   Uninit<float> y(rows * d);
   const int64_t dtiles = cdiv(d, kBlock);
+  const auto w2_rows = [&](int64_t item) {
+    return p2 + (runs[item / dtiles].expert * d + (item % dtiles) * kBlock) * inter * wes;
+  };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * dtiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t item = begin; item < end; ++item) {
@@ -618,7 +634,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
       const int64_t n0 = (item % dtiles) * kBlock, n1 = std::min(d, n0 + kBlock);
       const Gemm g{path, h.data(), h_scale.data(), p2 + run.expert * d * inter * wes,
                    fp8 ? s2 + run.expert * dblocks * iblocks : nullptr, inter, d, y.data()};
-      gemm_tile(g, run.r0, run.r1, n0, n1, s);
+      gemm_tile(g, run.r0, run.r1, n0, n1, s, item + 1 < end ? w2_rows(item + 1) : nullptr);
       for (int64_t r = run.r0; r < run.r1; ++r) round_bf16(y.data() + r * d + n0, n1 - n0);
     }
   });

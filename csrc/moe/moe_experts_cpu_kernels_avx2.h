@@ -134,11 +134,11 @@ DSV3_TARGET_AVX2 inline void dot_tile_bf16_avx2_mr(int mr, const float* a, int64
 // Rows [r0, r1) x columns [n0, n1) of c [rows, n] = A b[n, k]^T, a: A [rows, k] in the even / odd
 // fp32 order, b raw bf16. Per K chunk (the A rows' chunk L2-resident, as the FP8 few-rows path),
 // NR rows of b are swept over the rows of A in balanced groups of at most 4; the first group
-// streams b from memory and prefetches ahead, up to the end of b's rows (n: past it lies
-// another expert's weight, which this call may not need).
+// streams b from memory and prefetches ahead, and at the end into `next` (or null): the B rows
+// (of the same k) this thread reads after these.
 template <int NR>
 DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t k, int64_t n, int64_t r0, int64_t r1,
-                                     int64_t n0, int64_t n1, float* c) {
+                                     int64_t n0, int64_t n1, const uint16_t* next, float* c) {
   const int64_t m = r1 - r0, groups = (m + fp8k::kMRavx2 - 1) / fp8k::kMRavx2;
   // Whole 16s of K (the even / odd groups), m * kc fp32 within the FP8 path's budget.
   const int64_t kc = std::min(k, std::max<int64_t>(16, fp8k::kChunkBytesAvx2 / (m * 4) / 16 * 16));
@@ -151,7 +151,7 @@ DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t 
     for (int64_t j = n0; j < n1;) {
       const int64_t full = (n1 - j) / NR;
       const int64_t tiles = std::min(full, run), nr = tiles > 0 ? NR : 1, cols = tiles > 0 ? tiles * NR : 1;
-      const uint16_t* pf = fp8k::prefetch_row(b, k, k0, len, n0, n1, n, j + ahead);
+      const uint16_t* pf = fp8k::prefetch_row(b, k, k0, len, n0, n1, next, j + ahead);
       for (int64_t g = 0, i = r0; g < groups; ++g) {
         const int mr = static_cast<int>((r1 - i) / (groups - g));
         const float* pa = a + i * k + k0;
@@ -168,11 +168,11 @@ DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t 
 
 // gemm_bf16_avx2 with the NR of the FP8 few-rows path for r1 - r0 rows.
 DSV3_TARGET_AVX2 inline void gemm_bf16_avx2_any(const float* a, const uint16_t* b, int64_t k, int64_t n, int64_t r0,
-                                                int64_t r1, int64_t n0, int64_t n1, float* c) {
+                                                int64_t r1, int64_t n0, int64_t n1, const uint16_t* next, float* c) {
   switch (fp8k::small_nr_avx2(r1 - r0)) {
-    case 8: return gemm_bf16_avx2<8>(a, b, k, n, r0, r1, n0, n1, c);
-    case 4: return gemm_bf16_avx2<4>(a, b, k, n, r0, r1, n0, n1, c);
-    default: return gemm_bf16_avx2<2>(a, b, k, n, r0, r1, n0, n1, c);
+    case 8: return gemm_bf16_avx2<8>(a, b, k, n, r0, r1, n0, n1, next, c);
+    case 4: return gemm_bf16_avx2<4>(a, b, k, n, r0, r1, n0, n1, next, c);
+    default: return gemm_bf16_avx2<2>(a, b, k, n, r0, r1, n0, n1, next, c);
   }
 }
 
