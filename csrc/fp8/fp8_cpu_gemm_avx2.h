@@ -75,7 +75,7 @@ DSV3_TARGET_AVX2 inline void store_tile_avx2(__m256 (&acc)[MR][NR], float* c, in
     for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + v[i * NR + j] : v[i * NR + j];
 }
 
-// 8 values of a row of B as fp32: fp16 bits (few-rows buffer) or fp32 (panel).
+// 8 fp16 bit patterns (the few-rows tile's buffer) widened to fp32.
 DSV3_TARGET_AVX2 inline __m256 load_b8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
