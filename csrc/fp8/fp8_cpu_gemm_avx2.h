@@ -112,7 +112,9 @@ DSV3_TARGET_AVX2 void gemm_tile_f32_avx2(const float* a, int64_t lda, const floa
 // As gemm_tile_f32_avx2 with NR rows of e4m3 B (stride ldb) decoded on the fly, len a multiple of
 // 32: each 32-byte step of a row goes to fp16 bits in a stack buffer (L1) and vcvtph2ps converts
 // from there (see the top of this file). pf (or null): B rows to prefetch into L2 alongside, at
-// the same offsets (stride ldb).
+// the same offsets (stride ldb). Where MR x NR accumulators, NR B vectors and an A vector do not
+// fit the 16 registers (3 x 4), or with one row of A, the A vectors are loaded first and each B
+// vector right before its FMAs.
 template <int MR, int NR>
 DSV3_TARGET_AVX2 void gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, int64_t len,
                                           float* c, int64_t ldc, bool accumulate, const uint8_t* pf) {
@@ -133,9 +135,13 @@ DSV3_TARGET_AVX2 void gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uin
     // accumulators instead), which brings back the shuffle-port conversions.
     asm volatile("" : : "r"(&h[0][0]) : "memory");
     for (int q = 0; q < 32; q += 8) {
-      if constexpr (MR == 1) {
-        const __m256 av = _mm256_loadu_ps(a + kk + q);
-        for (int j = 0; j < NR; ++j) acc[0][j] = _mm256_fmadd_ps(av, load_b8(h[j] + q), acc[0][j]);
+      if constexpr (MR * NR + NR + 1 > 16 || MR == 1) {
+        __m256 av[MR];
+        for (int i = 0; i < MR; ++i) av[i] = load_a8(a + i * lda + kk + q);
+        for (int j = 0; j < NR; ++j) {
+          const __m256 bv = load_b8(h[j] + q);
+          for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+        }
       } else {
         __m256 bv[NR];
         for (int j = 0; j < NR; ++j) bv[j] = load_b8(h[j] + q);
@@ -191,9 +197,10 @@ constexpr int64_t kPrefetchBytesAvx2 = 16384;
 // K = 7168, B from DRAM, GB/s of B: 16 rows 1.4 vs 1.3, 32 rows 0.8 vs 0.9).
 constexpr int64_t kSmallMaxRowsAvx2 = 16;
 
-// B rows per tile: the widest whose MR x NR accumulators still fit, and at least 8 of them, so
-// that the FMA latency (4 cycles, 2 per cycle) is covered: 1 row of A x 8, 2 x 4, 3-4 x 2.
-inline int small_nr_avx2(int64_t m) { return m == 1 ? 8 : m == 2 ? 4 : 2; }
+// B rows per tile: at least 8 accumulators, so that the FMA latency (4 cycles, 2 per cycle) is
+// covered, as long as they fit: 1 row of A x 8, 2 x 4, 3 x 4 (12 accumulators: from DRAM 8.0 vs
+// 6.8 GB/s with 3 x 2, 1 thread, N = 2112, K = 7168), groups of 3-4 rows x 2.
+inline int small_nr_avx2(int64_t m) { return m == 1 ? 8 : m <= 3 ? 4 : 2; }
 
 // The K chunk of the few-rows path for m rows: whole 128-blocks, m * chunk fp32 within kChunkBytesAvx2.
 inline int64_t small_chunk_avx2(int64_t m, int64_t k) {

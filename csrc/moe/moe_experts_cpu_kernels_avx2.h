@@ -166,10 +166,11 @@ DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t 
   }
 }
 
-// gemm_bf16_avx2 with the NR of the FP8 few-rows path for r1 - r0 rows.
+// gemm_bf16_avx2 with NR rows of B per tile for r1 - r0 rows: 8 accumulators at least (the FMA
+// latency) while MR x NR accumulators and 2 NR widened B vectors fit: 1 x 8, 2 x 4, 3-4 x 2.
 DSV3_TARGET_AVX2 inline void gemm_bf16_avx2_any(const float* a, const uint16_t* b, int64_t k, int64_t n, int64_t r0,
                                                 int64_t r1, int64_t n0, int64_t n1, const uint16_t* next, float* c) {
-  switch (fp8k::small_nr_avx2(r1 - r0)) {
+  switch (r1 - r0 == 1 ? 8 : r1 - r0 == 2 ? 4 : 2) {
     case 8: return gemm_bf16_avx2<8>(a, b, k, n, r0, r1, n0, n1, next, c);
     case 4: return gemm_bf16_avx2<4>(a, b, k, n, r0, r1, n0, n1, next, c);
     default: return gemm_bf16_avx2<2>(a, b, k, n, r0, r1, n0, n1, next, c);
