@@ -145,8 +145,8 @@ DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t 
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
     const int64_t len = std::min(kc, k - k0);
     const int64_t ahead = (fp8k::kPrefetchBytesAvx2 / 2 + len - 1) / len;  // rows
-    // A run of tiles per call: as many NR-row groups of B as a prefetch distance (the prefetch
-    // address then steps with the tiles), and for the rows of a later group all the rest.
+    // A run of tiles per call: about a prefetch distance of b (16 KiB), which stays in L1 for the
+    // later groups of rows of A; the prefetch address steps along with the tiles.
     const int64_t run = (ahead + NR - 1) / NR;
     for (int64_t j = n0; j < n1;) {
       const int64_t full = (n1 - j) / NR;
