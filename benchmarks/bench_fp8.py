@@ -1,10 +1,14 @@
 """FP8 block-scaled family on DeepSeek-V3's GEMM shapes, every backend side by side with peers.
 
 Providers: the dsv3_kernels backends that run natively on the device (the Triton interpreter on
-the CPU is a correctness tool, not timed), plus peers:
+the CPU is a correctness tool, not timed; on the CPU the provider is named with the ISA level its
+C++ kernels use, e.g. cpu-avx2: DSV3_KERNELS_CPU_ISA picks it), plus peers:
   bf16_linear     F.linear on the weight dequantized to bf16 beforehand (reads 2x the bytes)
+  fp32_linear     F.linear on the weight dequantized to fp32 beforehand, x in fp32 (4x the bytes;
+                  on a CPU without fast bf16 the better of the two)
   dequant_linear  weight_dequant + F.linear on every call (what a naive FP8 path does)
   scaled_mm       torch._scaled_mm with DeepSeek's blockwise scales (CUDA, where supported)
+The CPU decode goal: M = 1..4 at every shape, the "of copy" column (one thread: OMP_NUM_THREADS=1).
 Run: pytest benchmarks/bench_fp8.py [--device cpu|cuda] (the CPU suite takes a few minutes).
 """
 
@@ -14,14 +18,15 @@ import torch.nn.functional as F
 
 import dsv3_kernels as dk
 import roofline
+from dsv3_kernels import _native
 from conftest import device_of
 from dsv3_kernels.reference import fp8 as ref
 
 # (N, K) of DeepSeek-V3's linears: q_a/kv_a fused, q_b, kv_b, o_proj, ..., MoE down
 SHAPES = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 GPU_M = [1, 16, 64, 128, 4096]
-CPU_M = [1, 16]
-CPU_DECODE_SHAPE = (2112, 7168)  # where the CPU decode goal is measured, M = 1..16
+CPU_M = [1, 4, 16]
+CPU_DECODE_SHAPE = (2112, 7168)  # M = 2, 8, 12 added here
 
 
 def _backends(device, op):
@@ -36,11 +41,17 @@ def _cases(device):
             providers = _backends(device, "fp8_linear")
             if device == "cpu" and (m > 1 or (n, k) != CPU_DECODE_SHAPE):
                 providers = [p for p in providers if p != "torch"]  # the fp32 reference is slow
-            providers += ["bf16_linear", "dequant_linear"] + (["scaled_mm"] if device == "cuda" else [])
+            providers += ["bf16_linear", "dequant_linear"] + (["scaled_mm"] if device == "cuda" else ["fp32_linear"])
             cases += [(m, n, k, p) for p in providers]
     if device == "cpu":
-        cases += [(m, *CPU_DECODE_SHAPE, p) for m in (4, 8, 12) for p in _backends(device, "fp8_linear")[:1] + ["bf16_linear"]]
+        cases += [(m, *CPU_DECODE_SHAPE, p) for m in (2, 8, 12)
+                  for p in _backends(device, "fp8_linear")[:1] + ["bf16_linear", "fp32_linear"]]
     return cases
+
+
+def _label(provider, device):
+    """The C++ CPU backend's results carry the ISA level its kernels ran with."""
+    return f"cpu-{_native.cpu_isa()}" if provider == "cpu" and device == "cpu" else provider
 
 
 def pytest_generate_tests(metafunc):
@@ -65,17 +76,21 @@ def _scaled_mm(a, a_s, b, b_s):
 def test_fp8_linear(bench, device, case):
     """x (bf16) -> y (bf16): act_quant + fp8_gemm for the kernels; the peers start from bf16 x too."""
     m, n, k, provider = case
-    flops, nbytes = roofline.gemm_cost(m, n, k, a_bytes=2, b_bytes=2 if provider == "bf16_linear" else 1)
+    b_bytes = {"bf16_linear": 2, "fp32_linear": 4}.get(provider, 1)
+    flops, nbytes = roofline.gemm_cost(m, n, k, a_bytes=2, b_bytes=b_bytes)
 
     def make_args():
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         b, b_s = _weights(n, k, device)
-        if provider == "bf16_linear":
-            return x, ref.weight_dequant(b, b_s, dtype=torch.bfloat16)
+        if provider in ("bf16_linear", "fp32_linear"):
+            return x, ref.weight_dequant(b, b_s, dtype=torch.bfloat16 if b_bytes == 2 else torch.float32)
         return x, b, b_s
 
     if provider == "bf16_linear":
         fn = F.linear
+    elif provider == "fp32_linear":
+        def fn(x, w):
+            return F.linear(x.float(), w)
     elif provider == "dequant_linear":
         def fn(x, b, b_s):
             return F.linear(x, dk.weight_dequant(b, b_s))
@@ -91,9 +106,9 @@ def test_fp8_linear(bench, device, case):
         def fn(x, b, b_s):
             return dk.fp8_linear(x, b, b_s, backend=provider)
 
-    bench(fn, make_args, op="fp8_linear", shape=f"M={m} N={n} K={k}", provider=provider, flops=flops,
-          nbytes=nbytes, precision="bf16" if provider in ("bf16_linear", "dequant_linear") else "fp8",
-          baseline="bf16_linear")
+    precision = {"bf16_linear": "bf16", "dequant_linear": "bf16", "fp32_linear": "fp32"}.get(provider, "fp8")
+    bench(fn, make_args, op="fp8_linear", shape=f"M={m} N={n} K={k}", provider=_label(provider, device), flops=flops,
+          nbytes=nbytes, precision=precision, baseline="bf16_linear")
 
 
 QUANT_SHAPES = {  # act_quant: [M, K] bf16 activations; weight ops: [N, K] weights
@@ -122,5 +137,5 @@ def test_quant_ops(bench, device, quant_case):
         flops, nbytes = roofline.weight_dequant_cost(m, k)
         fn = lambda w: dk.weight_quant(w, backend=provider)  # noqa: E731
         make_args = lambda: (torch.randn(m, k, device=device, dtype=torch.bfloat16),)  # noqa: E731
-    bench(fn, make_args, op=op, shape=f"{m}x{k}", provider=provider, flops=flops, nbytes=nbytes,
+    bench(fn, make_args, op=op, shape=f"{m}x{k}", provider=_label(provider, device), flops=flops, nbytes=nbytes,
           precision="bf16", baseline="torch")

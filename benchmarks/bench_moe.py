@@ -8,7 +8,9 @@ shapes (D=7168, I=2048); on the CPU a reduced layer (E=64, D=1024, I=256, the is
                 writes no rows), D=7168 adds the row copy
   grouped_gemm  gate_up (N=2I, K=D) and down (N=D, K=I) over the contiguous layout; peers: the
                 naive per-expert F.linear loop ("loop") and torch._grouped_mm (bf16, where the
-                build has it)
+                build has it). On the CPU also one group of M = 1..16 bf16 rows on the shipped
+                model's shapes: the model's bf16 decode linears run through it (dsv3/layers.py);
+                peer F.linear ("linear", oneDNN)
   fused_moe     the whole routed-expert layer, bf16 and FP8 weights; peers: the naive per-expert
                 loop in bf16 ("loop", the baseline) and the fp32 reference ("torch"); the roofline
                 is the time to read the touched experts' weights once (the decode goal). On the CPU
@@ -19,7 +21,8 @@ shapes (D=7168, I=2048); on the CPU a reduced layer (E=64, D=1024, I=256, the is
                 D=7168; bf16 rows or FP8 quantized as packed), GB/s of hidden read + rows,
                 scales and local choices written; ep_combine, the per-token sum of the rows that
                 come back (bf16), GB/s of rows read + output written
-The Triton interpreter on the CPU is a correctness tool and is not timed.
+The Triton interpreter on the CPU is a correctness tool and is not timed. The C++ CPU backend's
+results are named with the ISA level its kernels use (cpu-avx2, ...: DSV3_KERNELS_CPU_ISA).
 Run: pytest benchmarks/bench_moe.py [--device cpu|cuda]
 """
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 import dsv3_kernels as dk
 import roofline
+from dsv3_kernels import _native
 from conftest import device_of
 from dsv3_kernels.reference import moe as ref_moe
 
@@ -46,10 +50,18 @@ CPU_FLUSH_BYTES = 64 << 20  # twice the 32 MiB L3 of the CPU the README's number
 PERMUTE_TOKENS = {"cuda": [1, 128, 1024, 16384], "cpu": [1, 128, 1024]}
 EP_TOKENS = {"cuda": [1, 128, 1024, 8192], "cpu": [1, 128, 1024]}
 EP_WORLD, EP_D = 8, 7168
+# (N, K) of the shipped model's bf16 decode linears: lm_head, kv_a, the dense MLP's gate / up and
+# down (and eh_proj), kv_b; rows as dsv3/layers.py's DECODE_ROWS allows
+ONE_GROUP_SHAPES = {"cuda": [], "cpu": [(2048, 256), (576, 256), (512, 256), (256, 512), (384, 512)]}
+ONE_GROUP_M = [1, 4, 16]
 
 
 def _backends(op, device):
     return [b for b in dk.available_backends(op, device) if not (b == "triton" and device == "cpu")]
+
+
+def _label(provider, device):
+    return f"cpu-{_native.cpu_isa()}" if provider == "cpu" and device == "cpu" else provider
 
 
 def _grouped_mm_works(device):
@@ -88,6 +100,10 @@ def pytest_generate_tests(metafunc):
                  if p != "torch"]
         metafunc.parametrize("gemm_case", cases, ids=[f"T{t}-N{n}-K{k}-{'fp8' if f else 'bf16'}-{p}"
                                                       for t, n, k, f, p in cases])
+    if "one_group_case" in metafunc.fixturenames:
+        cases = [(m, n, k, p) for n, k in ONE_GROUP_SHAPES[device] for m in ONE_GROUP_M
+                 for p in _backends("grouped_gemm", device) + ["linear"] if p != "torch"]
+        metafunc.parametrize("one_group_case", cases, ids=[f"M{m}-N{n}-K{k}-{p}" for m, n, k, p in cases])
     if "fused_case" in metafunc.fixturenames:
         cases = [(t, fp8, p) for t in FUSED_TOKENS[device] for fp8 in (True, False)
                  for p in _backends("fused_moe", device) + ["loop"]
@@ -177,7 +193,29 @@ def test_grouped_gemm(bench, device, gemm_case):
             return dk.grouped_gemm(a, weight, offsets, scale, weight_scale, backend=provider)
 
     bench(fn, make_args, op="grouped_gemm", shape=f"T={tokens} E={e} N={n} K={k} {'fp8' if fp8 else 'bf16'}",
-          provider=provider, flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop")
+          provider=_label(provider, device), flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16",
+          baseline="loop")
+
+
+def test_grouped_gemm_one_group(bench, device, one_group_case):
+    """x [M, K] bf16 times one bf16 weight [N, K]^T: the kernel with a single group vs F.linear."""
+    m, n, k, provider = one_group_case
+    flops, nbytes = roofline.gemm_cost(m, n, k, a_bytes=2, b_bytes=2)
+    offsets = torch.tensor([0, m], dtype=torch.int32, device=device)
+
+    def make_args():
+        w = torch.randn(1, n, k, device=device) / k ** 0.5
+        return torch.randn(m, k, device=device, dtype=torch.bfloat16), w.to(torch.bfloat16)
+
+    if provider == "linear":
+        def fn(x, w):
+            return F.linear(x, w[0])
+    else:
+        def fn(x, w):
+            return dk.grouped_gemm(x, w, offsets, backend=provider)
+
+    bench(fn, make_args, op="grouped_gemm", shape=f"one group M={m} N={n} K={k} bf16", provider=_label(provider, device),
+          flops=flops, nbytes=nbytes, precision="bf16", baseline="linear")
 
 
 def test_fused_moe(bench, device, fused_case):
@@ -197,7 +235,7 @@ def test_fused_moe(bench, device, fused_case):
         return dk.fused_moe(hidden, w13, w2, weights, ids, s13, s2, backend=provider)
 
     bench(fn, make_args, op="fused_moe", shape=f"T={tokens} E={e} k={topk} D={d} I={i} {'fp8' if fp8 else 'bf16'}",
-          provider=provider, flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop",
+          provider=_label(provider, device), flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop",
           flush_bytes=CPU_FLUSH_BYTES if device == "cpu" else 0)
 
 
@@ -225,7 +263,7 @@ def test_ep_dispatch(bench, device, ep_case):
         return dk.ep_dispatch(hidden, ids, weights, 256, EP_WORLD, quant, backend=provider)
 
     bench(fn, make_args, op="ep_dispatch", shape=f"T={tokens} E=256 W={EP_WORLD} k={TOPK} D={EP_D} "
-          f"{'fp8' if quant else 'bf16'} ({rows / max(tokens, 1):.2f} rows/token)", provider=provider, flops=0,
+          f"{'fp8' if quant else 'bf16'} ({rows / max(tokens, 1):.2f} rows/token)", provider=_label(provider, device), flops=0,
           nbytes=nbytes, precision="fp8" if quant else "bf16", baseline="torch")
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsv3_kernels as dk
+from dsv3_kernels import _native
 from dsv3_kernels.reference import fp8 as ref
 from helpers import native_only, poison_allocator
 
@@ -133,6 +134,30 @@ def test_weight_dequant_matches_reference(device, backend, dtype, shape, block_s
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+def with_nan_codes(q, where):
+    """e4m3 q with the NaN codes 0x7F / 0xFF (alternately) at the (row, col) pairs `where`."""
+    bits = q.view(torch.uint8).clone()
+    for i, (r, c) in enumerate(where):
+        bits[r, c] = 0x7F if i % 2 == 0 else 0xFF
+    return bits.view(FP8)
+
+
+@pytest.mark.ops("weight_dequant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_dequant_nan_codes(device, backend, dtype):
+    """NaN bytes (0x7F, 0xFF) in a weight dequantize to NaN, as torch's conversion gives; on the CPU
+    with the very bits of the reference (every ISA level, tails of 16- and 8-wide steps included)."""
+    w, s = ref.weight_quant(randn(131, 300, device="cpu"))
+    w = with_nan_codes(w, [(0, 0), (5, 7), (64, 130), (130, 299), (100, 290)])
+    got = dk.weight_dequant(w.to(device), s.to(device), dtype, backend=backend).cpu()
+    want = ref.weight_dequant(w, s, 128, dtype)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().sum() == 5
+    if backend == "cpu":
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 # ---------------------------------------------------------------- fp8_gemm
 
 GEMM_SHAPES = [  # (M, N, K): odd M, N not a multiple of 128, K from 128 to 7168
@@ -155,6 +180,53 @@ def test_fp8_gemm_fp32_matches_reference(device, backend, m, n, k):
     assert got.dtype == torch.float32 and got.shape == (m, n)
     err = (got.cpu() - want).abs().max() / want.abs().max()
     assert err < _gemm_tol(device), f"max error {err:.2e} relative to max |out|"
+
+
+# Edges of the CPU kernels' blocking: 1..17 rows (tiles of 1 x 8, 2 x 4, 4 x 2 B rows, groups of
+# up to 4 rows, the few-rows / panel switch above 16 rows), N past a multiple of every tile width,
+# odd multiples of 128 in K, and K split into chunks (4 rows: 8192, 16 rows: 2048 per chunk).
+TILE_EDGE_SHAPES = [(1, 7, 128), (1, 259, 640), (2, 131, 384), (3, 133, 1152), (5, 67, 256), (8, 258, 512),
+                    (9, 129, 384), native_only(4, 130, 8320), native_only(16, 259, 2304), (17, 70, 384)]
+
+
+@pytest.mark.ops("fp8_gemm")
+@pytest.mark.parametrize("m,n,k", TILE_EDGE_SHAPES)
+def test_fp8_gemm_tile_edges(device, backend, m, n, k):
+    _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), torch.float32, backend=backend)
+    err = (got.cpu() - want).abs().max() / want.abs().max()
+    assert err < _gemm_tol(device), f"max error {err:.2e} relative to max |out|"
+
+
+@pytest.mark.ops("fp8_gemm")
+@pytest.mark.parametrize("m", [1, 2, 4, 20])
+def test_fp8_gemm_nan_codes_in_b(device, backend, m):
+    """NaN codes in b: the portable CPU path (DSV3_KERNELS_CPU_ISA=scalar) gives NaN in their
+    output columns, as the reference; the AVX2 and AVX-512 paths' fast decode reads them as +-480
+    (a NaN in a quantized operand is not propagated, fp8_cpu_kernels.h). Every other column equals
+    the reference."""
+    if backend != "cpu":
+        pytest.skip("the rule of the C++ CPU kernels")
+    n, k = 200, 384
+    _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+    where = [(3, 5), (77, 130), (130, 200), (199, 383)]
+    b = with_nan_codes(b, where)
+    got = dk.fp8_gemm(a, a_s, b, b_s, torch.float32, backend=backend)
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[[r for r, _ in where]] = True
+    assert want[:, bad].isnan().all() and not want[:, ~bad].isnan().any()
+    scale = want[:, ~bad].abs().max()
+    assert (got[:, ~bad] - want[:, ~bad]).abs().max() / scale < _gemm_tol(device)
+    if _native.cpu_isa() == "scalar":
+        assert got[:, bad].isnan().all()
+    else:
+        b480 = b.float()  # `where` is in row-major order, as the mask enumerates it
+        b480[b480.isnan()] = torch.tensor([480.0 if i % 2 == 0 else -480.0 for i in range(len(where))])
+        b_deq = b480 * b_s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
+        want480 = (a.float() * a_s.repeat_interleave(128, 1)) @ b_deq.T
+        assert (got[:, bad] - want480[:, bad]).abs().max() / want480[:, bad].abs().max() < _gemm_tol(device)
 
 
 @pytest.mark.ops("fp8_gemm")

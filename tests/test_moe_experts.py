@@ -239,6 +239,22 @@ def test_grouped_gemm(device, backend, case, fp8):
 
 
 @pytest.mark.ops("grouped_gemm")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17])
+@pytest.mark.parametrize("n,k", [(200, 136), (24, 2056), (136, 264)])
+def test_grouped_gemm_one_group_bf16(device, backend, m, n, k):
+    """One group of up to 17 rows: the model's bf16 decode linears (dsv3/layers.py cpu_bf16_gemm).
+    K % 16 = 8 (the last 8 of a row apart in the CPU kernel's even / odd order), and with 16 rows
+    K = 2056 is cut into chunks, the last one 8 long."""
+    a = torch.randn(m, k).to(torch.bfloat16)
+    b = (torch.randn(1, n, k) / k ** 0.5).to(torch.bfloat16)
+    offsets = torch.tensor([0, m], dtype=torch.int32)
+    want = ref.grouped_gemm(a, b, offsets)
+    got = _impl("grouped_gemm", backend)(a.to(device), b.to(device), offsets.to(device), None, None).cpu()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.ops("grouped_gemm")
 def test_grouped_gemm_fp8_near_the_unquantized_product(device, backend):
     offsets, m = _segments(64, 8, 16, "random", 1)
     a = torch.randn(m, 512)

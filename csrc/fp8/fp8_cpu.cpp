@@ -1,7 +1,8 @@
 // CPU kernels of the FP8 block-scaled ops (schemas in registration.cpp, semantics in
-// dsv3_kernels/reference/fp8.py). The AVX-512 inner loops live in fp8_cpu_kernels.h and are
-// picked at run time; everything else runs a portable scalar version built on the c10 types,
-// which the compiler may auto-vectorize for the baseline ISA.
+// dsv3_kernels/reference/fp8.py). The AVX-512 inner loops live in fp8_cpu_kernels.h, the AVX2
+// ones in fp8_cpu_convert_avx2.h and fp8_cpu_gemm_avx2.h, and are picked at run time; everything
+// else runs a portable scalar version built on the c10 types, which the compiler may
+// auto-vectorize for the baseline ISA.
 //
 // DSV3_KERNELS_CPU_ISA picks the level (common/cpu_isa.h).
 #include <ATen/ATen.h>
@@ -18,6 +19,8 @@
 
 #include "common/torch_glue.h"
 #include "fp8/fp8_checks.h"
+#include "fp8/fp8_cpu_convert_avx2.h"
+#include "fp8/fp8_cpu_gemm_avx2.h"
 #include "fp8/fp8_cpu_kernels.h"
 
 namespace dsv3::fp8::cpu {
@@ -63,6 +66,7 @@ template <typename T>
 float quantize_tile(const T* x, uint8_t* q, int64_t ld, int64_t rows, int64_t cols, bool ue8m0) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return quantize_tile_avx512<float_type_of<T>()>(x, q, ld, rows, cols, ue8m0);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return quantize_tile_avx2<float_type_of<T>()>(x, q, ld, rows, cols, ue8m0);
 #endif
   return quantize_tile_scalar(x, q, ld, rows, cols, ue8m0);
 }
@@ -125,6 +129,7 @@ template <typename T>
 void dequant_span(const uint8_t* w, T* out, int64_t len, float scale) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return dequant_span_avx512<float_type_of<T>()>(w, out, len, scale);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return dequant_span_avx2<float_type_of<T>()>(w, out, len, scale);
 #endif
   for (int64_t c = 0; c < len; ++c) out[c] = static_cast<T>(e4m3_to_float(w[c]) * scale);
 }
@@ -136,7 +141,7 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
   const int64_t kblocks = cdiv(k, block_size);
   // The portable path goes through fp32 and ATen's conversion, as the reference does: a
   // scalar static_cast to bf16/fp16 writes NaN with other bits than ATen's vectorized one.
-  if (!cpu_isa_at_least(CpuIsa::kAvx512) && dtype != at::kFloat && w.numel() > 0) {
+  if (!cpu_isa_at_least(CpuIsa::kAvx2) && dtype != at::kFloat && w.numel() > 0) {
     return weight_dequant_cpu(w, scale_inv, block_size, at::kFloat).to(dtype);
   }
   auto out = at::empty({n, k}, w.options().dtype(dtype));
@@ -163,8 +168,8 @@ at::Tensor weight_dequant_cpu(const at::Tensor& w, const at::Tensor& scale_inv, 
 // and read from memory once (decode, memory-bound); above it a converted bf16 B panel is
 // reused across the rows (compute-bound). Converting B again per group of 8 rows still beats
 // the panel path up to about 48 rows (1 thread, N = 2112, K = 7168: 10.5 vs 12.4 ms at 48,
-// even at 64). Without avx512_bf16 the same split is done in fp32 at kDecodeMaxRows.
-// See fp8_cpu_kernels.h.
+// even at 64). Without avx512_bf16 the same split is done in fp32 at kDecodeMaxRows, and
+// with AVX2 only at kSmallMaxRowsAvx2. See fp8_cpu_kernels.h and fp8_cpu_gemm_avx2.h.
 constexpr int64_t kSmallMaxRows = 48;
 constexpr int64_t kDecodeMaxRows = 4;
 // Rows of A per task of the many-rows path (bounds the A' bytes swept per B panel).
@@ -180,6 +185,7 @@ at::Tensor dequant_a(const at::Tensor& a, const at::Tensor& a_scale) {
   at::parallel_for(0, m, grain_for(k, kLightGrainElems), [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__)
     if (cpu_isa_at_least(CpuIsa::kAvx512)) return dequant_a_avx512(pa + begin * k, ps + begin * kblocks, po + begin * k, end - begin, k);
+    if (cpu_isa_at_least(CpuIsa::kAvx2)) return dequant_a_avx2(pa + begin * k, ps + begin * kblocks, po + begin * k, end - begin, k);
 #endif
     for (int64_t i = begin * k; i < end * k; ++i) po[i] = e4m3_to_float(pa[i]) * ps[(i / k) * kblocks + (i % k) / kGemmBlock];
   });
@@ -226,8 +232,42 @@ void gemm_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_sca
 // Columns [n0, n1) of the fp32 result c [m, n] -> out (bf16 or fp16; nothing to do for fp32).
 void convert_cols(const float* c, void* out, at::ScalarType out_dtype, int64_t m, int64_t n, int64_t n0,
                   int64_t n1) {
-  if (out_dtype == at::kBFloat16) convert_cols_avx512<FloatType::kBFloat16>(c, out, m, n, n0, n1);
-  if (out_dtype == at::kHalf) convert_cols_avx512<FloatType::kFloat16>(c, out, m, n, n0, n1);
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) {
+    if (out_dtype == at::kBFloat16) convert_cols_avx512<FloatType::kBFloat16>(c, out, m, n, n0, n1);
+    if (out_dtype == at::kHalf) convert_cols_avx512<FloatType::kFloat16>(c, out, m, n, n0, n1);
+    return;
+  }
+  if (out_dtype == at::kBFloat16) convert_cols_avx2<FloatType::kBFloat16>(c, out, m, n, n0, n1);
+  if (out_dtype == at::kHalf) convert_cols_avx2<FloatType::kFloat16>(c, out, m, n, n0, n1);
+}
+
+// AVX2: a = A' [m, k] fp32. Few rows: parallel over groups of columns, every thread streams its own
+// part of B once and converts its columns of c to out_dtype; many rows: B panels per task.
+at::Tensor gemm_avx2(const float* a, int64_t m, const uint8_t* b, const float* b_scale, int64_t k, int64_t n,
+                     const at::Tensor& c, at::ScalarType out_dtype) {
+  float* pc = c.data_ptr<float>();
+  if (m <= kSmallMaxRowsAvx2) {
+    at::Tensor out = out_dtype == at::kFloat ? c : at::empty({m, n}, c.options().dtype(out_dtype));
+    void* po = out.data_ptr();
+    const int64_t nr = small_nr_avx2(m);
+    at::parallel_for(0, cdiv(n, nr), grain_for(nr * k), [&](int64_t begin, int64_t end) {
+      std::vector<float> a_blk(small_scratch_avx2(m, k));
+      const int64_t n0 = begin * nr, n1 = std::min(n, end * nr);
+      gemm_small_avx2_any(a, m, b, b_scale, k, n, n0, n1, nullptr, pc, a_blk.data());
+      convert_cols(pc, po, out_dtype, m, n, n0, n1);
+    });
+    return out;
+  }
+  const int64_t panels = cdiv(n, kPanelN), mchunks = cdiv(m, kPanelRows);
+  at::parallel_for(0, panels * mchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(kPanelN * kPanelK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t / panels) * kPanelRows;
+      gemm_panel_avx2(a, m0, std::min(m, m0 + kPanelRows), b, b_scale, k, n, (t % panels) * kPanelN, pc,
+                      panel.data());
+    }
+  });
+  return c.to(out_dtype);
 }
 
 // With avx512_bf16: A goes to raw bf16 once; then few rows take gemm_small_avx512bf16, many
@@ -288,6 +328,7 @@ at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at
     gemm_avx512(a_f32.const_data_ptr<float>(), m, pb, ps, k, n, c.data_ptr<float>());
     return c.to(out_dtype);
   }
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return gemm_avx2(a_f32.const_data_ptr<float>(), m, pb, ps, k, n, c, out_dtype);
 #endif
   gemm_scalar(a_f32.const_data_ptr<float>(), m, pb, ps, k, n, c.data_ptr<float>());
   return c.to(out_dtype);

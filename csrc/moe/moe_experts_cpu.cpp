@@ -27,6 +27,7 @@
 #include "common/torch_glue.h"
 #include "moe/moe_checks.h"
 #include "moe/moe_experts_cpu_kernels.h"
+#include "moe/moe_experts_cpu_kernels_avx2.h"
 
 namespace dsv3::moe::cpu {
 namespace {
@@ -60,6 +61,9 @@ enum class Path {
   kFp8Dot,     // FP8 weights, avx512_bf16: A e4m3 widened to bf16 by fp8's table (uint16 [rows, K])
                // and its 1x128 scales [rows, K/128]
   kFp8Avx512,  // FP8 weights, AVX-512: A dequantized to fp32 [rows, K], fp8's fp32 FMA tiles
+  kBf16Avx2,   // bf16 weights, AVX2 (also the avx512 level): A as fp32 [rows, K] in the even / odd
+               // order of moe_experts_cpu_kernels_avx2.h, B widened in registers
+  kFp8Avx2,    // FP8 weights, AVX2: A dequantized to fp32 [rows, K], fp8_cpu_gemm_avx2.h's tiles
   kPortable,   // A as fp32 values [rows, K] (dequantized); B decoded to fp32 one row at a time
 };
 
@@ -67,6 +71,7 @@ Path gemm_path(bool fp8) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512Bf16)) return fp8 ? Path::kFp8Dot : Path::kBf16Dot;
   if (fp8 && cpu_isa_at_least(CpuIsa::kAvx512)) return Path::kFp8Avx512;
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return fp8 ? Path::kFp8Avx2 : Path::kBf16Avx2;
 #endif
   return Path::kPortable;
 }
@@ -84,6 +89,13 @@ void to_gemm_form(Path path, const void* src, const float* src_scale, int64_t ro
       return;
     case Path::kFp8Avx512:
       fp8k::dequant_a_avx512(static_cast<const uint8_t*>(src), src_scale, static_cast<float*>(dst), rows, k);
+      return;
+    case Path::kBf16Avx2:  // row by row: the order restarts with each row (k need not be a multiple of 16)
+      for (int64_t r = 0; r < rows; ++r)
+        bf16_to_f32_evenodd_avx2(static_cast<const uint16_t*>(src) + r * k, static_cast<float*>(dst) + r * k, k);
+      return;
+    case Path::kFp8Avx2:
+      fp8k::dequant_a_avx2(static_cast<const uint8_t*>(src), src_scale, static_cast<float*>(dst), rows, k);
       return;
 #endif
     default: break;
@@ -113,7 +125,7 @@ struct Gemm {
 struct Scratch {
   std::vector<uint16_t> panel16;  // fp8's bf16 B panel
   std::vector<float> panel32;     // its fp32 B panel, or a decoded B row (portable)
-  std::vector<float> scales;      // a_scale * b_scale_inv cache of fp8's few-rows tile
+  std::vector<float> scales;      // a_scale * b_scale_inv cache of fp8's few-rows tile (avx2: the scaled A)
 };
 
 // The portable tile: each B row decoded to fp32 once, then dotted with every row of A.
@@ -140,8 +152,11 @@ void gemm_tile_portable(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64
   }
 }
 
-// Rows [r0, r1) x columns [n0, n1) of g.c; n0 a multiple of kBlock, n1 - n0 <= kBlock.
-void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Scratch& s) {
+// Rows [r0, r1) x columns [n0, n1) of g.c; n0 a multiple of kBlock, n1 - n0 <= kBlock. next (or
+// null): the first B row (of the same K) this thread's next tile reads, which the AVX2 tiles
+// prefetch as they near their end.
+void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Scratch& s,
+               const void* next = nullptr) {
 #if defined(__x86_64__)
   const int64_t m = r1 - r0, k = g.k, n = g.n;
   const auto* b8 = static_cast<const uint8_t*>(g.b);
@@ -175,6 +190,23 @@ void gemm_tile(const Gemm& g, int64_t r0, int64_t r1, int64_t n0, int64_t n1, Sc
         fp8k::gemm_panel_avx512(a, r0, r1, b8, g.b_scale, k, n, p, g.c, s.panel32.data());
       return;
     }
+    case Path::kBf16Avx2:
+      gemm_bf16_avx2_any(static_cast<const float*>(g.a), static_cast<const uint16_t*>(g.b), k, n, r0, r1, n0, n1,
+                         static_cast<const uint16_t*>(next), g.c);
+      return;
+    case Path::kFp8Avx2: {
+      const auto* a = static_cast<const float*>(g.a);
+      if (m <= fp8k::kSmallMaxRowsAvx2) {
+        s.scales.resize(fp8k::small_scratch_avx2(m, k));
+        fp8k::gemm_small_avx2_any(a + r0 * k, m, b8, g.b_scale, k, n, n0, n1, static_cast<const uint8_t*>(next),
+                                  g.c + r0 * n, s.scales.data());
+        return;
+      }
+      s.panel32.resize(fp8k::kPanelN * fp8k::kPanelK);
+      for (int64_t p = n0; p < n1; p += fp8k::kPanelN)
+        fp8k::gemm_panel_avx2(a, r0, r1, b8, g.b_scale, k, n, p, g.c, s.panel32.data());
+      return;
+    }
     case Path::kPortable: break;
   }
 #endif
@@ -199,6 +231,7 @@ void add_runs(std::vector<RowRun>& runs, int64_t expert, int64_t lo, int64_t hi)
 void round_bf16(float* x, int64_t len) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return round_bf16_avx512(x, len);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return round_bf16_avx2(x, len);
 #endif
   for (int64_t i = 0; i < len; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
 }
@@ -208,6 +241,7 @@ template <typename T>
 void store_cols(const float* c, T* out, int64_t rows, int64_t n, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return fp8k::convert_cols_avx512<float_type_of<T>()>(c, out, rows, n, n0, n1);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return fp8k::convert_cols_avx2<float_type_of<T>()>(c, out, rows, n, n0, n1);
 #endif
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = n0; j < n1; ++j) out[r * n + j] = static_cast<T>(c[r * n + j]);
@@ -218,6 +252,7 @@ template <typename T>
 void weighted_add(float* acc, const T* x, int64_t len, float w) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return weighted_add_avx512<float_type_of<T>()>(acc, x, len, w);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return weighted_add_avx2<float_type_of<T>()>(acc, x, len, w);
 #endif
   for (int64_t i = 0; i < len; ++i) acc[i] += w * static_cast<float>(x[i]);
 }
@@ -227,6 +262,7 @@ template <typename T>
 float quantize_block(const T* x, uint8_t* q, int64_t len) {
 #if defined(__x86_64__)
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return fp8k::quantize_tile_avx512<float_type_of<T>()>(x, q, len, 1, len, false);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return fp8k::quantize_tile_avx2<float_type_of<T>()>(x, q, len, 1, len, false);
 #endif
   float amax = 0.0f;
   bool nan = false;
@@ -375,6 +411,8 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   const float* bs = fp8 ? b_scale_inv->const_data_ptr<float>() : nullptr;
   auto* po = out.data_ptr<at::BFloat16>();
   const int64_t tiles = cdiv(n, kBlock);
+  // The first B row of an item (the weight rows it streams).
+  const auto b_rows = [&](int64_t item) { return pb + runs[item / tiles].expert * b_bytes + (item % tiles) * kBlock * k * (fp8 ? 1 : 2); };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t item = begin; item < end; ++item) {
@@ -382,7 +420,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
       const int64_t n0 = (item % tiles) * kBlock, n1 = std::min(n, n0 + kBlock);
       const Gemm g{path, a_form, as, pb + run.expert * b_bytes, bs ? bs + run.expert * bs_stride : nullptr,
                    k, n, c.data_ptr<float>()};
-      gemm_tile(g, run.r0, run.r1, n0, n1, s);
+      gemm_tile(g, run.r0, run.r1, n0, n1, s, item + 1 < end ? b_rows(item + 1) : nullptr);
       store_cols(g.c + run.r0 * n, po + run.r0 * n, run.r1 - run.r0, n, n0, n1);
     }
   });
@@ -547,6 +585,11 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
   Uninit<uint8_t> h(rows * inter * es);
   Uninit<float> h_scale(path == Path::kFp8Dot ? rows * iblocks : 0);
   const int64_t itiles = cdiv(inter, kBlock);
+  // The first w13 / w2 row of a gate-up / down item (the gate rows of a gate-up item: its up rows
+  // are `inter` rows on).
+  const auto w13_rows = [&](int64_t item, int64_t row) {
+    return p13 + (runs[item / itiles].expert * 2 * inter + row) * d * wes;
+  };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * itiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     float act[kBlock];
@@ -557,8 +600,9 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
       const int64_t c0 = (item % itiles) * kBlock, c1 = std::min(inter, c0 + kBlock), len = c1 - c0;
       const Gemm g{path, a.data(), a_scale.data(), p13 + run.expert * 2 * inter * d * wes,
                    fp8 ? s13 + run.expert * 2 * iblocks * dblocks : nullptr, d, 2 * inter, gate_up.data()};
-      gemm_tile(g, run.r0, run.r1, c0, c1, s);
-      gemm_tile(g, run.r0, run.r1, inter + c0, inter + c1, s);
+      gemm_tile(g, run.r0, run.r1, c0, c1, s, w13_rows(item, inter + c0));
+      gemm_tile(g, run.r0, run.r1, inter + c0, inter + c1, s,
+                item + 1 < end ? w13_rows(item + 1, ((item + 1) % itiles) * kBlock) : nullptr);
       for (int64_t r = run.r0; r < run.r1; ++r) {
         float* gu = gate_up.data() + r * 2 * inter;
         round_bf16(gu + c0, len);
@@ -580,6 +624,9 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
   // 4. Per item of (run, 128 columns of D): the down projection, rounded to bf16 -> y [rows, D].
   Uninit<float> y(rows * d);
   const int64_t dtiles = cdiv(d, kBlock);
+  const auto w2_rows = [&](int64_t item) {
+    return p2 + (runs[item / dtiles].expert * d + (item % dtiles) * kBlock) * inter * wes;
+  };
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * dtiles, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t item = begin; item < end; ++item) {
@@ -587,7 +634,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& hidden, const at::Tensor& w13, const 
       const int64_t n0 = (item % dtiles) * kBlock, n1 = std::min(d, n0 + kBlock);
       const Gemm g{path, h.data(), h_scale.data(), p2 + run.expert * d * inter * wes,
                    fp8 ? s2 + run.expert * dblocks * iblocks : nullptr, inter, d, y.data()};
-      gemm_tile(g, run.r0, run.r1, n0, n1, s);
+      gemm_tile(g, run.r0, run.r1, n0, n1, s, item + 1 < end ? w2_rows(item + 1) : nullptr);
       for (int64_t r = run.r0; r < run.r1; ++r) round_bf16(y.data() + r * d + n0, n1 - n0);
     }
   });
