@@ -31,14 +31,14 @@ def _mla_decode_cuda_takes(q, kv_cache, *_):
 
 dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla", cuda_takes=_mla_decode_cuda_takes)
 dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
-dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe")
+dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe_route")
 dispatch.register_op("moe_permute", _ref_moe.moe_permute, "dsv3_kernels.triton.moe_permute")
-dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.moe_permute")
-dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_permute")
+dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.silu_mul")
+dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_unpermute")
 dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton.grouped_gemm")
-dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm",
+dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.fused_moe",
                      cuda_takes=lambda hidden, *_: hidden.dtype == torch.bfloat16)  # the CUDA kernel: bf16 only
-dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep")
+dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep_dispatch")
 dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
 dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
 
