@@ -24,6 +24,7 @@ import tempfile
 import torch
 import triton
 
+from ..utils import GEMM_BLOCK
 from . import ep_dispatch, fp8, grouped_gemm, mla, moe_route, norm
 
 SM90 = 90
@@ -134,7 +135,7 @@ def _kernel_variants():
                {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
                 "c_ptr": f"*{_TRITON_TYPE[dtype]}", "M": "i32", "N": "i32", "K": "i32",
                 "KB_PER_SPLIT": "i32"},
-               {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": fp8.GEMM_BLOCK_K,
+               {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": GEMM_BLOCK,
                 "GROUP_M": fp8.GROUP_M},
                warps, stages, aligned)
     yield from _mla_variants()
@@ -205,7 +206,7 @@ def _moe_variants():
                 "seg_lo_ptr": "*i32", "seg_rows_ptr": "*i32", "tile_start_ptr": "*i32", "N": "i32", "K": "i32",
                 "E": "i32", "NUM_SEGS": "i32"},
                {"FP8": fp8_in, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
+                "BLOCK_K": GEMM_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
                 "IEEE": ab == "fp32"},
                warps, stages, ("K", "N"))  # DeepSeek-V3's N and K; others JIT a scalar-load variant
     # ep_dispatch's own kernels (its row copy is moe_permute's), top-8 (DeepSeek-V3) and top-2

@@ -17,15 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _kernel_dtype
 from .registration import INTERPRETED, custom_op, wrap_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
-SCALE_BLOCK = 128
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 @triton.jit
@@ -133,11 +129,11 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
     if m > 0:
         block_m, block_n, num_warps, num_stages = gemm_config(m, e)
         seg_lo, seg_rows, tile_start = _segments(expert_offsets, m, block_m)
-        grid = (_cdiv(m, block_m) + e + 2, _cdiv(n, block_n))
+        grid = (cdiv(m, block_m) + e + 2, cdiv(n, block_n))
         wrap_triton(_grouped_gemm_kernel)[grid](
             a, a_scale if fp8 else a, b, b_scale_inv if fp8 else b, c, seg_lo, seg_rows, tile_start,
             n, k, e, e + 2, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=SCALE_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
+            BLOCK_K=GEMM_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
             DOT_FP32=INTERPRETED, IEEE=fp32, num_warps=num_warps, num_stages=num_stages)
     return c.to(out_dtype)
 

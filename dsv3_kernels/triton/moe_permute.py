@@ -22,14 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _amax, _block_scale, _kernel_dtype
 from .registration import custom_op, wrap_triton
-
-QUANT_BLOCK = 128  # act_quant's 1x128 activation blocks
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +139,7 @@ def moe_permute(hidden, topk_ids, num_experts, align, quant):
     n = t * topk
     p = n + (min(n, num_experts) * (align - 1) if align > 1 else 0)
     dev = hidden.device
-    nb = _cdiv(n, PERMUTE_BLOCK)
+    nb = cdiv(n, PERMUTE_BLOCK)
     offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=dev)
     inverse = torch.empty((t, topk), dtype=torch.int32, device=dev)
     src = torch.full((p,), -1, dtype=torch.int32, device=dev)  # -1: a padding row
@@ -162,11 +157,11 @@ def moe_permute(hidden, topk_ids, num_experts, align, quant):
             num_warps=INDEX_WARPS)
     out_dtype = torch.float8_e4m3fn if quant else hidden.dtype
     permuted = torch.empty((p, d), dtype=_kernel_dtype(out_dtype), device=dev)
-    nb_d = d // QUANT_BLOCK if quant else 0
+    nb_d = d // GEMM_BLOCK if quant else 0
     scale = torch.empty((p, nb_d) if quant else (0,), dtype=torch.float32, device=dev)
     rows, block_d = ROW_TILE
     if p > 0 and d > 0:
-        wrap_triton(_permute_copy_kernel)[(_cdiv(p, rows), _cdiv(d, block_d))](
+        wrap_triton(_permute_copy_kernel)[(cdiv(p, rows), cdiv(d, block_d))](
             hidden, src, permuted, scale, p, d, nb_d, ROWS=rows, BLOCK_D=block_d, QUANT=quant,
             num_warps=ELEMENTWISE_WARPS)
     return permuted.to(out_dtype), scale, offsets, inverse

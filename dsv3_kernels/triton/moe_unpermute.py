@@ -10,12 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import cdiv
 from .fp8 import _kernel_dtype
 from .registration import custom_op, wrap_triton
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 @triton.jit
@@ -55,7 +52,7 @@ def moe_unpermute(expert_out, topk_weights, inverse):
     out = torch.empty((t, d), dtype=_kernel_dtype(expert_out.dtype), device=expert_out.device)
     rows, block_d = UNPERMUTE_TILE
     if t > 0 and d > 0:
-        wrap_triton(_moe_unpermute_kernel)[(_cdiv(t, rows), _cdiv(d, block_d))](
+        wrap_triton(_moe_unpermute_kernel)[(cdiv(t, rows), cdiv(d, block_d))](
             expert_out, topk_weights, inverse, out, t, p, d, topk, ROWS=rows, BLOCK_D=block_d,
             num_warps=ELEMENTWISE_WARPS)
     return out.to(expert_out.dtype)

@@ -10,14 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _amax, _block_scale, _kernel_dtype
 from .registration import custom_op, wrap_triton
-
-QUANT_BLOCK = 128  # act_quant's 1x128 activation blocks
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 @triton.jit
@@ -54,11 +49,11 @@ def silu_mul(x, quant):
     m, i = x.shape[0], x.shape[1] // 2
     out_dtype = torch.float8_e4m3fn if quant else x.dtype
     y = torch.empty((m, i), dtype=_kernel_dtype(out_dtype), device=x.device)
-    nb = i // QUANT_BLOCK if quant else 0
+    nb = i // GEMM_BLOCK if quant else 0
     scale = torch.empty((m, nb) if quant else (0,), dtype=torch.float32, device=x.device)
     rows, block_i = ROW_TILE
     if m > 0 and i > 0:
-        wrap_triton(_silu_mul_kernel)[(_cdiv(m, rows), _cdiv(i, block_i))](
+        wrap_triton(_silu_mul_kernel)[(cdiv(m, rows), cdiv(i, block_i))](
             x, y, scale, m, i, nb, ROWS=rows, BLOCK_I=block_i, QUANT=quant, num_warps=ELEMENTWISE_WARPS)
     return y.to(out_dtype), scale
 
