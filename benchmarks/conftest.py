@@ -21,6 +21,13 @@ import torch
 import roofline
 
 _ROWS = []
+# Callables returning a markdown summary of the rows, printed after the table (bench_llama_cpp.py).
+SUMMARIES = []
+
+
+def record(row):
+    """Adds a row measured without `bench` (another program's timings) to the results table."""
+    _ROWS.append(row)
 
 
 def pytest_addoption(parser):
@@ -115,12 +122,14 @@ def pytest_sessionfinish(session, exitstatus):
     out_dir = session.config.getoption("--results-dir")
     os.makedirs(out_dir, exist_ok=True)
     # One file per suite, so running bench_mla.py does not overwrite bench_fp8.py's results.
-    suites = "+".join(sorted({item.module.__name__.removeprefix("bench_") for item in session.items}))
+    # A module's SUITE names its file (bench_llama_cpp.py: the ISA too, a run per ISA).
+    suites = "+".join(sorted({getattr(item.module, "SUITE", item.module.__name__.removeprefix("bench_"))
+                              for item in session.items}))
     stem = os.path.join(out_dir, f"{re.sub(r'[^A-Za-z0-9]+', '-', hw['name']).strip('-')}-{meta['date']}-{suites}")
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "results": _ROWS}, f, indent=2)
     with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(_ROWS[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in _ROWS for k in r)))
         writer.writeheader()
         writer.writerows(_ROWS)
     _print_table(meta, stem)
@@ -142,4 +151,5 @@ def _print_table(meta, stem):
                      f"{r['mbytes']:8.2f} {r['gbps']:8.1f} {r['copy_fraction']:8.1%} {_fmt(r['roofline'], '8.1%')} "
                      f"{vs:>14s}")
     lines.append(f"written to {stem}.json and .csv")
+    lines += [summary(_ROWS) for summary in SUMMARIES]
     print("\n".join(lines))
