@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from dsv3_kernels.ops import GEMM_BLOCK
+from dsv3_kernels.utils import GEMM_BLOCK
 
 
 class ConfigError(ValueError):
@@ -25,11 +25,6 @@ ROPE_DIM = 64
 # GEMM_BLOCK x GEMM_BLOCK (128 x 128) block, activations quantized per 1 x 128 as they come.
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
               "weight_block_size": [GEMM_BLOCK, GEMM_BLOCK]}
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of positive ints: the blocks of b that hold a (cache blocks, FP8 scale blocks)."""
-    return -(-a // b)
 
 
 @dataclasses.dataclass
