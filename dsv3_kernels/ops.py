@@ -2,6 +2,11 @@
 one rule in dispatch.py, and calls that backend's kernel. Every op takes `backend=` to choose
 "cuda", "triton", "cpu" or "torch" explicitly.
 
+The `check_<op>` functions take (some of) an op's schema arguments (csrc/registration.cpp) and
+raise what its kernels cannot take (dtypes, ranks, shapes, contiguity, devices, block sizes): the public op
+calls one before it dispatches, and the Triton op dsv3_kernels::<op>_triton calls the same one, so
+a direct torch.ops call cannot run a kernel out of bounds either (the C++ ops check in C++).
+
 FP8 here is float8_e4m3fn with DeepSeek-V3's block scales: activations per token per 128
 channels (1x128), weights per 128x128 block, fp32 scales, dequantized = fp8 * scale.
 """
@@ -43,6 +48,7 @@ dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
 dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
 
 available_backends = dispatch.available_backends
+
 
 
 def _check_tensor(name, t, dtypes, ndim=None, min_ndim=None):
@@ -87,6 +93,16 @@ def _check_scale_shape(name, scale, expected):
 _run = dispatch.run
 
 
+def _check_scale_fmt(scale_fmt):
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+
+
+def check_act_quant(x, block_size):
+    _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
+    _check_block_size(block_size)
+
+
 def act_quant(x: torch.Tensor, block_size: int = GEMM_BLOCK, scale_fmt=None, *, backend=None):
     """Quantize activations to FP8 per token and per `block_size` channels.
 
@@ -95,12 +111,17 @@ def act_quant(x: torch.Tensor, block_size: int = GEMM_BLOCK, scale_fmt=None, *, 
     rounded up to a power of two, DeepSeek-V3.1's format).
     Returns (x_fp8 float8_e4m3fn [..., K], scale float32 [..., ceil(K / block_size)]),
     with x ~= x_fp8 * scale per block.
+    A NaN in a block makes its scale NaN and its codes NaN; an inf makes the scale inf (the inf's
+    code NaN, the others 0); in either format (reference/fp8.py).
     """
-    _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
-    _check_block_size(block_size)
-    if scale_fmt not in (None, "ue8m0"):
-        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+    check_act_quant(x, block_size)
+    _check_scale_fmt(scale_fmt)
     return _run("act_quant", x.device, backend, x, block_size, scale_fmt == "ue8m0")
+
+
+def check_weight_quant(w, block_size):
+    _check_tensor("w", w, _FLOAT_DTYPES, ndim=2)
+    _check_block_size(block_size)
 
 
 def weight_quant(w: torch.Tensor, block_size: int = GEMM_BLOCK, *, backend=None):
@@ -110,18 +131,11 @@ def weight_quant(w: torch.Tensor, block_size: int = GEMM_BLOCK, *, backend=None)
     Returns (w_fp8 float8_e4m3fn [N, K], weight_scale_inv float32 [ceil(N/bs), ceil(K/bs)]),
     with w ~= w_fp8 * weight_scale_inv per block.
     """
-    _check_tensor("w", w, _FLOAT_DTYPES, ndim=2)
-    _check_block_size(block_size)
+    check_weight_quant(w, block_size)
     return _run("weight_quant", w.device, backend, w, block_size)
 
 
-def weight_dequant(w: torch.Tensor, weight_scale_inv: torch.Tensor, dtype=torch.bfloat16,
-                   block_size: int = GEMM_BLOCK, *, backend=None):
-    """Dequantize an FP8 checkpoint weight: w_fp8 * weight_scale_inv per block.
-
-    w: [N, K] float8_e4m3fn; weight_scale_inv: [ceil(N/bs), ceil(K/bs)] float32.
-    Returns [N, K] of `dtype` (float32/bfloat16/float16).
-    """
+def check_weight_dequant(w, weight_scale_inv, block_size, dtype):
     _check_tensor("w", w, (FP8_DTYPE,), ndim=2)
     _check_tensor("weight_scale_inv", weight_scale_inv, (torch.float32,), ndim=2)
     _check_block_size(block_size)
@@ -130,19 +144,33 @@ def weight_dequant(w: torch.Tensor, weight_scale_inv: torch.Tensor, dtype=torch.
     _check_same_device(w=w, weight_scale_inv=weight_scale_inv)
     n, k = w.shape
     _check_scale_shape("weight_scale_inv", weight_scale_inv, (cdiv(n, block_size), cdiv(k, block_size)))
+
+
+def weight_dequant(w: torch.Tensor, weight_scale_inv: torch.Tensor, dtype=torch.bfloat16,
+                   block_size: int = GEMM_BLOCK, *, backend=None):
+    """Dequantize an FP8 checkpoint weight: w_fp8 * weight_scale_inv per block.
+
+    w: [N, K] float8_e4m3fn; weight_scale_inv: [ceil(N/bs), ceil(K/bs)] float32.
+    Returns [N, K] of `dtype` (float32/bfloat16/float16). The NaN codes 0x7F / 0xFF give NaN.
+    """
+    check_weight_dequant(w, weight_scale_inv, block_size, dtype)
     return _run("weight_dequant", w.device, backend, w, weight_scale_inv, block_size, dtype)
 
 
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
-             out_dtype=torch.bfloat16, *, backend=None):
-    """a @ b.T on FP8 inputs with DeepSeek-V3's block scales, fp32 accumulation.
+def _check_fp8_weight(name, w, scale_name, scale):
+    """An fp8_gemm B operand: w [N, K] e4m3 (N >= 1, K a positive multiple of 128) with its
+    scale [ceil(N/128), K/128] float32; returns (N, K)."""
+    _check_tensor(name, w, (FP8_DTYPE,), ndim=2)
+    _check_tensor(scale_name, scale, (torch.float32,), ndim=2)
+    n, k = w.shape
+    if k == 0 or k % GEMM_BLOCK or n == 0:
+        raise ValueError(f"{name} [N, K] needs N >= 1 and K a positive multiple of {GEMM_BLOCK}, "
+                         f"got {tuple(w.shape)}")
+    _check_scale_shape(scale_name, scale, (cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+    return n, k
 
-    a: [M, K] float8_e4m3fn, a_scale: [M, K/128] float32 (1x128 blocks, from act_quant);
-    b: [N, K] float8_e4m3fn, b_scale_inv: [ceil(N/128), K/128] float32 (128x128 blocks);
-    K must be a multiple of 128; M >= 0 and N >= 1 are free.
-    The partial products of each 128-wide K block are scaled by a_scale * b_scale_inv and
-    summed in fp32. Returns [M, N] of out_dtype (bfloat16/float16/float32).
-    """
+
+def check_fp8_gemm(a, a_scale, b, b_scale_inv, out_dtype):
     _check_tensor("a", a, (FP8_DTYPE,), ndim=2)
     _check_tensor("b", b, (FP8_DTYPE,), ndim=2)
     _check_tensor("a_scale", a_scale, (torch.float32,), ndim=2)
@@ -160,6 +188,22 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_in
         raise ValueError("N (b.shape[0]) must be >= 1")
     _check_scale_shape("a_scale", a_scale, (m, k // GEMM_BLOCK))
     _check_scale_shape("b_scale_inv", b_scale_inv, (cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
+             out_dtype=torch.bfloat16, *, backend=None):
+    """a @ b.T on FP8 inputs with DeepSeek-V3's block scales, fp32 accumulation.
+
+    a: [M, K] float8_e4m3fn, a_scale: [M, K/128] float32 (1x128 blocks, from act_quant);
+    b: [N, K] float8_e4m3fn, b_scale_inv: [ceil(N/128), K/128] float32 (128x128 blocks);
+    K must be a multiple of 128; M >= 0 and N >= 1 are free.
+    The partial products of each 128-wide K block are scaled by a_scale * b_scale_inv and
+    summed in fp32. Returns [M, N] of out_dtype (bfloat16/float16/float32).
+    NaN and inf follow that formula in IEEE arithmetic (reference/fp8.py): a NaN code (0x7F /
+    0xFF) in row i of a makes out[i, :] NaN, one in row j of b out[:, j]; a NaN scale makes the
+    outputs it scales NaN, an inf one +-inf (NaN where its block's partial sum is 0).
+    """
+    check_fp8_gemm(a, a_scale, b, b_scale_inv, out_dtype)
     return _run("fp8_gemm", a.device, backend, a, a_scale, b, b_scale_inv, out_dtype)
 
 
@@ -169,32 +213,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
 
     x: [..., K] float32/bfloat16/float16 (any strides); weight: [N, K] float8_e4m3fn;
     weight_scale_inv: [ceil(N/128), K/128] float32; bias: [N] or None.
-    Returns [..., N] of out_dtype (default: x.dtype).
+    Returns [..., N] of out_dtype (default: x.dtype). NaN / inf: act_quant's and fp8_gemm's rules
+    (a NaN or inf in a row of x makes that row of y NaN).
     """
+    n, k = _check_fp8_weight("weight", weight, "weight_scale_inv", weight_scale_inv)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"x's last dim must equal weight.shape[1] = {weight.shape[-1]}, "
-                         f"got x of shape {tuple(x.shape)}")
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        _check_same_device(x=x, bias=bias)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must have dtype {' or '.join(map(str, _FLOAT_DTYPES))}, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x's last dim must equal weight.shape[1] = {k}, got x of shape {tuple(x.shape)}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {_FLOAT_DTYPES}, got {out_dtype}")
-    if scale_fmt not in (None, "ue8m0"):
-        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
-    _check_tensor("weight", weight, (FP8_DTYPE,), ndim=2)
-    _check_tensor("weight_scale_inv", weight_scale_inv, (torch.float32,), ndim=2)
+    _check_scale_fmt(scale_fmt)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be a tensor of shape ({n},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        _check_same_device(x=x, bias=bias)
     _check_same_device(x=x, weight=weight, weight_scale_inv=weight_scale_inv)
-    n, k = weight.shape
-    if k % GEMM_BLOCK or n == 0:
-        raise ValueError(f"weight [N, K] needs N >= 1 and K a multiple of {GEMM_BLOCK}, got {tuple(weight.shape)}")
-    _check_scale_shape("weight_scale_inv", weight_scale_inv, (cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
     # Everything is checked once here, so the parts run without their wrappers' checks (which cost
     # more than a decode-sized GEMM on the CPU).
     backend = dispatch.resolve("fp8_linear", x.device, backend)
@@ -203,7 +241,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     y = dispatch.implementation("fp8_gemm", backend)(x_fp8, x_scale, weight, weight_scale_inv, out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], n)
 
 
 # ---- MLA absorbed-attention decode ----
@@ -214,7 +252,7 @@ MLA_ROPE_DIM = _ref_mla.ROPE_DIM
 
 
 MLA_FP8_TOKEN_BYTES = _ref_mla.FP8_TOKEN_BYTES  # 656: the FP8 cache's token (reference/mla.py)
-_CACHE_DTYPES = _FLOAT_DTYPES + (torch.uint8, FP8_DTYPE)
+_CACHE_DTYPES = _FLOAT_DTYPES + (torch.uint8,)  # the kernels' (the public ops also take float8_e4m3fn)
 
 
 def _as_3d_cache(kv_cache):
@@ -286,6 +324,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     Returns (out [B, s_q, H, 512] of q's dtype, lse float32 [B, H, s_q], natural log). A request of
     length 0 gets out = 0 and lse = -inf.
 
+    NaN / inf (reference/mla.py): a query (head and new token) that sees a key whose score is not
+    finite (a NaN / inf in its q row, in the key, in an FP8 tile scale, an e4m3 NaN code) gets out
+    = NaN and lse = NaN; the other queries are untouched, also those that do not see that key
+    under the causal mask (a key nobody sees is never read). A query that sees no key gets 0 and
+    -inf whatever q holds.
+
     Metadata values are checked here when they are on the CPU. On a GPU they are not (that would
     cost a device sync per call): a request with an out-of-range length or block index is never
     read out of bounds and gets out = lse = NaN instead.
@@ -293,6 +337,14 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     multiple of 64; anything else on a GPU goes to triton unless backend= says otherwise.
     """
     kv_cache = _as_3d_cache(kv_cache)
+    check_mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, num_splits)
+    if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
+    return _run("mla_decode", q.device, backend, q, kv_cache, block_table, cache_seqlens, float(softmax_scale),
+                bool(causal), num_splits)
+
+
+def check_mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, num_splits):
     _check_tensor("q", q, _FLOAT_DTYPES, ndim=4)
     if q.shape[3] != MLA_HEAD_DIM:
         raise ValueError(f"q must be [B, s_q, H, {MLA_HEAD_DIM}] (absorbed q_nope {MLA_LORA_RANK} | q_pe "
@@ -310,14 +362,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                          f"got {tuple(block_table.shape)} and {tuple(cache_seqlens.shape)}")
     if s_q < 1 or h < 1:
         raise ValueError(f"q must have s_q >= 1 and H >= 1, got shape {tuple(q.shape)}")
-    if not isinstance(softmax_scale, (int, float)) or not 0 < softmax_scale < float("inf"):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or \
+            not 0 < softmax_scale < float("inf"):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
-    if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_decode_metadata(block_table, cache_seqlens, kv_cache.shape[0], kv_cache.shape[1])
-    return _run("mla_decode", q.device, backend, q, kv_cache, block_table, cache_seqlens, float(softmax_scale),
-                bool(causal), num_splits)
 
 
 def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -334,9 +383,31 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
       DeepseekV3RMSNorm with `eps`) instead of kv_c.
     rope_cos, rope_sin: float32 [T, 32] or None: store k_pe rotated in interleaved pairs
       (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), DeepSeek-V3's RoPE.
+    eps: a number >= 0 (the norm's).
+    NaN / inf are stored as they are; into the FP8 cache a NaN in a 128-value tile makes its scale
+    NaN (an inf: inf), so the tile decodes to NaN: the corruption shows in mla_decode.
     Slots past the cache raise an error where slot_mapping is on the CPU; on a GPU they are skipped.
     """
     kv_cache = _as_3d_cache(kv_cache)
+    check_mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, eps, rope_cos, rope_sin)
+    t = kv_c.shape[0]
+    if slot_mapping.device.type == "cpu" and t and not torch.compiler.is_compiling():
+        capacity = kv_cache.shape[0] * kv_cache.shape[1]
+        if (max(slot_mapping.tolist()) if t <= _SMALL else int(slot_mapping.max())) >= capacity:
+            i = int(slot_mapping.argmax())
+            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
+    _run("mla_cache_write", kv_c.device, backend, kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps),
+         rope_cos, rope_sin)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def check_mla_cache_write(kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, eps, rope_cos, rope_sin):
     _check_tensor("kv_c", kv_c, _FLOAT_DTYPES, ndim=2)
     _check_tensor("k_pe", k_pe, (kv_c.dtype,), ndim=2)
     _check_cache(kv_cache)
@@ -351,6 +422,7 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
         if kv_norm_weight.shape[0] != MLA_LORA_RANK:
             raise ValueError(f"kv_norm_weight must be [{MLA_LORA_RANK}], got {tuple(kv_norm_weight.shape)}")
         tensors["kv_norm_weight"] = kv_norm_weight
+    _check_eps(eps)
     if (rope_cos is None) != (rope_sin is None):
         raise ValueError("rope_cos and rope_sin must be given together")
     if rope_cos is not None:
@@ -361,13 +433,6 @@ def mla_cache_write(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
                                  f"got {tuple(r.shape)}")
             tensors[name] = r
     _check_same_device(**tensors)
-    if slot_mapping.device.type == "cpu" and t and not torch.compiler.is_compiling():
-        capacity = kv_cache.shape[0] * kv_cache.shape[1]
-        if (max(slot_mapping.tolist()) if t <= _SMALL else int(slot_mapping.max())) >= capacity:
-            i = int(slot_mapping.argmax())
-            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the cache's {capacity} slots")
-    _run("mla_cache_write", kv_c.device, backend, kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight, float(eps),
-         rope_cos, rope_sin)
 
 
 # ---- DeepSeekMoE ----
@@ -693,6 +758,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=
     order than torch's, so float32 out is within a few ulps and a bfloat16/float16 element lying
     close to a rounding boundary may differ by an ulp (two roundings: up to 2 ulps of out).
     """
+    check_rms_norm(x, weight, eps, residual)
+    return _run("rms_norm", x.device, backend, x, weight, float(eps), residual)
+
+
+def check_rms_norm(x, weight, eps, residual):
     _check_tensor("x", x, _FLOAT_DTYPES, min_ndim=1)
     d = x.shape[-1]
     if d < 1:
@@ -707,8 +777,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual=
         _check_same_device(x=x, weight=weight, residual=residual)
     else:
         _check_same_device(x=x, weight=weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return _run("rms_norm", x.device, backend, x, weight, float(eps), residual)
+    _check_eps(eps)

@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q "torch==2.14.1" numpy pytest pytest-benchmark ninja "setuptools>=64" wheel
+"${PIP[@]}" install -q "torch==2.14.1" numpy pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel
 # the model layer (dsv3): checkpoints, tokenizer, progress bars; transformers is the tests' peer model
 "${PIP[@]}" install -q safetensors tokenizers tqdm "transformers==5.24.*"
 "${PIP[@]}" install -q --no-deps "nvidia-cutlass==4.2.0.0"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import dsv3_kernels as dk
-from dsv3_kernels import _native
 from dsv3_kernels.reference import fp8 as ref
 from helpers import native_only, poison_allocator
 
@@ -68,21 +67,45 @@ def test_act_quant_extremes(device, backend):
     assert_same_quant(got, ref.act_quant(x.cpu()))
 
 
+def assert_same_nonfinite_quant(got, want):
+    """Quantized (q, scale) against the reference's where blocks hold NaN / inf: scales NaN / inf
+    exactly where the reference's are (never the -0.0 of a ue8m0 rounding wrapped around), the same
+    codes elsewhere; NaN codes match up to their sign (the sign of x / NaN is not specified)."""
+    (q, s), (q_ref, s_ref) = (t.cpu() for t in got), want
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0, equal_nan=True)
+    bits, bits_ref = q.view(torch.uint8), q_ref.view(torch.uint8)
+    nan_code = (bits_ref & 0x7F) == 0x7F
+    assert torch.equal((bits & 0x7F) == 0x7F, nan_code)
+    assert torch.equal(bits[~nan_code], bits_ref[~nan_code])
+
+
 @pytest.mark.ops("act_quant")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN / inf math
-def test_act_quant_nan_makes_its_block_scale_nan(device, backend):
-    """A NaN (or inf) activation shows in its block's scale, as torch.amax gives, and leaves the
-    other blocks of its row alone."""
+@pytest.mark.parametrize("ue8m0", [False, True], ids=["fp32-scale", "ue8m0"])
+def test_act_quant_nan_makes_its_block_scale_nan(device, backend, ue8m0):
+    """A NaN (or inf) activation shows in its block's scale, as torch.amax gives, in both scale
+    formats: the block's codes are NaN (an inf block: the inf's code NaN, the others +-0); the
+    other blocks of its row are untouched."""
     x = torch.randn(3, 384, device=device)
-    x[1, 130], x[2, 300] = float("nan"), float("inf")
-    q, s = dk.act_quant(x, backend=backend)
+    x[1, 130], x[2, 300], x[2, 301] = float("nan"), float("inf"), float("-inf")
+    q, s = dk.act_quant(x, scale_fmt="ue8m0" if ue8m0 else None, backend=backend)
     assert s[1, 1].isnan() and s[2, 2] == float("inf")
-    want_q, want_s = ref.act_quant(x.cpu())
-    keep = ~(s.cpu().isnan() | s.cpu().isinf())
-    assert keep.sum() == 7
-    torch.testing.assert_close(s.cpu()[keep], want_s[keep], rtol=0, atol=0)
-    blocks = keep.repeat_interleave(128, 1)
-    assert torch.equal(q.cpu().view(torch.uint8)[blocks], want_q.view(torch.uint8)[blocks])
+    want = ref.act_quant(x.cpu(), ue8m0=ue8m0)
+    assert want[0].view(torch.uint8)[1, 128:256].bitwise_and(0x7F).eq(0x7F).all()
+    assert_same_nonfinite_quant((q, s), want)
+
+
+@pytest.mark.ops("weight_quant")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_weight_quant_nonfinite_blocks(device, backend):
+    """weight_quant's blocks follow act_quant's rule: a NaN makes its 128 x 128 block's scale NaN,
+    an inf makes it inf."""
+    w = randn(300, 260, device="cpu")
+    w[5, 200], w[140, 3] = float("nan"), float("-inf")
+    got = dk.weight_quant(w.to(device), backend=backend)
+    want = ref.weight_quant(w)
+    assert want[1][0, 1].isnan() and want[1][1, 0] == float("inf")
+    assert_same_nonfinite_quant(got, want)
 
 
 @pytest.mark.ops("act_quant")
@@ -200,33 +223,52 @@ def test_fp8_gemm_tile_edges(device, backend, m, n, k):
 
 
 @pytest.mark.ops("fp8_gemm")
-@pytest.mark.parametrize("m", [1, 2, 4, 20])
-def test_fp8_gemm_nan_codes_in_b(device, backend, m):
-    """NaN codes in b: the portable CPU path (DSV3_KERNELS_CPU_ISA=scalar) gives NaN in their
-    output columns, as the reference; the AVX2 and AVX-512 paths' fast decode reads them as +-480
-    (a NaN in a quantized operand is not propagated, fp8_cpu_kernels.h). Every other column equals
-    the reference."""
-    if backend != "cpu":
-        pytest.skip("the rule of the C++ CPU kernels")
+@pytest.mark.parametrize("m", [1, 2, 5, 20])
+def test_fp8_gemm_nan_codes(device, backend, m):
+    """NaN codes (0x7F / 0xFF) in a make their rows of out NaN, in b their columns (reference/fp8.py),
+    on every backend and CPU level: the few-rows loops (m <= 16, whose fast decode reads NaN codes
+    as +-480) and the panel path (m = 20). Every other output matches the reference."""
     n, k = 200, 384
     _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
-    where = [(3, 5), (77, 130), (130, 200), (199, 383)]
-    b = with_nan_codes(b, where)
-    got = dk.fp8_gemm(a, a_s, b, b_s, torch.float32, backend=backend)
+    where_b = [(3, 5), (77, 130), (130, 200), (199, 383)]
+    b = with_nan_codes(b, where_b)
+    bad_rows = [m - 1] if m > 1 else []  # with m = 1 a NaN row would hide b's columns
+    a = with_nan_codes(a, [(r, 250) for r in bad_rows])
+    poison_allocator(device)
+    got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), torch.float32,
+                      backend=backend).cpu()
     want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
-    bad = torch.zeros(n, dtype=torch.bool)
-    bad[[r for r, _ in where]] = True
-    assert want[:, bad].isnan().all() and not want[:, ~bad].isnan().any()
-    scale = want[:, ~bad].abs().max()
-    assert (got[:, ~bad] - want[:, ~bad]).abs().max() / scale < _gemm_tol(device)
-    if _native.cpu_isa() == "scalar":
-        assert got[:, bad].isnan().all()
-    else:
-        b480 = b.float()  # `where` is in row-major order, as the mask enumerates it
-        b480[b480.isnan()] = torch.tensor([480.0 if i % 2 == 0 else -480.0 for i in range(len(where))])
-        b_deq = b480 * b_s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
-        want480 = (a.float() * a_s.repeat_interleave(128, 1)) @ b_deq.T
-        assert (got[:, bad] - want480[:, bad]).abs().max() / want480[:, bad].abs().max() < _gemm_tol(device)
+    nan = torch.zeros(m, n, dtype=torch.bool)
+    nan[:, [r for r, _ in where_b]] = True
+    nan[bad_rows] = True
+    assert torch.equal(want.isnan(), nan) and torch.equal(got.isnan(), nan)
+    scale = want[~nan].abs().max()
+    assert (got[~nan] - want[~nan]).abs().max() / scale < _gemm_tol(device)
+
+
+@pytest.mark.ops("fp8_gemm")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN / inf math
+@pytest.mark.parametrize("m", [3, 20])
+def test_fp8_gemm_nonfinite_scales(device, backend, m):
+    """The scales multiply each K block's partial sum (reference/fp8.py): a NaN a_scale makes its
+    row NaN, an inf b_scale_inv makes its 128 columns +-inf (the sign of the partial sum), and an
+    inf meeting a zero partial sum (a zero row of a) gives NaN, not the inf * 0 of a kernel that
+    scales the values first."""
+    n, k = 300, 384
+    _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+    a_s[0, 1] = float("nan")
+    b_s[1, 2] = float("inf")  # columns 128..255, K block 2
+    a.view(torch.uint8)[2, 256:] = 0  # row 2's partial sum of K block 2 is 0: inf * 0
+    got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), torch.float32,
+                      backend=backend).cpu()
+    want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    assert want[0].isnan().all() and want[2, 128:256].isnan().all()
+    assert want[1, 128:256].isinf().all() and want[3:, 128:256].isinf().all()
+    assert torch.equal(got.isnan(), want.isnan())
+    inf = want.isinf()
+    assert torch.equal(got.isinf(), inf) and torch.equal(got[inf], want[inf])
+    fin = want.isfinite()
+    assert (got[fin] - want[fin]).abs().max() / want[fin].abs().max() < _gemm_tol(device)
 
 
 @pytest.mark.ops("fp8_gemm")
@@ -274,6 +316,22 @@ def test_fp8_linear_matches_reference_and_accepts_strided_x(device, backend):
     want = dk.fp8_linear(x.cpu(), wq, ws, backend="torch")
     assert got.dtype == torch.bfloat16 and got.shape == (3, 300)
     torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=_gemm_tol(device) * want.abs().max().item())
+
+
+@pytest.mark.ops("act_quant", "fp8_gemm")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_fp8_linear_nonfinite_rows(device, backend):
+    """A NaN or inf in a row of x makes that row of y NaN (act_quant's NaN / inf scale, then
+    fp8_gemm's rule); the other rows are the reference's."""
+    x = randn(2, 5, 384, device="cpu")
+    x[0, 1, 7], x[1, 3, 300] = float("nan"), float("inf")
+    wq, ws = ref.weight_quant(randn(130, 384, device="cpu"))
+    got = dk.fp8_linear(x.to(device), wq.to(device), ws.to(device), out_dtype=torch.float32, backend=backend).cpu()
+    want = dk.fp8_linear(x, wq, ws, out_dtype=torch.float32, backend="torch")
+    bad = torch.zeros(2, 5, dtype=torch.bool)
+    bad[0, 1] = bad[1, 3] = True
+    assert want[bad].isnan().all() and got[bad].isnan().all() and not got[~bad].isnan().any()
+    assert (got[~bad] - want[~bad]).abs().max() / want[~bad].abs().max() < _gemm_tol(device)
 
 
 # ---------------------------------------------------------------- the reference itself

@@ -70,6 +70,13 @@ def test_fp8_linear_rejects_bad_input():
         dk.fp8_linear(x, b, b_s, bias=torch.randn(3))
     with pytest.raises(TypeError, match=r"^x must be a torch.Tensor"):
         dk.fp8_linear([1.0], b, b_s)
+    # The weight is checked first and by its own name (not an AttributeError / IndexError of x's check).
+    with pytest.raises(TypeError, match=r"^weight must be a torch.Tensor, got list"):
+        dk.fp8_linear(x, [[1.0]], b_s)
+    with pytest.raises(ValueError, match=r"^weight must be 2-D"):
+        dk.fp8_linear(x, b[0, 0], b_s)
+    with pytest.raises(ValueError, match=r"^weight \[N, K\] needs N >= 1 and K a positive multiple of 128"):
+        dk.fp8_linear(x[..., :0], b[:, :0], b_s)
 
 
 def test_unknown_backend_is_a_clear_error():

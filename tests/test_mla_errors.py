@@ -70,6 +70,8 @@ def _write_args():
     (lambda a: a.update(rope_cos=torch.ones(3, 32)), ValueError, "together"),
     (lambda a: a.update(rope_cos=torch.ones(3, 64), rope_sin=torch.ones(3, 64)), ValueError, "rope_cos must be"),
     (lambda a: a.update(rope_cos=torch.ones(3, 32).double(), rope_sin=torch.ones(3, 32)), TypeError, "rope_cos"),
+    (lambda a: a.update(eps="x"), TypeError, "^eps must be a number, got str"),
+    (lambda a: a.update(eps=float("nan")), ValueError, "^eps must be a number >= 0, got nan"),
 ])
 def test_mla_cache_write_errors(change, error, match):
     args = _write_args()

@@ -111,10 +111,25 @@ DSV3_TARGET_AVX2 inline __m128i f32_to_e4m3_avx2(__m256 x) {
 
 // 16 e4m3 bytes -> the fp16 bits of value / 2^8 (see fp8_cpu_kernels.h's e4m3_to_f32_div256):
 // the sign-extension puts the sign in bits 8..15; after << 7 bit 15 is the sign, bits 10..13 the
-// exponent and 7..9 the mantissa, and bit 14 (a sign copy) is cleared. NaN codes read as +-1.875.
+// exponent and 7..9 the mantissa, and bit 14 (a sign copy) is cleared. NaN codes read as +-1.875:
+// e4m3_to_f32_div256_nan_avx2 patches them, the GEMM's on-the-fly decode detects them
+// (nan_code_max_avx2).
 DSV3_TARGET_AVX2 inline __m256i e4m3_to_f16_bits(__m128i bytes) {
   const __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7);
   return _mm256_and_si256(h, _mm256_set1_epi16(static_cast<short>(0xBF80)));
+}
+
+// e4m3 NaN codes among 32 bytes at p, folded into a running byte max: x + x drops the sign bit and
+// maps 0x7F / 0xFF to 0xFE, every other code to <= 0xFC, so acc holds 0xFE in some byte once a NaN
+// code went through (has_nan_code_avx2). One load, one add, one max per 32 bytes: the check the
+// GEMM's few-rows loop affords, whose fast decode reads NaN codes as +-480.
+DSV3_TARGET_AVX2 inline __m256i nan_code_max_avx2(__m256i acc, const uint8_t* p) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm256_max_epu8(acc, _mm256_add_epi8(x, x));
+}
+
+DSV3_TARGET_AVX2 inline bool has_nan_code_avx2(__m256i acc) {
+  return _mm256_movemask_epi8(_mm256_cmpeq_epi8(acc, _mm256_set1_epi8(static_cast<char>(0xFE)))) != 0;
 }
 
 // ---------------------------------------------------------------- quantization
@@ -158,14 +173,25 @@ DSV3_TARGET_AVX2 float quantize_tile_avx2(const void* x, uint8_t* q, int64_t ld,
 
 // ---------------------------------------------------------------- dequantization
 
-// out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included
-// (as dequant_span_avx512: the fast decode's +-1.875 for a NaN code OR 0x7FF00000 is c10's NaN).
+// 16 e4m3 bytes -> 2 x 8 fp32 of value / 2^8, NaN codes included: the fast decode reads them as
+// +-1.875 (0x3FF00000), and OR-ing 0x7FF00000 there makes it c10's NaN (sign | 0x7FF00000), a
+// payload the scale multiply and the fp16 / bf16 conversions carry through.
+DSV3_TARGET_AVX2 inline void e4m3_to_f32_div256_nan_avx2(__m128i b, __m256& lo, __m256& hi) {
+  const __m256i h = e4m3_to_f16_bits(b);
+  const __m128i low7 = _mm_set1_epi8(0x7F);
+  const __m128i is_nan = _mm_cmpeq_epi8(_mm_and_si128(b, low7), low7);
+  const __m256i nan_bits = _mm256_set1_epi32(0x7FF00000);
+  const __m256i nan_lo = _mm256_and_si256(_mm256_cvtepi8_epi32(is_nan), nan_bits);
+  const __m256i nan_hi = _mm256_and_si256(_mm256_cvtepi8_epi32(_mm_srli_si128(is_nan, 8)), nan_bits);
+  lo = _mm256_or_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_castsi256_ps(nan_lo));
+  hi = _mm256_or_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_castsi256_ps(nan_hi));
+}
+
+// out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included.
 // 16 values a step; a tail goes through a zero-filled copy.
 template <FloatType D>
 DSV3_TARGET_AVX2 void dequant_span_avx2(const uint8_t* w, void* out, int64_t len, float scale) {
   const __m256 vscale = _mm256_set1_ps(scale * kDecodeUnscale);
-  const __m128i low7 = _mm_set1_epi8(0x7F);
-  const __m256i nan_bits = _mm256_set1_epi32(0x7FF00000);
   for (int64_t c = 0; c < len; c += 16) {
     const int64_t n = std::min<int64_t>(16, len - c);
     alignas(16) uint8_t buf[16];
@@ -175,20 +201,16 @@ DSV3_TARGET_AVX2 void dequant_span_avx2(const uint8_t* w, void* out, int64_t len
       std::memcpy(buf, src, n);
       src = buf;
     }
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-    const __m256i h = e4m3_to_f16_bits(b);
-    const __m128i is_nan = _mm_cmpeq_epi8(_mm_and_si128(b, low7), low7);
-    for (int half = 0; half < 2 && 8 * half < n; ++half) {
-      const __m128i hh = half ? _mm256_extracti128_si256(h, 1) : _mm256_castsi256_si128(h);
-      const __m256i nan = _mm256_cvtepi8_epi32(half ? _mm_srli_si128(is_nan, 8) : is_nan);
-      const __m256 v = _mm256_or_ps(_mm256_cvtph_ps(hh), _mm256_castsi256_ps(_mm256_and_si256(nan, nan_bits)));
-      store8_f32<D>(out, c + 8 * half, _mm256_mul_ps(v, vscale), std::min<int64_t>(8, n - 8 * half));
-    }
+    __m256 v[2];
+    e4m3_to_f32_div256_nan_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), v[0], v[1]);
+    for (int half = 0; half < 2 && 8 * half < n; ++half)
+      store8_f32<D>(out, c + 8 * half, _mm256_mul_ps(v[half], vscale), std::min<int64_t>(8, n - 8 * half));
   }
 }
 
 // A' rows [0, rows) of a [rows, K] -> fp32, each 128-block multiplied by its a_scale (K a
-// multiple of 128). NaN codes read as +-480, as in dequant_a_avx512.
+// multiple of 128). NaN codes give NaN (A is small next to the GEMM: the check is cheap here, and
+// a NaN in A' then reaches its whole output row through the FMAs).
 DSV3_TARGET_AVX2 inline void dequant_a_avx2(const uint8_t* a, const float* a_scale, float* out, int64_t rows,
                                             int64_t k) {
   const int64_t kblocks = k / kGemmBlk;
@@ -197,9 +219,10 @@ DSV3_TARGET_AVX2 inline void dequant_a_avx2(const uint8_t* a, const float* a_sca
       const __m256 s = _mm256_set1_ps(a_scale[r * kblocks + kb] * kDecodeUnscale);
       const int64_t base = r * k + kb * kGemmBlk;
       for (int64_t i = 0; i < kGemmBlk; i += 16) {
-        const __m256i h = e4m3_to_f16_bits(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + base + i)));
-        _mm256_storeu_ps(out + base + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s));
-        _mm256_storeu_ps(out + base + i + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s));
+        __m256 lo, hi;
+        e4m3_to_f32_div256_nan_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + base + i)), lo, hi);
+        _mm256_storeu_ps(out + base + i, _mm256_mul_ps(lo, s));
+        _mm256_storeu_ps(out + base + i + 8, _mm256_mul_ps(hi, s));
       }
     }
   }

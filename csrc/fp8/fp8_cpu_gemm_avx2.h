@@ -27,8 +27,11 @@
 // and reused by all rows, as the AVX-512 panel path.
 //
 // Results differ from the reference (and the other ISAs) only by the fp32 summation order and by
-// where the scales are multiplied in (one more rounding per product); NaN codes in a or b read as
-// +-480 (not propagated), as in the AVX-512 paths.
+// where the scales are multiplied in (one more rounding per product). NaN codes give the
+// reference's NaN rows and columns: A' and the panels decode them to NaN; the few-rows loop's
+// decode reads them as +-480, so its first row group also folds B's bytes into a running byte max
+// (nan_code_max_avx2: one load, one add and one max per 32 bytes) and the columns of a flagged tile
+// are marked NaN afterwards (mark_nan_columns).
 #pragma once
 
 #include <algorithm>
@@ -114,18 +117,21 @@ DSV3_TARGET_AVX2 void gemm_tile_f32_avx2(const float* a, int64_t lda, const floa
 // from there (see the top of this file). pf (or null): B rows to prefetch into L2 alongside, at
 // the same offsets (stride ldb). Where MR x NR accumulators, NR B vectors and an A vector do not
 // fit the 16 registers (3 x 4), or with one row of A, the A vectors are loaded first and each B
-// vector right before its FMAs.
-template <int MR, int NR>
-DSV3_TARGET_AVX2 void gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, int64_t len,
+// vector right before its FMAs. Detect: returns whether the tile's B bytes hold a NaN code (else
+// false).
+template <int MR, int NR, bool Detect>
+DSV3_TARGET_AVX2 bool gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, int64_t len,
                                           float* c, int64_t ldc, bool accumulate, const uint8_t* pf) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  __m256i nan = _mm256_setzero_si256();
   for (int64_t kk = 0; kk < len; kk += 32) {
     if (pf != nullptr && (kk & 32) == 0)
       for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldb + kk), _MM_HINT_T1);
     alignas(32) uint16_t h[NR][32];
     for (int j = 0; j < NR; ++j) {
+      if constexpr (Detect) nan = nan_code_max_avx2(nan, b + j * ldb + kk);
       for (int q = 0; q < 32; q += 16) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j * ldb + kk + q));
         _mm256_store_si256(reinterpret_cast<__m256i*>(h[j] + q), e4m3_to_f16_bits(bytes));
@@ -153,21 +159,22 @@ DSV3_TARGET_AVX2 void gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uin
     }
   }
   store_tile_avx2<MR, NR>(acc, c, ldc, accumulate);
+  return Detect && has_nan_code_avx2(nan);
 }
 
 constexpr int kMRavx2 = 4;  // rows of A per tile (4 x 2 accumulators + 2 B + 1 A registers)
 
 // Runtime row count (1..kMRavx2) -> tile instantiation.
-template <int NR>
-DSV3_TARGET_AVX2 inline void gemm_tile_fp8b_avx2_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
+template <int NR, bool Detect>
+DSV3_TARGET_AVX2 inline bool gemm_tile_fp8b_avx2_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
                                                     int64_t ldb, int64_t len, float* c, int64_t ldc, bool accumulate,
                                                     const uint8_t* pf) {
   static_assert(kMRavx2 == 4, "one case per row count");
   switch (mr) {
-    case 1: return gemm_tile_fp8b_avx2<1, NR>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    case 2: return gemm_tile_fp8b_avx2<2, NR>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    case 3: return gemm_tile_fp8b_avx2<3, NR>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    default: return gemm_tile_fp8b_avx2<4, NR>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
+    case 1: return gemm_tile_fp8b_avx2<1, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
+    case 2: return gemm_tile_fp8b_avx2<2, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
+    case 3: return gemm_tile_fp8b_avx2<3, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
+    default: return gemm_tile_fp8b_avx2<4, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
   }
 }
 
@@ -252,14 +259,25 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
         cached_nb = nb;
       }
       const uint8_t* pb = b + n0 * k + k0;
+      bool nan = false;
       for (int64_t g = 0, i = 0; g < groups; ++g) {
         const int mr = static_cast<int>((m - i) / (groups - g));  // balanced: 5 rows are 3 + 2
-        // The first group streams B from memory (and prefetches); the others find it in L1.
-        const uint8_t* pf = g == 0 ? prefetch_row(b, k, k0, len, n_begin, n_end, next, n0 + ahead) : nullptr;
-        if (nr == NR) gemm_tile_fp8b_avx2_mr<NR>(mr, a_blk + i * len, len, pb, k, len, c + i * n + n0, n, k0 > 0, pf);
-        else gemm_tile_fp8b_avx2_mr<1>(mr, a_blk + i * len, len, pb, k, len, c + i * n + n0, n, k0 > 0, pf);
+        // The first group streams B from memory (and prefetches, and looks for NaN codes); the
+        // others find it in L1.
+        const float* pa = a_blk + i * len;
+        float* pc = c + i * n + n0;
+        if (g == 0) {
+          const uint8_t* pf = prefetch_row(b, k, k0, len, n_begin, n_end, next, n0 + ahead);
+          nan = nr == NR ? gemm_tile_fp8b_avx2_mr<NR, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf)
+                         : gemm_tile_fp8b_avx2_mr<1, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf);
+        } else if (nr == NR) {
+          gemm_tile_fp8b_avx2_mr<NR, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, nullptr);
+        } else {
+          gemm_tile_fp8b_avx2_mr<1, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, nullptr);
+        }
         i += mr;
       }
+      if (nan) mark_nan_columns(pb, k, len, nr, c + n0, m, n);
       n0 += nr;
     }
   }
@@ -279,8 +297,9 @@ DSV3_TARGET_AVX2 inline void gemm_small_avx2_any(const float* a, int64_t m, cons
 // ---------------------------------------------------------------- many rows
 
 // One task of the many-rows path: rows [m0, m1) x a panel of kPanelN rows of B from n0. Per
-// kPanelK chunk of K the panel is converted once to fp32 times its b_scale_inv (L2-resident) and
-// reused by every row of A; chunk results are summed in c. a = A' [m, k].
+// kPanelK chunk of K the panel is converted once to fp32 times its b_scale_inv (L2-resident, NaN
+// codes to NaN: cheap once per panel value) and reused by every row of A; chunk results are
+// summed in c. a = A' [m, k].
 DSV3_TARGET_AVX2 inline void gemm_panel_avx2(const float* a, int64_t m0, int64_t m1, const uint8_t* b,
                                              const float* b_scale, int64_t k, int64_t n, int64_t n0, float* c,
                                              float* panel) {
@@ -292,10 +311,10 @@ DSV3_TARGET_AVX2 inline void gemm_panel_avx2(const float* a, int64_t m0, int64_t
       for (int64_t kk = 0; kk < len; kk += kGemmBlk) {
         const __m256 s = _mm256_set1_ps(b_scale[((n0 + j) / kGemmBlk) * kblocks + (k0 + kk) / kGemmBlk] * kDecodeUnscale);
         for (int64_t q = kk; q < kk + kGemmBlk; q += 16) {
-          const __m256i h = e4m3_to_f16_bits(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q)));
-          _mm256_storeu_ps(panel + j * kPanelK + q, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s));
-          _mm256_storeu_ps(panel + j * kPanelK + q + 8,
-                           _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), s));
+          __m256 lo, hi;
+          e4m3_to_f32_div256_nan_avx2(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + q)), lo, hi);
+          _mm256_storeu_ps(panel + j * kPanelK + q, _mm256_mul_ps(lo, s));
+          _mm256_storeu_ps(panel + j * kPanelK + q + 8, _mm256_mul_ps(hi, s));
         }
       }
     }

@@ -12,8 +12,13 @@
 //   mantissa land in the fp16 exponent/mantissa fields; the hardware fp16 -> fp32 conversion
 //   (which also handles the subnormals, whatever MXCSR.DAZ says) then yields value / 2^8.
 //   Callers fold the 2^8 into the block scale they multiply by anyway, which is exact.
-//   In that fast decode the NaN codes 0x7F/0xFF read as +-480; the gemm uses it (a NaN in
-//   a quantized operand is not propagated), weight_dequant patches NaN back in.
+//   In that fast decode the NaN codes 0x7F/0xFF read as +-480, so every user deals with them,
+//   as the reference's NaN rule asks (reference/fp8.py): weight_dequant, A' and the many-rows
+//   panels patch NaN back in (e4m3_to_f32_div256_nan: cheap there, once per value of A or per
+//   value of a B panel reused by many rows); the few-rows loops, which stream B once and are
+//   bound by the decode, only detect them (two byte ops per 32 or 64 bytes) and mark the output
+//   columns NaN afterwards (mark_nan_columns); the bf16 table decodes them to bf16 NaN, which
+//   vdpbf16ps propagates.
 #pragma once
 
 #include <algorithm>
@@ -48,10 +53,30 @@ inline float bits_f32(uint32_t u) {
 }
 
 // DeepSeek-V3's block scale; ue8m0 rounds it up to a power of two by carrying a non-zero
-// mantissa into the exponent. NaN amax stays NaN (std::max keeps its first argument).
+// mantissa into the exponent. NaN amax stays NaN (std::max keeps its first argument); ue8m0 leaves
+// a NaN or inf scale alone (its bits carried up would wrap to -0.0 and hide it).
 inline float block_scale(float amax, bool ue8m0) {
   float s = std::max(amax, kAmaxMin) / kFp8Max;
-  return ue8m0 ? bits_f32((f32_bits(s) + 0x7FFFFFu) & ~0x7FFFFFu) : s;
+  return ue8m0 && f32_bits(s) < 0x7F800000u ? bits_f32((f32_bits(s) + 0x7FFFFFu) & ~0x7FFFFFu) : s;
+}
+
+// Whether bytes [0, len) of e4m3 hold a NaN code (0x7F / 0xFF): the second look, one row at a
+// time, after a vector loop's detection flagged a tile (rare: corrupt data).
+inline bool has_nan_code(const uint8_t* p, int64_t len) {
+  for (int64_t i = 0; i < len; ++i)
+    if ((p[i] & 0x7F) == 0x7F) return true;
+  return false;
+}
+
+// The reference's NaN for the fast decode's +-480: c[i * ldc + j] = NaN for all m rows and every
+// j < nr whose row of b (stride ldb, len bytes from b) holds a NaN code. After the few-rows
+// loops' stores (and before later K chunks add to c, which keep the NaN).
+inline void mark_nan_columns(const uint8_t* b, int64_t ldb, int64_t len, int nr, float* c, int64_t m,
+                             int64_t ldc) {
+  for (int j = 0; j < nr; ++j) {
+    if (!has_nan_code(b + j * ldb, len)) continue;
+    for (int64_t i = 0; i < m; ++i) c[i * ldc + j] = bits_f32(0x7FC00000u);
+  }
 }
 
 #if defined(__x86_64__)
@@ -143,6 +168,32 @@ DSV3_AVX512 inline __m512 load_e4m3_div256(const uint8_t* p) {
   return e4m3_to_f32_div256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// As e4m3_to_f32_div256 with the NaN codes decoded to NaN: the fast decode gives +-1.875
+// (0x3FF00000) there, and OR-ing 0x7FF00000 makes it c10's NaN (sign | 0x7FF00000), a payload
+// the scale multiply and the fp16 / bf16 conversions carry through.
+DSV3_AVX512 inline __m512 e4m3_to_f32_div256_nan(__m128i bytes) {
+  const __m512 v = e4m3_to_f32_div256(bytes);
+  const __m128i low7 = _mm_set1_epi8(0x7F);
+  const __mmask16 is_nan = _mm_cmpeq_epi8_mask(_mm_and_si128(bytes, low7), low7);
+  return _mm512_castsi512_ps(_mm512_mask_or_epi32(_mm512_castps_si512(v), is_nan, _mm512_castps_si512(v),
+                                                  _mm512_set1_epi32(0x7FF00000)));
+}
+
+DSV3_AVX512 inline __m512 load_e4m3_div256_nan(const uint8_t* p) {
+  return e4m3_to_f32_div256_nan(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// e4m3 NaN codes among 64 bytes at p, folded into a running byte max (as nan_code_max_avx2: x + x
+// maps 0x7F / 0xFF to 0xFE, every other code below it); has_nan_code_avx512 reads the result.
+DSV3_AVX512 inline __m512i nan_code_max_avx512(__m512i acc, const uint8_t* p) {
+  const __m512i x = _mm512_loadu_si512(p);
+  return _mm512_max_epu8(acc, _mm512_add_epi8(x, x));
+}
+
+DSV3_AVX512 inline bool has_nan_code_avx512(__m512i acc) {
+  return _mm512_cmpeq_epi8_mask(acc, _mm512_set1_epi8(static_cast<char>(0xFE))) != 0;
+}
+
 // ---------------------------------------------------------------- quantization
 
 // Quantizes the tile rows x cols (row stride ld) of x into q (same layout) with one scale,
@@ -173,22 +224,14 @@ DSV3_AVX512 float quantize_tile_avx512(const void* x, uint8_t* q, int64_t ld, in
   return scale;
 }
 
-// out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included:
-// c10 decodes the NaN codes to sign | 0x7FF00000, a payload the multiply and the fp16
-// conversion carry through.
+// out[0..len) = e4m3(w[0..len)) * scale, bit for bit what the reference gives, NaN included
+// (c10 decodes the NaN codes to sign | 0x7FF00000, as e4m3_to_f32_div256_nan does).
 template <FloatType D>
 DSV3_AVX512 void dequant_span_avx512(const uint8_t* w, void* out, int64_t len, float scale) {
   const __m512 vscale = _mm512_set1_ps(scale * kDecodeUnscale);
-  const __m128i low7 = _mm_set1_epi8(0x7F);
   for (int64_t c = 0; c < len; c += 16) {
     const __mmask16 m = tail_mask(len - c);
-    const __m128i b = _mm_maskz_loadu_epi8(m, w + c);
-    __m512 v = e4m3_to_f32_div256(b);
-    // The fast decode gives +-1.875 (0x3FF00000) for NaN codes; OR-ing 0x7FF00000 makes it the NaN.
-    const __mmask16 is_nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, low7), low7);
-    v = _mm512_castsi512_ps(_mm512_mask_or_epi32(_mm512_castps_si512(v), is_nan, _mm512_castps_si512(v),
-                                                 _mm512_set1_epi32(0x7FF00000)));
-    store_f32<D>(out, c, _mm512_mul_ps(v, vscale), m);
+    store_f32<D>(out, c, _mm512_mul_ps(e4m3_to_f32_div256_nan(_mm_maskz_loadu_epi8(m, w + c)), vscale), m);
   }
 }
 
@@ -203,7 +246,9 @@ DSV3_AVX512 void dequant_span_avx512(const uint8_t* w, void* out, int64_t len, f
 constexpr int kMR = 4;  // rows of A per micro-kernel
 constexpr int kNR = 4;  // rows of B (columns of out) per micro-kernel
 
-// A' rows [0, rows) of a [rows, K] -> fp32, each 128-block multiplied by its a_scale.
+// A' rows [0, rows) of a [rows, K] -> fp32, each 128-block multiplied by its a_scale. NaN codes
+// give NaN (A is small next to the GEMM: the check is cheap here, and a NaN in A' then reaches its
+// whole output row through the FMAs).
 DSV3_AVX512 inline void dequant_a_avx512(const uint8_t* a, const float* a_scale, float* out, int64_t rows,
                                          int64_t k) {
   const int64_t kblocks = k / kGemmBlk;
@@ -212,7 +257,7 @@ DSV3_AVX512 inline void dequant_a_avx512(const uint8_t* a, const float* a_scale,
       const __m512 s = _mm512_set1_ps(a_scale[r * kblocks + kb] * kDecodeUnscale);
       const int64_t base = r * k + kb * kGemmBlk;
       for (int64_t i = 0; i < kGemmBlk; i += 16) {
-        _mm512_storeu_ps(out + base + i, _mm512_mul_ps(load_e4m3_div256(a + base + i), s));
+        _mm512_storeu_ps(out + base + i, _mm512_mul_ps(load_e4m3_div256_nan(a + base + i), s));
       }
     }
   }
@@ -262,16 +307,24 @@ DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc,
 // Decode micro-kernel (few rows of A, CPUs without avx512_bf16): B is read as fp8 straight from memory and converted
 // on the fly, each of its 128-blocks scaled by b_scale_inv, so B is streamed exactly once.
 // a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride k), bscale[j]: row of
-// b_scale_inv for B row j. Writes c[i * ldc + j].
-template <int MR, int NR>
-DSV3_AVX512 void gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, const float* const* bscale,
+// b_scale_inv for B row j. Writes c[i * ldc + j]. Detect: returns whether the NR rows of B hold
+// an e4m3 NaN code (read as +-480 here; the caller marks their columns NaN), else false.
+template <int MR, int NR, bool Detect>
+DSV3_AVX512 bool gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, const float* const* bscale,
                                 int64_t k, float* c, int64_t ldc) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  __m512i nan = _mm512_setzero_si512();
   for (int64_t kb = 0; kb < k / kGemmBlk; ++kb) {
     __m512 s[NR];
-    for (int j = 0; j < NR; ++j) s[j] = _mm512_set1_ps(bscale[j][kb] * kDecodeUnscale);
+    for (int j = 0; j < NR; ++j) {
+      s[j] = _mm512_set1_ps(bscale[j][kb] * kDecodeUnscale);
+      if constexpr (Detect) {
+        nan = nan_code_max_avx512(nan, b + j * k + kb * kGemmBlk);
+        nan = nan_code_max_avx512(nan, b + j * k + kb * kGemmBlk + 64);
+      }
+    }
     for (int64_t kk = kb * kGemmBlk; kk < (kb + 1) * kGemmBlk; kk += 16) {
       __m512 bv[NR];
       for (int j = 0; j < NR; ++j) bv[j] = _mm512_mul_ps(load_e4m3_div256(b + j * k + kk), s[j]);
@@ -282,6 +335,7 @@ DSV3_AVX512 void gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, c
     }
   }
   store_tile<MR, NR>(acc, c, ldc, false);
+  return Detect && has_nan_code_avx512(nan);
 }
 
 // Many-rows micro-kernel: B' already converted to fp32 (a cache-resident panel, stride ldb).
@@ -304,7 +358,8 @@ DSV3_AVX512 void gemm_tile_f32(const float* a, int64_t lda, const float* b, int6
 }
 
 // B' panel: rows [n0, n0 + rows) x K range [k0, k0 + len) of fp8 b [N, K] -> fp32 panel
-// with row stride ldp, each 128x128 block scaled by its b_scale_inv.
+// with row stride ldp, each 128x128 block scaled by its b_scale_inv; NaN codes give NaN (the
+// panel is reused by every row of A, so the check is cheap here).
 DSV3_AVX512 inline void dequant_b_panel_avx512(const uint8_t* b, const float* b_scale, int64_t k, int64_t n0,
                                                int64_t rows, int64_t k0, int64_t len, float* panel,
                                                int64_t ldp) {
@@ -315,7 +370,7 @@ DSV3_AVX512 inline void dequant_b_panel_avx512(const uint8_t* b, const float* b_
     for (int64_t kk = 0; kk < len; kk += kGemmBlk) {
       const __m512 s = _mm512_set1_ps(srow[(k0 + kk) / kGemmBlk] * kDecodeUnscale);
       for (int64_t i = 0; i < kGemmBlk; i += 16) {
-        __m512 v = _mm512_mul_ps(load_e4m3_div256(b + n * k + k0 + kk + i), s);
+        __m512 v = _mm512_mul_ps(load_e4m3_div256_nan(b + n * k + k0 + kk + i), s);
         _mm512_storeu_ps(panel + j * ldp + kk + i, v);
       }
     }
@@ -323,15 +378,15 @@ DSV3_AVX512 inline void dequant_b_panel_avx512(const uint8_t* b, const float* b_
 }
 
 // Runtime mr (edges of M) -> micro-kernel instantiation.
-template <int NR>
-DSV3_AVX512 inline void gemm_tile_fp8b_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
+template <int NR, bool Detect>
+DSV3_AVX512 inline bool gemm_tile_fp8b_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
                                           const float* const* bscale, int64_t k, float* c, int64_t ldc) {
   static_assert(kMR == 4, "one case per row count");
   switch (mr) {
-    case 1: return gemm_tile_fp8b<1, NR>(a, lda, b, bscale, k, c, ldc);
-    case 2: return gemm_tile_fp8b<2, NR>(a, lda, b, bscale, k, c, ldc);
-    case 3: return gemm_tile_fp8b<3, NR>(a, lda, b, bscale, k, c, ldc);
-    default: return gemm_tile_fp8b<4, NR>(a, lda, b, bscale, k, c, ldc);
+    case 1: return gemm_tile_fp8b<1, NR, Detect>(a, lda, b, bscale, k, c, ldc);
+    case 2: return gemm_tile_fp8b<2, NR, Detect>(a, lda, b, bscale, k, c, ldc);
+    case 3: return gemm_tile_fp8b<3, NR, Detect>(a, lda, b, bscale, k, c, ldc);
+    default: return gemm_tile_fp8b<4, NR, Detect>(a, lda, b, bscale, k, c, ldc);
   }
 }
 
@@ -347,7 +402,8 @@ DSV3_AVX512 inline void gemm_tile_f32_mr(int mr, const float* a, int64_t lda, co
 }
 
 // Decode path: c[0..m) x columns [n_begin, n_end) of out = A' B'^T, B converted on the fly.
-// All rows of A' are swept per group of kNR rows of B, which stays in L1/L2 meanwhile.
+// All rows of A' are swept per group of kNR rows of B, which stays in L1/L2 meanwhile; the first
+// group, which streams B from memory, also looks for NaN codes in it (mark_nan_columns).
 DSV3_AVX512 inline void gemm_decode_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_scale,
                                            int64_t k, int64_t n, int64_t n_begin, int64_t n_end, float* c) {
   const int64_t kblocks = k / kGemmBlk;
@@ -355,14 +411,20 @@ DSV3_AVX512 inline void gemm_decode_avx512(const float* a, int64_t m, const uint
     const int nr = n_end - n0 >= kNR ? kNR : 1;
     const float* bscale[kNR];
     for (int j = 0; j < nr; ++j) bscale[j] = b_scale + ((n0 + j) / kGemmBlk) * kblocks;
+    bool nan = false;
     for (int64_t m0 = 0; m0 < m; m0 += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, m - m0));
+      const uint8_t* pb = b + n0 * k;
+      float* pc = c + m0 * n + n0;
       if (nr == kNR) {
-        gemm_tile_fp8b_mr<kNR>(mr, a + m0 * k, k, b + n0 * k, bscale, k, c + m0 * n + n0, n);
+        nan |= m0 == 0 ? gemm_tile_fp8b_mr<kNR, true>(mr, a + m0 * k, k, pb, bscale, k, pc, n)
+                       : gemm_tile_fp8b_mr<kNR, false>(mr, a + m0 * k, k, pb, bscale, k, pc, n);
       } else {
-        gemm_tile_fp8b_mr<1>(mr, a + m0 * k, k, b + n0 * k, bscale, k, c + m0 * n + n0, n);
+        nan |= m0 == 0 ? gemm_tile_fp8b_mr<1, true>(mr, a + m0 * k, k, pb, bscale, k, pc, n)
+                       : gemm_tile_fp8b_mr<1, false>(mr, a + m0 * k, k, pb, bscale, k, pc, n);
       }
     }
+    if (nan) mark_nan_columns(b + n0 * k, k, k, nr, c + n0, m, n);
     n0 += nr;
   }
 }
@@ -428,9 +490,11 @@ inline const Bf16Lut& bf16_lut() {
     Bf16Lut t{};
     for (int m = 0; m < 128; ++m) {
       const int e = m >> 3, mant = m & 7;
-      // value / 2^8; the NaN code reads as 480 / 2^8 as in the fp16-based decode.
-      const float v = e ? bits_f32(static_cast<uint32_t>((e + 127 - 7 - 8) << 23 | mant << 20))
-                        : static_cast<float>(mant) * 0x1p-17f;
+      // value / 2^8; the NaN code is bf16 NaN (0x7FC0; 0xFFC0 with the sign OR-ed in), which
+      // vdpbf16ps carries into its sums (NaN * 0 included), as the reference's NaN rule asks.
+      const float v = m == 0x7F ? bits_f32(0x7FC00000u)
+                      : e      ? bits_f32(static_cast<uint32_t>((e + 127 - 7 - 8) << 23 | mant << 20))
+                               : static_cast<float>(mant) * 0x1p-17f;
       t.lo[m] = static_cast<uint8_t>(f32_bits(v) >> 16);
       t.hi[m] = static_cast<uint8_t>(f32_bits(v) >> 24);
     }

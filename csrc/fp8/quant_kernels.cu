@@ -42,7 +42,7 @@ __global__ void act_quant_vec_kernel(const T* __restrict__ x, uint8_t* __restric
   }
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  for (int i = 0; i < kVec; ++i) amax = max_nan(amax, fabsf(v[i]));
   const float s = block_scale(group_max(amax, 1 << log2_group), ue8m0);
   if (!active) return;
 
@@ -71,7 +71,7 @@ __global__ void act_quant_scalar_kernel(const T* __restrict__ x, uint8_t* __rest
 
   float amax = 0.0f;
   if (active) {
-    for (int64_t c = begin + lane; c < end; c += group) amax = fmaxf(amax, fabsf(to_float(xr[c])));
+    for (int64_t c = begin + lane; c < end; c += group) amax = max_nan(amax, fabsf(to_float(xr[c])));
   }
   const float s = block_scale(group_max(amax, group), ue8m0);
   if (!active) return;
@@ -98,14 +98,14 @@ __global__ void weight_quant_kernel(const T* __restrict__ w, uint8_t* __restrict
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     const Vec<T, kVec> in = *reinterpret_cast<const Vec<T, kVec>*>(wb + i / vec_per_row * k + i % vec_per_row * kVec);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) amax = fmaxf(amax, fabsf(to_float(in.v[j])));
+    for (int j = 0; j < kVec; ++j) amax = max_nan(amax, fabsf(to_float(in.v[j])));
   }
   __shared__ float warp_max[kThreads / 32];
   amax = group_max(amax, 32);
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
   __syncthreads();
   amax = 0.0f;
-  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) amax = fmaxf(amax, warp_max[i]);
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) amax = max_nan(amax, warp_max[i]);
   const float s = block_scale(amax, false);
 
   uint8_t* qb = q + r0 * k + c0;

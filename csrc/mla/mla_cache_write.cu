@@ -5,7 +5,8 @@
 // dsv3_kernels/reference/mla.py::mla_cache_write. Slots < 0 (padding) and >= capacity are skipped.
 // The FP8 cache (mla_fp8_layout.h): each 128-value tile's amax by warp shuffles, FlashMLA's
 // power-of-two scale on the bits, e4m3 by the hardware conversion (round to nearest even; the
-// values are within +-448 by construction), k_pe in bf16.
+// values are within +-448 by construction), k_pe in bf16. A NaN / inf in a tile gives it a NaN /
+// inf scale and NaN codes (x / NaN, inf / inf), as the reference.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -43,10 +44,18 @@ __device__ __forceinline__ float round_to(FloatType t, float v) {
   }
 }
 
-// max(amax / 448, 1e-4) rounded up to a power of two (IEEE division, then on the bits).
+// max(a, b), NaN if either is NaN (PTX max.NaN, sm_80+; fmaxf would drop it).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// max(amax / 448, 1e-4) rounded up to a power of two (IEEE division, then on the bits). A NaN or
+// inf amax stays NaN / inf (reference/mla.py: carried up, the bits would wrap to -0.0).
 __device__ __forceinline__ float fp8_tile_scale(float amax) {
-  const float s = fmaxf(__fdiv_rn(amax, 448.f), 1e-4f);
-  return __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & ~0x7FFFFFu);
+  const float s = max_nan(__fdiv_rn(amax, 448.f), 1e-4f);
+  return __float_as_uint(s) >= 0x7F800000u ? s : __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & ~0x7FFFFFu);
 }
 
 // x: this lane's kv_c values (columns lane + 32 i), pe: its k_pe pair -> the 656-byte token at dst.
@@ -57,9 +66,9 @@ __device__ __forceinline__ void store_fp8_token(uint8_t* dst, const float (&x)[k
   for (int t = 0; t < kFp8Scales; ++t) {
     float amax = 0.f;
 #pragma unroll
-    for (int i = t * kPerTile; i < (t + 1) * kPerTile; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    for (int i = t * kPerTile; i < (t + 1) * kPerTile; ++i) amax = max_nan(amax, fabsf(x[i]));
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    for (int o = 16; o > 0; o >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float scale = fp8_tile_scale(amax);
 #pragma unroll
     for (int i = t * kPerTile; i < (t + 1) * kPerTile; ++i)

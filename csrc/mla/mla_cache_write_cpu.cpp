@@ -103,26 +103,26 @@ void store_token(const float* c, const float* pe, Out* dst) {
 }
 
 // FlashMLA's tile scale: max(amax / 448, 1e-4) rounded up to a power of two, on the bits (the
-// reference does the same), so c / scale is exact and every backend stores the same bytes.
+// reference does the same), so c / scale is exact and every backend stores the same bytes. A NaN
+// or inf amax stays NaN / inf (std::max keeps its first argument; carried up, the bits would wrap
+// to -0.0 and zero the tile).
 float fp8_tile_scale(float amax) {
   const float s = std::max(amax / 448.0f, 1e-4f);
-  uint32_t bits;
-  std::memcpy(&bits, &s, 4);
-  bits = (bits + 0x7FFFFFu) & ~0x7FFFFFu;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return scale;
+  const uint32_t bits = float_bits(s);
+  return (bits & 0x7F800000u) == 0x7F800000u ? s : bits_float((bits + 0x7FFFFFu) & ~0x7FFFFFu);
 }
 
 // The FP8 cache's 656 bytes (mla_fp8_layout.h): c e4m3 per 128-value tile with its scale, pe in bf16.
 void store_token_fp8(const float* c, const float* pe, uint8_t* dst) {
   for (int64_t t = 0; t < kLoraRank / kFp8Tile; ++t) {
     const float* x = c + t * kFp8Tile;
-    float part[8] = {};  // std::max(amax, |x|) in 8 parts: NaN skipped, as std::max does
+    // amax in 8 parts, NaN kept as torch.amax keeps it (then the scale is NaN: reference/mla.py)
+    auto max_nan = [](float a, float v) { return a < v || v != v ? v : a; };
+    float part[8] = {};
     for (int64_t i = 0; i < kFp8Tile; i += 8)
-      for (int u = 0; u < 8; ++u) part[u] = part[u] < std::abs(x[i + u]) ? std::abs(x[i + u]) : part[u];
+      for (int u = 0; u < 8; ++u) part[u] = max_nan(part[u], std::abs(x[i + u]));
     float amax = 0.0f;
-    for (float v : part) amax = std::max(amax, v);
+    for (float v : part) amax = max_nan(amax, v);
     const float scale = fp8_tile_scale(amax);
     const float inv = 1.0f / scale;  // exact: a power of two (0 for an infinite scale, as x / inf)
     for (int64_t i = 0; i < kFp8Tile; ++i) dst[t * kFp8Tile + i] = e4m3_bits(x[i] * inv);

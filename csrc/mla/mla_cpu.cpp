@@ -8,7 +8,9 @@
 // place, with several the splits are merged by their log-sum-exp. The levels' results differ only
 // by summation order and the vector paths' exp (~1 ulp, 0 below kExpCutoff).
 // Metadata is checked per request before anything is read: a request that would read out of
-// bounds gets NaN instead.
+// bounds gets NaN instead. A row that sees a non-finite score leaves its attend kernel with m = NaN
+// and gets out = lse = NaN (reference/mla.py); keys a row does not see never reach it (the
+// portable loop skips them, the vector loops sanitize their values where needed).
 //
 // The FP8 cache (uint8, 656-byte tokens) takes the same kernels, its keys dequantized per tile.
 // mla_cache_write is in mla_cache_write_cpu.cpp.
@@ -51,13 +53,14 @@ inline float dot_portable(const float* q, const float* key) {
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 }
 
-// The portable version of attend_avx2 (same contract, g.q row-major fp32), one key at a time.
-// key: kDim floats of scratch.
+// The portable version of attend_avx2 (same contract, g.q row-major fp32), one key at a time: a
+// row skips the keys it does not see. key: kDim floats of scratch.
 template <typename T, bool Fp8>
 void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, float* l, float* key, const float*) {
   std::fill(o, o + g.rows * kValueDim, 0.0f);
   std::fill(m, m + kGroupRows, -kInf);
   std::fill(l, l + kGroupRows, 0.0f);
+  bool bad[kGroupRows] = {};
   const float* q = static_cast<const float*>(g.q);
   for (int64_t j = k.begin; j < k.end; ++j) {
     if constexpr (Fp8) {
@@ -69,6 +72,7 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
     for (int r = 0; r < g.rows; ++r) {
       if (j > g.last[r]) continue;
       const float x = dot_portable(q + r * kDim, key) * g.scale;
+      bad[r] |= nonfinite(x);
       float* orow = o + r * kValueDim;
       if (x > m[r]) {
         const float alpha = std::exp(m[r] - x);  // 0 for the first key (m = -inf)
@@ -81,6 +85,8 @@ void attend_portable(const RowGroup& g, const KeyRange& k, float* o, float* m, f
       for (int c = 0; c < kValueDim; ++c) orow[c] += p * key[c];
     }
   }
+  for (int r = 0; r < g.rows; ++r)
+    if (bad[r]) m[r] = kNaN;
 }
 
 // A kernel and the layout of the queries it takes (RowGroup::q), into a buffer of
@@ -131,9 +137,15 @@ struct Scratch {
   }
 };
 
-// out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf.
+// out = o / l, lse = m + log(l); a row that saw no key gets 0 and -inf, one that saw a non-finite
+// score (m = NaN) NaN and NaN.
 template <typename T>
 void finalize_row(const float* o, float m, float l, T* out, float* lse) {
+  if (std::isnan(m)) {
+    std::fill(out, out + kValueDim, static_cast<T>(kNaN));
+    *lse = kNaN;
+    return;
+  }
   if (m == -kInf) {
     std::fill(out, out + kValueDim, static_cast<T>(0.0f));
     *lse = -kInf;
@@ -250,10 +262,16 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
           const float* first = part.data() + (i * groups + r / kGroupRows) * splits * split_stride +
                                (r % kGroupRows) * kPartStride;
           float m_all = -kInf;
-          for (int64_t sp = 0; sp < splits; ++sp) m_all = std::max(m_all, first[sp * split_stride + kValueDim]);
+          bool nan = false;  // a split's rows that saw a non-finite score
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            const float m_sp = first[sp * split_stride + kValueDim];
+            nan |= std::isnan(m_sp);
+            m_all = std::max(m_all, m_sp);
+          }
+          if (nan) m_all = kNaN;
           std::fill(acc.begin(), acc.end(), 0.0f);
           float l_all = 0.0f;
-          for (int64_t sp = 0; sp < splits && m_all != -kInf; ++sp) {
+          for (int64_t sp = 0; sp < splits && m_all != -kInf && !nan; ++sp) {
             const float* src = first + sp * split_stride;
             if (src[kValueDim] == -kInf) continue;  // no key of this split seen: weight 0
             const float w = std::exp(src[kValueDim] - m_all);

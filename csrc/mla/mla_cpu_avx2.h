@@ -8,6 +8,10 @@
 //           tree for all 8): work proportional to the rows, for 1 row as for 16;
 //   softmax the rows in the lanes (one vector per 8 rows), online, as in attend_avx512;
 //   P V     the value columns in the lanes, 4 rows x 16 columns of O in registers across the tile.
+// Non-finite scores (reference/mla.py's rule): the softmax pass flags the rows that see one (their
+// m comes out NaN) and notes whether the tile has one at all; only then, and only where some row
+// does not see some key of the tile (the causal tail), are those keys' values sanitized before
+// P V (sanitize_hidden_keys), so that 0 * NaN never reaches a row that does not see the key.
 #pragma once
 
 #include <algorithm>
@@ -61,6 +65,11 @@ DSV3_TARGET_AVX2 inline __m256i fp8_to_f16_bits(__m256i x) {
   return _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
 }
 
+// Whether 16-byte running maxima of x + x (fp8_factor_fits) saw an e4m3 NaN code (0xFE).
+DSV3_TARGET_AVX2 inline bool saw_nan_code(__m128i nan) {
+  return _mm_movemask_epi8(_mm_cmpeq_epi8(nan, _mm_set1_epi8(static_cast<char>(0xFE)))) != 0;
+}
+
 // One FP8-cache token -> 576 fp32 values. By way of fp16 (fp8_factor_fits) rather than by moving
 // the bits straight into an fp32 (e4m3 * 2^-120, then times 2^120 * scale): the same speed on
 // ordinary caches (1,024 keys, 1 / 4 / 16 rows: 92 / 178 / 579 ns per key either way), 16x faster
@@ -76,12 +85,15 @@ DSV3_TARGET_AVX2 inline void dequant_fp8_row_avx2(const uint8_t* src, float* dst
       continue;
     }
     const __m256 factor = _mm256_set1_ps(256.0f * scale);
+    __m128i nan = _mm_setzero_si128();
     for (int c = 0; c < kFp8Tile; c += 16) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + c));
+      nan = _mm_max_epu8(nan, _mm_add_epi8(bytes, bytes));
       const __m256i h = fp8_to_f16_bits(_mm256_cvtepi8_epi16(bytes));
       _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), factor));
       _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), factor));
     }
+    if (saw_nan_code(nan)) dequant_fp8_tile(tile, scale, out);
   }
   for (int c = 0; c < kDim - kValueDim; c += 8)
     _mm256_storeu_ps(dst + kValueDim + c, load8_avx2<FloatType::kBFloat16>(src + kFp8RopeOffset, c));
@@ -168,6 +180,17 @@ DSV3_TARGET_AVX2 inline void accumulate_rows_avx2(float* o, const float* p, cons
   }
 }
 
+// Keys j0 + t (t < n) of a tile that some row does not see (past min_last) whose values hold a NaN or
+// inf: key[t] is pointed at a copy with those values 0 (tile + t * kDim; in place where key[t]
+// already is that copy), for P V. Rare (corrupt data in a causal tail): plain loops.
+inline void sanitize_hidden_keys(const float** key, int64_t j0, int n, int32_t min_last, float* tile) {
+  for (int t = 0; t < n; ++t) {
+    if (j0 + t <= min_last || std::none_of(key[t], key[t] + kValueDim, nonfinite)) continue;
+    sanitize_values(key[t], tile + t * kDim);
+    key[t] = tile + t * kDim;
+  }
+}
+
 // Attends the group to keys [k.begin, k.end) as attend_avx512 does (same arguments; g.q row-major
 // fp32, [rows][576]). Fp8: the cache is the FP8 one (D is then q's type, unused here).
 template <FloatType D, bool Fp8>
@@ -176,13 +199,17 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
   std::fill(o, o + g.rows * kValueDim, 0.0f);
   const int vecs = (g.rows + 7) / 8;  // row vectors of the softmax
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 vscale = _mm256_set1_ps(g.scale);
+  const int32_t min_last = *std::min_element(g.last, g.last + g.rows);  // keys past it: hidden from some row
   __m256i vlast[2];
-  __m256 vm[2], vl[2];
+  __m256 vm[2], vl[2], bad[2];  // bad: the rows that saw a non-finite score
   for (int v = 0; v < 2; ++v) {
     vlast[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.last + 8 * v));
     vm[v] = neg_inf;
     vl[v] = _mm256_setzero_ps();
+    bad[v] = _mm256_setzero_ps();
   }
   alignas(32) float p[kTile * kGroupRows] = {};  // scores, then probabilities; lanes past g.rows stay masked
   alignas(32) float alpha[kGroupRows];
@@ -211,6 +238,7 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
       key[t] = dst;
     }
     scores_avx2(static_cast<const float*>(g.q), g.rows, key, n, p, prefetch);
+    __m256 tile_nonfinite = _mm256_setzero_ps();  // lanes with a non-finite score, seen or not
     for (int v = 0; v < vecs; ++v) {
       __m256 s[kTile];
       __m256 mx = neg_inf;
@@ -218,7 +246,11 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
         const __m256 seen = t < n ? _mm256_castsi256_ps(_mm256_cmpgt_epi32(
                                         vlast[v], _mm256_set1_epi32(static_cast<int32_t>(j0 + t - 1))))
                                   : _mm256_setzero_ps();
-        s[t] = _mm256_blendv_ps(neg_inf, _mm256_mul_ps(_mm256_load_ps(p + t * kGroupRows + 8 * v), vscale), seen);
+        const __m256 x = _mm256_mul_ps(_mm256_load_ps(p + t * kGroupRows + 8 * v), vscale);
+        const __m256 nonfin = _mm256_cmp_ps(_mm256_and_ps(x, abs_mask), inf, _CMP_NLT_UQ);  // NaN or +-inf
+        bad[v] = _mm256_or_ps(bad[v], _mm256_and_ps(nonfin, seen));
+        tile_nonfinite = _mm256_or_ps(tile_nonfinite, nonfin);  // keys past n: zero_key, finite q . 0
+        s[t] = _mm256_blendv_ps(neg_inf, x, seen);
         mx = _mm256_max_ps(mx, s[t]);
       }
       const __m256 m_new = _mm256_max_ps(vm[v], mx);
@@ -235,6 +267,8 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
       vm[v] = m_new;
       _mm256_store_ps(alpha + 8 * v, a);
     }
+    if (j0 + n - 1 > min_last && _mm256_movemask_ps(tile_nonfinite))
+      sanitize_hidden_keys(key, j0, n, min_last, tile);
     int i = 0;
     for (; i + 4 <= g.rows; i += 4) accumulate_rows_avx2<4>(o + i * kValueDim, p + i, alpha + i, key, n, prefetch);
     switch (g.rows - i) {
@@ -245,7 +279,8 @@ DSV3_TARGET_AVX2 void attend_avx2(const RowGroup& g, const KeyRange& k, float* o
     }
   }
   for (int v = 0; v < 2; ++v) {
-    _mm256_storeu_ps(m + 8 * v, vm[v]);
+    _mm256_storeu_ps(m + 8 * v, _mm256_blendv_ps(vm[v], _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                                                 bad[v]));
     _mm256_storeu_ps(l + 8 * v, vl[v]);
   }
 }

@@ -17,6 +17,9 @@
 // a Sapphire Rapids core a zmm vdpbf16ps (32 products) issues at a quarter of the rate of a zmm
 // FMA (16), and the fp32 kernel (DSV3_KERNELS_CPU_ISA=avx512) is the faster one there.
 //
+// Non-finite scores as in mla_cpu_avx2.h: a mask of the rows that see one (their m comes out NaN),
+// and the values of the keys some row does not see sanitized for P V where the tile has one.
+//
 // As in the fp8 kernels, the extension is built without -mavx512*: these functions carry a target
 // attribute and run only after cpu_isa_at_least(CpuIsa::kAvx512) said yes.
 #pragma once
@@ -65,10 +68,12 @@ DSV3_MLA_AVX512 inline __m512 exp_nonpos(__m512 x) {
 }
 
 // 16 e4m3 bytes -> e4m3 * scale in fp32, exactly, by way of fp16 (fp8_to_f16_bits), times
-// `factor` = 2^8 * scale (see fp8_tile_factor).
-DSV3_MLA_AVX512 inline __m512 dequant16_fp8(const uint8_t* src, __m512 factor) {
-  const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(x)), factor);
+// `factor` = 2^8 * scale (see fp8_factor_fits); the bytes' x + x goes into the running max `nan`
+// (NaN codes: 0xFE; see fp8_factor_fits).
+DSV3_MLA_AVX512 inline __m512 dequant16_fp8(const uint8_t* src, __m512 factor, __m128i& nan) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  nan = _mm_max_epu8(nan, _mm_add_epi8(bytes, bytes));
+  return _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_f16_bits(_mm256_cvtepi8_epi16(bytes))), factor);
 }
 
 // One FP8-cache token -> 576 bf16 values (exact: e4m3 has 4 significant bits).
@@ -78,20 +83,21 @@ DSV3_MLA_AVX512BF16 inline void dequant_fp8_row_bf16(const uint8_t* src, uint16_
     std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
     const uint8_t* tile = src + t * kFp8Tile;
     uint16_t* out = dst + t * kFp8Tile;
-    if (!fp8_factor_fits(scale)) {
-      alignas(64) float f[kFp8Tile];
-      dequant_fp8_tile(tile, scale, f);
-      for (int c = 0; c < kFp8Tile; ++c) {  // exact in bf16: the top half of the bits
-        uint32_t bits;
-        std::memcpy(&bits, f + c, 4);
-        out[c] = static_cast<uint16_t>(bits >> 16);
+    __m128i nan = _mm_setzero_si128();
+    if (fp8_factor_fits(scale)) {
+      const __m512 factor = _mm512_set1_ps(256.0f * scale);
+      for (int c = 0; c < kFp8Tile; c += 32) {
+        const __m512 hi = dequant16_fp8(tile + c + 16, factor, nan), lo = dequant16_fp8(tile + c, factor, nan);
+        _mm512_storeu_si512(out + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
       }
-      continue;
+      if (!saw_nan_code(nan)) continue;
     }
-    const __m512 factor = _mm512_set1_ps(256.0f * scale);
-    for (int c = 0; c < kFp8Tile; c += 32) {
-      const __m512bh b = _mm512_cvtne2ps_pbh(dequant16_fp8(tile + c + 16, factor), dequant16_fp8(tile + c, factor));
-      _mm512_storeu_si512(out + c, (__m512i)b);
+    alignas(64) float f[kFp8Tile];
+    dequant_fp8_tile(tile, scale, f);
+    for (int c = 0; c < kFp8Tile; ++c) {  // exact in bf16: the top half of the bits (NaN stays NaN)
+      uint32_t bits;
+      std::memcpy(&bits, f + c, 4);
+      out[c] = static_cast<uint16_t>(bits >> 16);
     }
   }
   std::memcpy(dst + kValueDim, src + kFp8RopeOffset, 2 * (kDim - kValueDim));
@@ -115,12 +121,13 @@ DSV3_MLA_AVX512 inline void dequant_fp8_row_f32(const uint8_t* src, float* dst) 
     std::memcpy(&scale, src + kFp8ScaleOffset + 4 * t, 4);
     const uint8_t* tile = src + t * kFp8Tile;
     float* out = dst + t * kFp8Tile;
-    if (!fp8_factor_fits(scale)) {
-      dequant_fp8_tile(tile, scale, out);
-      continue;
+    __m128i nan = _mm_setzero_si128();
+    if (fp8_factor_fits(scale)) {
+      const __m512 factor = _mm512_set1_ps(256.0f * scale);
+      for (int c = 0; c < kFp8Tile; c += 16) _mm512_storeu_ps(out + c, dequant16_fp8(tile + c, factor, nan));
+      if (!saw_nan_code(nan)) continue;
     }
-    const __m512 factor = _mm512_set1_ps(256.0f * scale);
-    for (int c = 0; c < kFp8Tile; c += 16) _mm512_storeu_ps(out + c, dequant16_fp8(tile + c, factor));
+    dequant_fp8_tile(tile, scale, out);
   }
   for (int c = 0; c < kDim - kValueDim; c += 16)
     _mm512_storeu_ps(dst + kValueDim + c, load16<FloatType::kBFloat16>(src + kFp8RopeOffset, c));
@@ -338,8 +345,31 @@ DSV3_MLA_AVX512 inline void unpermute_pairs(float* o, int rows) {
   }
 }
 
+// Keys j0 + t (t < n) of a tile that some row does not see (past min_last) whose values hold a NaN or
+// inf, for P V: Pairs: raw[t] is pointed at a bf16 copy with those values 0 at rows[t * kDim] (in
+// place where raw[t] already is that copy: the FP8 cache's rows); else key[t] at an fp32 one at
+// tile + t * kDim (likewise). Rare (corrupt data in a causal tail): plain loops.
+template <bool Pairs>
+inline void sanitize_hidden_keys_avx512(const void** raw, const float** key, int64_t j0, int n, int32_t min_last,
+                                        float* tile, uint16_t* rows) {
+  for (int t = 0; t < n; ++t) {
+    if (j0 + t <= min_last) continue;
+    if constexpr (Pairs) {
+      const auto* src = static_cast<const uint16_t*>(raw[t]);
+      if (std::none_of(src, src + kValueDim, [](uint16_t h) { return (h & 0x7F80u) == 0x7F80u; })) continue;
+      sanitize_values_bf16(src, rows + t * kDim);
+      raw[t] = rows + t * kDim;
+    } else {
+      if (std::none_of(key[t], key[t] + kValueDim, nonfinite)) continue;
+      sanitize_values(key[t], tile + t * kDim);
+      key[t] = tile + t * kDim;
+    }
+  }
+}
+
 // Attends the group to keys [k.begin, k.end): o [g.rows][512] gets the unnormalized output,
-// m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key).
+// m and l [kGroupRows] the running max and sum of exp(score - m) (m = -inf where a row saw no key,
+// NaN where it saw a non-finite score).
 // g.q: the rows row-major, bf16 for Pairs, else fp32. tile: 2 * kTile * 576 floats of scratch;
 // zero_key: 576 zero floats, standing in for the keys past the end of the last tile (never read
 // from the cache).
@@ -353,9 +383,12 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
   uint16_t* fp8_rows = reinterpret_cast<uint16_t*>(tile + kTile * kDim);  // Fp8 && Pairs: [kTile][576] bf16
   std::fill(o, o + g.rows * kValueDim, 0.0f);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512 vscale = _mm512_set1_ps(g.scale);
   const __m512i vlast = _mm512_loadu_si512(g.last);
+  const int32_t min_last = *std::min_element(g.last, g.last + g.rows);  // keys past it: hidden from some row
   __m512 vm = neg_inf, vl = _mm512_setzero_ps();
+  __mmask16 bad = 0;  // the rows that saw a non-finite score
   alignas(64) float p[kTile * kGroupRows];
   alignas(64) float alpha[kGroupRows];
   alignas(64) float scores[kTile * kGroupRows] = {};  // lanes past g.rows stay 0 (masked below)
@@ -395,10 +428,15 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     __m512 s[kTile];
     for (int t = 0; t < kTile; ++t) s[t] = _mm512_load_ps(scores + t * kGroupRows);
     __m512 mx = neg_inf;
+    __mmask16 tile_nonfinite = 0;  // lanes with a non-finite score, seen or not (keys past n: q . 0)
     for (int t = 0; t < kTile; ++t) {
       const __mmask16 seen = t < n ? _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(j0 + t)), vlast)
                                    : __mmask16(0);
-      s[t] = _mm512_mask_mul_ps(neg_inf, seen, s[t], vscale);
+      const __m512 x = _mm512_mul_ps(s[t], vscale);
+      const __mmask16 nonfin = _mm512_cmp_ps_mask(_mm512_abs_ps(x), inf, _CMP_NLT_UQ);  // NaN or +-inf
+      bad |= nonfin & seen;
+      tile_nonfinite |= nonfin;
+      s[t] = _mm512_mask_mov_ps(neg_inf, seen, x);
       mx = _mm512_max_ps(mx, s[t]);
     }
     const __m512 m_new = _mm512_max_ps(vm, mx);
@@ -414,6 +452,8 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     vl = _mm512_fmadd_ps(vl, a, sum);
     vm = m_new;
     _mm512_store_ps(alpha, a);
+    if (j0 + n - 1 > min_last && tile_nonfinite)
+      sanitize_hidden_keys_avx512<Pairs>(raw, key, j0, n, min_last, tile, fp8_rows);
     if constexpr (Pairs) {
       accumulate_pairs(g.rows, o, p, alpha, raw, n, reinterpret_cast<uint16_t*>(tile), prefetch);
       continue;
@@ -428,7 +468,7 @@ DSV3_MLA_AVX512 void attend_avx512(const RowGroup& g, const KeyRange& k, float* 
     }
   }
   if constexpr (Pairs) unpermute_pairs(o, g.rows);
-  _mm512_storeu_ps(m, vm);
+  _mm512_storeu_ps(m, _mm512_mask_mov_ps(vm, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
   _mm512_storeu_ps(l, vl);
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common/float_type.h"
 #include "mla/mla_fp8_layout.h"
@@ -99,17 +100,21 @@ class TilePrefetch {
   int n_ = 0, next_ = 0;
 };
 
-// e4m3 byte -> its value, exactly (the NaN codes 0x7F / 0xFF read as 480, as in the vector paths).
+// e4m3 byte -> its value, exactly; the NaN codes 0x7F / 0xFF -> NaN.
 inline float e4m3_value(uint8_t b) {
   const int e = (b >> 3) & 0xF, m = b & 7;
-  const float mag = e ? std::ldexp(static_cast<float>(8 + m), e - 10) : std::ldexp(static_cast<float>(m), -9);
+  const float mag = (b & 0x7F) == 0x7F ? std::numeric_limits<float>::quiet_NaN()
+                    : e ? std::ldexp(static_cast<float>(8 + m), e - 10)
+                        : std::ldexp(static_cast<float>(m), -9);
   return b & 0x80 ? -mag : mag;
 }
 
 // The vector paths dequantize e4m3 by way of fp16 (e4m3 * 2^-8 exactly, no fp32 denormal on the
 // way: an e4m3 subnormal as an fp32 input costs an assist per vector on Intel) and one multiply
 // by 2^8 * scale, which rounds e4m3 * scale once as the reference does. That factor overflows
-// where scale >= 2^120 (tokens near FLT_MAX): such a tile takes the exact scalar way.
+// where scale >= 2^120 (tokens near FLT_MAX): such a tile takes the exact scalar way. So does a
+// tile holding a NaN code, which that decode reads as +-480 (the vector loops fold the bytes into
+// a running max of x + x, where only 0x7F / 0xFF become 0xFE: two byte ops per 16 bytes).
 inline bool fp8_factor_fits(float scale) { return !(std::isinf(256.0f * scale) && !std::isinf(scale)); }
 
 // One 128-value tile of c_kv, the scalar way.
@@ -120,6 +125,25 @@ inline void dequant_fp8_tile(const uint8_t* src, float scale, float* dst) {
     return t;
   }();
   for (int c = 0; c < kFp8Tile; ++c) dst[c] = table[src[c]] * scale;
+}
+
+// Whether a float is NaN or +-inf (its exponent bits all set).
+inline bool nonfinite(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return (b & 0x7F800000u) == 0x7F800000u;
+}
+
+// A key's values (its first 512 dims) with NaN / inf set to 0, for the P V product of a tile where
+// some query does not see this key: there p = 0, and 0 * NaN must not reach that query (the
+// queries that see the key get NaN by its score: reference/mla.py). dst may be src.
+inline void sanitize_values(const float* src, float* dst) {
+  for (int c = 0; c < kValueDim; ++c) dst[c] = nonfinite(src[c]) ? 0.0f : src[c];
+}
+
+// The same for a bf16 row (raw bits).
+inline void sanitize_values_bf16(const uint16_t* src, uint16_t* dst) {
+  for (int c = 0; c < kValueDim; ++c) dst[c] = (src[c] & 0x7F80u) == 0x7F80u ? uint16_t{0} : src[c];
 }
 
 // One FP8-cache token -> 576 fp32 values (c_kv = e4m3 * scale | k_pe), the portable way.

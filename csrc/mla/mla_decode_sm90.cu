@@ -20,6 +20,10 @@
 // (2) barrier after the row maxima are in smem; (3) proxy fence + barrier after P is in smem.
 // Every wgmma batch is waited for (wait<0>) before the next barrier, so no smem is overwritten
 // while a wgmma may still read it.
+// Non-finite scores (reference/mla.py): a row that sees one is flagged (its row sum is made NaN
+// before the two WGs' sums meet, so both see it) and gets out = lse = NaN. A key tile that a row of
+// the CTA does not wholly see (the causal tail) has the non-finite values of its V part set to 0
+// in smem between S and P V, so that P = 0 times NaN never reaches a row that does not see the key.
 // Split-KV: split i covers an equal share of the request's ceil(seqlen / 64) tiles (seqlen read on
 // the device, so varlen batches stay balanced and CUDA-graph replays with new lengths are right).
 // num_splits == 1 writes out/lse directly; otherwise each CTA writes its normalized partial O and
@@ -137,11 +141,35 @@ __device__ __forceinline__ uint32_t dequant_e4m3x2(uint32_t two, float scale) {
   return *reinterpret_cast<const uint32_t*>(&b);
 }
 
+// The V part (the first kLoraRank columns) of a K tile in smem: NaN / inf elements set to 0, by all
+// threads. With SmemLayoutQK those columns are the tile's first kMlaBlockN * kLoraRank elements
+// (its 64-column blocks are contiguous: tile_to_shape tiles the rows first).
+template <class Element>
+__device__ void sanitize_values(Element* k) {
+  constexpr uint16_t kExp = std::is_same_v<Element, cutlass::half_t> ? 0x7C00 : 0x7F80;  // all-ones exponent
+  uint4* chunks = reinterpret_cast<uint4*>(k);
+  for (int c = threadIdx.x; c < kMlaBlockN * kLoraRank / 8; c += kThreads) {
+    uint4 w = chunks[c];
+    uint16_t* h = reinterpret_cast<uint16_t*>(&w);
+    bool changed = false;
+    CUTE_UNROLL
+    for (int e = 0; e < 8; ++e) {
+      if ((h[e] & kExp) == kExp) {
+        h[e] = 0;
+        changed = true;
+      }
+    }
+    if (changed) chunks[c] = w;
+  }
+}
+
 template <class Element, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ MlaDecodeParams p) {
   static_assert(!kFp8 || std::is_same_v<Element, cutlass::bfloat16_t>, "the FP8 cache is read with bf16 q");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = MlaLayouts<Element>;
+  static_assert(typename L::SmemLayoutQK{}(0, kLoraRank) == kMlaBlockN * kLoraRank,
+                "sanitize_values: the V columns must be the K tile's first elements");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
@@ -286,14 +314,18 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   const float scale_log2 = p.softmax_scale * kLog2e;
   float row_max[kRowsPerThread], row_sum[kRowsPerThread];
   int row_limit[kRowsPerThread];  // keys < row_limit are visible to the row
+  bool row_bad[kRowsPerThread];   // the row saw a non-finite score
   CUTE_UNROLL
   for (int i = 0; i < kRowsPerThread; ++i) {
     row_max[i] = -INFINITY;
     row_sum[i] = 0.f;
+    row_bad[i] = false;
     const int r = row0 + get<0>(tScS(i, 0));
     // causal: new token s = r / H sees keys 0 .. seqlen - s_q + s. Padding rows (s >= s_q): seqlen.
     row_limit[i] = p.causal ? min(seqlen, seqlen - p.s_q + r / p.heads + 1) : seqlen;
   }
+  // Keys from here on are hidden from the CTA's first row (the smallest limit), up to seqlen.
+  const int hidden_from = p.causal ? min(seqlen, seqlen - p.s_q + row0 / p.heads + 1) : seqlen;
 
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int stage = kFp8 ? 0 : (tile - tile_begin) & 1;
@@ -338,14 +370,20 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
       CUTE_UNROLL
       for (int j = 0; j < size<1>(tSrS_rc); ++j) {
         const int key = key0 + get<1>(tScS(i, j));
-        const float s = key < row_limit[i] ? tSrS_rc(i, j) * scale_log2 : -INFINITY;
+        const float x = tSrS_rc(i, j) * scale_log2;
+        row_bad[i] |= key < row_limit[i] && !isfinite(x);
+        const float s = key < row_limit[i] ? x : -INFINITY;
         tSrS_rc(i, j) = s;
         tile_max[i] = fmaxf(tile_max[i], s);
       }
       tile_max[i] = quad_max(tile_max[i]);
       if (tid % 4 == 0) s_max[wg * kMlaBlockM + get<0>(tScS(i, 0))] = tile_max[i];
     }
-    __syncthreads();
+    __syncthreads();  // also: both WGs' S wgmmas are done with sK
+    // Keys of this tile some row does not see: their non-finite values must not meet P = 0. Rare
+    // (the causal tail of a request); uniform over the CTA. The fence and barrier before P V below
+    // make the writes visible to wgmma.
+    if (max(key0, hidden_from) < min(key0 + kMlaBlockN, seqlen)) sanitize_values(k_smem(stage));
 
     // online softmax: both WGs derive the same new max from the two halves
     float correction[kRowsPerThread];
@@ -391,7 +429,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   // ---- epilogue: full row sums from the two WGs, normalize, store ----
   CUTE_UNROLL
   for (int i = 0; i < kRowsPerThread; ++i) {
-    const float s = quad_sum(row_sum[i]);
+    // A bad row's sum is NaN in every thread of the quad and both WGs once summed.
+    const float s = quad_sum(row_bad[i] ? NAN : row_sum[i]);
     if (tid % 4 == 0) s_sum[wg * kMlaBlockM + get<0>(tScS(i, 0))] = s;
   }
   __syncthreads();
@@ -402,8 +441,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     const int row = get<0>(tOcO(i, 0));
     const int r = row0 + row;
     const float l = s_sum[row] + s_sum[kMlaBlockM + row];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (row_max[i] + log2f(l)) * kLn2 : -INFINITY;
+    // NaN l (a bad row): out and lse NaN (the combine kernel spreads a NaN lse over the splits)
+    const float inv = isnan(l) ? NAN : l > 0.f ? 1.f / l : 0.f;
+    const float lse = isnan(l) ? NAN : l > 0.f ? (row_max[i] + log2f(l)) * kLn2 : -INFINITY;
     if (r >= rows) continue;
     const int64_t grow = static_cast<int64_t>(b) * rows + r;  // row of [B, s_q*H]
     if (direct) {

@@ -10,6 +10,16 @@ The conventions every backend follows (FlashMLA's formats, DeepSeek-V3's absorbe
 - out [B, s_q, H, 512] = softmax(softmax_scale * q . k) @ c_kv, in q's dtype;
   lse [B, H, s_q] fp32 = natural-log logsumexp of softmax_scale * q . k.
   A query that sees no key (seqlen 0) gets out = 0 and lse = -inf.
+- Non-finite values: a query that sees a key whose score is not finite (NaN or +-inf: a NaN or
+  inf in the query, in the key's c_kv or k_pe, in an FP8 tile's scale, an e4m3 NaN code, or a
+  product past fp32's range) gets out = NaN and lse = NaN for that query (its head and new token)
+  only. The IEEE reading: softmax over a NaN score is NaN, and an inf score gives inf - inf. A
+  softmax that quietly dropped the key (out 0 / lse -inf, "no key") or kept a finite lse would hide
+  the corruption from the layers after it. Since c_kv is also the value, a NaN or inf value always
+  comes with a non-finite score for every query that sees it, so no other rule is needed for the
+  values. Keys a query does not see (the causal mask; slots past the sequence) never affect it,
+  whatever they hold: 0 * NaN never reaches an output. A query that sees no key gets 0 / -inf
+  whatever q holds (it multiplies nothing).
 - Invalid metadata never makes a kernel read out of bounds: a request whose seqlen is negative or
   longer than max_blocks * block_size, or that needs a block_table entry outside
   [0, num_blocks), gets out = NaN and lse = NaN. Entries of block_table past a request's last
@@ -23,6 +33,10 @@ The conventions every backend follows (FlashMLA's formats, DeepSeek-V3's absorbe
     [528, 656)  k_pe in bfloat16 (64 values, not quantized)
   The write quantizes each tile as FlashMLA does: scale = amax / 448 (clamped to >= 1e-4) rounded
   up to a power of two, e4m3 = round_to_nearest_even(c_kv / scale) (exact division: |x| <= 448).
+  A NaN in a tile makes its scale NaN (and every code x / NaN NaN), an inf makes it inf (the inf's
+  code NaN, the others 0), as act_quant's default format: the tile dequantizes to NaN (e4m3 * NaN,
+  0 * inf), so the corruption shows in decode. (Rounding the bits of a NaN or inf scale up would
+  wrap them to -0.0 and zero the tile.)
   Decode dequantizes to fp32 and does the math above; with power-of-two scales every backend's
   dequantized values are exact, so only the attention's own rounding differs.
 """
@@ -46,10 +60,10 @@ def is_fp8_cache(kv_cache) -> bool:
 
 def fp8_tile_scale(amax: torch.Tensor) -> torch.Tensor:
     """FlashMLA's scale of a 128-value tile: max(amax / 448, 1e-4) rounded up to a power of two
-    (on the bits, so no log2 rounding can pick the wrong power)."""
+    (on the bits, so no log2 rounding can pick the wrong power); a NaN or inf amax stays NaN / inf."""
     s = torch.clamp_min(amax.float() / 448.0, 1e-4)
     bits = s.view(torch.int32)
-    return ((bits + 0x7FFFFF) & ~0x7FFFFF).view(torch.float32)
+    return torch.where(s.isfinite(), ((bits + 0x7FFFFF) & ~0x7FFFFF).view(torch.float32), s)
 
 
 def quantize_tokens(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
@@ -103,11 +117,18 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
             out[i], lse[i] = float("nan"), float("nan")
             continue
         scores = torch.einsum("shd,td->hst", q[i].float(), kv) * softmax_scale
-        scores = scores.masked_fill(~causal_mask(s_q, seqlen, causal, q.device), float("-inf"))
+        visible = causal_mask(s_q, seqlen, causal, q.device)
+        bad = (~scores.isfinite() & visible).any(-1)  # [h, s]: a query that sees a non-finite score
+        scores = scores.masked_fill(~visible, float("-inf"))
         lse[i] = torch.logsumexp(scores, dim=-1)
-        # A query with no key has lse = -inf; its probabilities are 0, not NaN.
-        p = torch.exp(scores - lse[i].unsqueeze(-1)).nan_to_num(0.0)
-        out[i] = torch.einsum("hst,td->shd", p, kv[:, :KV_LORA_RANK])
+        # Hidden keys weigh exactly 0 (also for a query with no key, whose lse is -inf).
+        p = torch.exp(scores - lse[i].unsqueeze(-1)).masked_fill(~visible, 0.0)
+        # Non-finite values to 0: they reach only the bad queries (set to NaN below) through their
+        # scores, and must not reach the others as 0 * NaN.
+        values = kv[:, :KV_LORA_RANK].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        out[i] = torch.einsum("hst,td->shd", p, values)
+        out[i].masked_fill_(bad.T[..., None], float("nan"))
+        lse[i].masked_fill_(bad, float("nan"))
     return out.to(q.dtype), lse
 
 

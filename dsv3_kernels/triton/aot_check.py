@@ -125,7 +125,8 @@ def _kernel_variants():
                fp8._weight_dequant_kernel,
                {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": f"*{_TRITON_TYPE[dtype]}",
                 "N": "i32", "K": "i32", "NBK": "i32"},
-               {"BS": bs, "TILE_N": tile_n, "TILE_K": tile_k}, fp8.ELEMENTWISE_WARPS, 1, aligned)
+               {"BS": bs, "TILE_N": tile_n, "TILE_K": tile_k, "INTERPRET": False}, fp8.ELEMENTWISE_WARPS, 1,
+               aligned)
     gemm_alignments = (("K",), ("K", "N"))
     for (_, block_m, block_n, warps, stages), dtype, aligned in itertools.product(
             fp8.GEMM_CONFIGS, dtypes, gemm_alignments):
@@ -136,7 +137,7 @@ def _kernel_variants():
                 "c_ptr": f"*{_TRITON_TYPE[dtype]}", "M": "i32", "N": "i32", "K": "i32",
                 "KB_PER_SPLIT": "i32"},
                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": GEMM_BLOCK,
-                "GROUP_M": fp8.GROUP_M},
+                "GROUP_M": fp8.GROUP_M, "INTERPRET": False},
                warps, stages, aligned)
     yield from _mla_variants()
     yield from _moe_variants()

@@ -13,11 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ..utils import GEMM_BLOCK, cdiv
-from .registration import INTERPRETED, custom_op, wrap_triton
+from .registration import INTERPRETED, custom_op, refuse, wrap_triton
 
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,14 +45,28 @@ def _amax(x, axis: tl.constexpr):
 
 @triton.jit
 def _block_scale(amax, UE8M0: tl.constexpr):
-    """scale = max(amax, 1e-4) / 448 (IEEE division), optionally rounded up to a power of two."""
+    """scale = max(amax, 1e-4) / 448 (IEEE division), optionally rounded up to a power of two
+    (a NaN or inf scale stays as it is)."""
     scale = tl.div_rn(tl.maximum(amax, 1e-4, propagate_nan=tl.PropagateNan.ALL), 448.0)
     if UE8M0:
-        # Increment the exponent unless the mantissa is zero: exact ceil to a power of two.
-        bits = scale.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFFFF) & -0x800000  # -0x800000 == ~0x7FFFFF as int32
-        scale = bits.to(tl.float32, bitcast=True)
+        # Increment the exponent unless the mantissa is zero: exact ceil to a power of two. inf
+        # stays inf; a NaN's bits wrap to -0.0, which the NaN-propagating max with the scale
+        # itself undoes (a finite scale's power of two is >= it). One max: a select on the bits
+        # cost act_quant's widest variant (bs=32, unaligned rows) a register spill on sm_90.
+        bits = (scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000  # -0x800000 == ~0x7FFFFF as int32
+        scale = tl.maximum(bits.to(tl.float32, bitcast=True), scale, propagate_nan=tl.PropagateNan.ALL)
     return scale
+
+
+@triton.jit
+def _e4m3_to_f32(x, INTERPRET: tl.constexpr):
+    """float8_e4m3fn x -> fp32: the hardware conversion on a GPU (NaN codes 0x7F / 0xFF give NaN).
+    Triton's interpreter converts e4m3 by its generic bit recipe, which reads the NaN codes as
+    +-480 (a normal number with the top exponent): there the NaN is put back."""
+    v = x.to(tl.float32)
+    if INTERPRET:
+        v = tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), v)
+    return v
 
 
 @triton.jit
@@ -100,14 +116,14 @@ def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, NBK,
 
 @triton.jit
 def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, NBK, BS: tl.constexpr,
-                           TILE_N: tl.constexpr, TILE_K: tl.constexpr):
+                           TILE_N: tl.constexpr, TILE_K: tl.constexpr, INTERPRET: tl.constexpr):
     """y [N, K] = float(w [N, K] fp8) * s[n // BS, k // BS], one TILE_N x TILE_K tile per program.
     The scale is gathered per element so the tile shape does not depend on BS."""
     rows = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
     cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = _e4m3_to_f32(tl.load(w_ptr + offs, mask=mask, other=0.0), INTERPRET)
     s = tl.load(s_ptr + (rows // BS)[:, None] * NBK + (cols // BS)[None, :], mask=mask, other=0.0)
     tl.store(y_ptr + offs, (w * s).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -115,12 +131,15 @@ def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, NBK, BS: tl.constexpr,
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB_PER_SPLIT,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr):
     """c[pid_k] [M, N] = sum over the K blocks of split pid_k of (a_kb @ b_kb.T) * a_s * b_s.
 
     a [M, K] e4m3, as [M, K/128] fp32, b [N, K] e4m3, bs [ceil(N/128), K/128] fp32. Each 128-wide
     K block's product starts from a fresh fp32 accumulator and is scaled into the fp32 total
-    (DeepSeek-V3's promotion: Hopper's fp8 MMA accumulates with reduced precision).
+    (DeepSeek-V3's promotion: Hopper's fp8 MMA accumulates with reduced precision). NaN codes make
+    their block's product NaN (reference/fp8.py); in the interpreter, whose e4m3 conversion reads
+    them as +-480, the operands go to the dot in fp32 with the NaN put back (_e4m3_to_f32; e4m3
+    products and their sums are the same in fp32).
     """
     tl.static_assert(BLOCK_K == 128, "one K step is one scale block")
     tl.static_assert(128 % BLOCK_N == 0, "a BLOCK_N tile must lie in one 128-row scale block of b")
@@ -157,7 +176,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB_PER_SPLIT,
         b_s = tl.load(bs_row + kb)
         # b is loaded [BLOCK_N, BLOCK_K] with K contiguous; the transposed view keeps it
         # K-major, which Hopper's fp8 wgmma requires of both operands.
-        acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
+        if INTERPRET:
+            part = tl.dot(_e4m3_to_f32(a, True), tl.trans(_e4m3_to_f32(b, True)), input_precision="ieee")
+        else:
+            part = tl.dot(a, tl.trans(b))
+        acc += part * (a_s * b_s)[:, None]
 
     c_ptrs = c_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -234,6 +257,7 @@ def _kernel_dtype(dtype):
 
 @custom_op("dsv3_kernels::act_quant_triton")
 def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse("act_quant_triton", ops.check_act_quant, x, block_size)
     k = x.shape[-1]
     nb = cdiv(k, block_size)
     r = x.numel() // k if k > 0 else 0  # x is contiguous: the kernel sees it as [r, k]
@@ -249,6 +273,7 @@ def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.
 
 @custom_op("dsv3_kernels::weight_quant_triton")
 def _weight_quant_op(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse("weight_quant_triton", ops.check_weight_quant, w, block_size)
     n, k = w.shape
     nbn, nbk = cdiv(n, block_size), cdiv(k, block_size)
     y = torch.empty((n, k), dtype=_kernel_dtype(torch.float8_e4m3fn), device=w.device)
@@ -263,19 +288,21 @@ def _weight_quant_op(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
 @custom_op("dsv3_kernels::weight_dequant_triton")
 def _weight_dequant_op(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int,
                        dtype: torch.dtype) -> torch.Tensor:
+    refuse("weight_dequant_triton", ops.check_weight_dequant, w, scale_inv, block_size, dtype)
     n, k = w.shape
     y = torch.empty((n, k), dtype=_kernel_dtype(dtype), device=w.device)
     if n > 0 and k > 0:
         tile_n, tile_k = DEQUANT_TILE
         wrap_triton(_weight_dequant_kernel)[(cdiv(n, tile_n), cdiv(k, tile_k))](
             w, scale_inv, y, n, k, scale_inv.shape[1], BS=block_size, TILE_N=tile_n,
-            TILE_K=tile_k, num_warps=ELEMENTWISE_WARPS)
+            TILE_K=tile_k, INTERPRET=INTERPRETED, num_warps=ELEMENTWISE_WARPS)
     return y.to(dtype)
 
 
 @custom_op("dsv3_kernels::fp8_gemm_triton")
 def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_inv: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
+    refuse("fp8_gemm_triton", ops.check_fp8_gemm, a, a_scale, b, b_scale_inv, out_dtype)
     m, k = a.shape
     n = b.shape[0]
     if m == 0:
@@ -289,5 +316,5 @@ def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
     wrap_triton(_fp8_gemm_kernel)[grid](
         a, a_scale, b, b_scale_inv, c, m, n, k, cdiv(k // GEMM_BLOCK, split_k),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK, GROUP_M=GROUP_M,
-        num_warps=num_warps, num_stages=num_stages)
+        INTERPRET=INTERPRETED, num_warps=num_warps, num_stages=num_stages)
     return (c.sum(0) if split_k > 1 else c).to(out_dtype)

@@ -32,11 +32,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ..reference.mla import KV_LORA_RANK
 from ..utils import cdiv
-from .registration import INTERPRETED, custom_op, wrap_triton
+from .fp8 import _amax
+from .registration import INTERPRETED, custom_op, refuse, wrap_triton
 
 LOG2E = math.log2(math.e)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,23 +48,35 @@ LOG2E = math.log2(math.e)
 
 @triton.jit
 def _to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 x cast to DTYPE, rounding to nearest even. The interpreter's fp32 -> bf16 cast
-    truncates, so there the rounding is done on the bits first (the cast is then exact)."""
+    """fp32 x cast to DTYPE, rounding to nearest even (subnormals included, NaN to 0x7FC0). The
+    interpreter's fp32 -> bf16 cast truncates and mangles subnormal values (its generic bit
+    recipe: tests/test_triton_interpreter.py), so there the bf16 bits are made on the integers."""
     if INTERPRET and DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000 as int32
-        return bits.to(tl.float32, bitcast=True).to(DTYPE)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # the carry rounds into the exponent
+        bits = tl.where(x != x, 0x7FC0, bits)
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
 
 
 @triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
+def _f32(x, INTERPRET: tl.constexpr):
+    """x widened to fp32 exactly. On a GPU the conversion; the interpreter's bf16 -> fp32 mangles
+    subnormal values (see _to), so there a bf16 is widened on the bits."""
+    if INTERPRET and x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with an fp32 result, a cast to b's dtype. FP32_DOT: exact fp32 products instead (fp32
     inputs must not go through tf32; the interpreter's bf16 dot is wrong, so there every dot is
     done in fp32)."""
     if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(_f32(a, INTERPRET), _f32(b, INTERPRET), input_precision="ieee")
     else:
         return tl.dot(a.to(b.dtype), b)
 
@@ -69,26 +84,106 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 @triton.jit
 def _e4m3_to_f32(b):
     """uint8 e4m3 bits -> their value in fp32, exactly (normal: the bits moved into fp32's
-    exponent and mantissa; subnormal: m * 2^-9)."""
+    exponent and mantissa; subnormal: m * 2^-9; the NaN codes 0x7F / 0xFF: NaN)."""
     x = b.to(tl.int32)
     e = (x >> 3) & 15
     m = x & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    v = tl.where((x & 0x7F) == 0x7F, float("nan"), v)
     return tl.where((x & 0x80) != 0, -v, v)
 
 
 @triton.jit
 def _f32_to_e4m3(v):
-    """fp32 v with |v| <= 448 -> uint8 e4m3 bits, rounded to nearest even. Normal results round the
-    fp32 mantissa to 3 bits (a carry moves into the exponent); below 2^-6 the subnormal code is
-    round(|v| * 2^9), by the 2^23 trick."""
+    """fp32 v with |v| <= 448 or NaN -> uint8 e4m3 bits, rounded to nearest even (NaN: 0x7F with
+    v's sign). Normal results round the fp32 mantissa to 3 bits (a carry moves into the exponent);
+    below 2^-6 the subnormal code is round(|v| * 2^9), by the 2^23 trick."""
     a = tl.abs(v)
     bits = a.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
     sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
     code = tl.where(a < 0.015625, sub, normal)
+    code = tl.where(v != v, 0x7F, code)
     return (code | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
+def _attend_tile(q_nope, q_pe, kv_ptr, bt_row, n0, kv_len, last_key, m, l, acc, n_bad, bad, qk_scale,
+                 NUM_BLOCKS, BLOCK_SIZE, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, FP8: tl.constexpr,
+                 INTERPRET: tl.constexpr, SANITIZE: tl.constexpr):
+    """One key tile [n0, n0 + BLOCK_N) of the split kernel's online softmax: returns the updated
+    (m, l, acc, n_bad, bad). bad [BLOCK_R]: rows that saw a non-finite score (reference/mla.py).
+    SANITIZE (the tiles where some row does not see some key: the causal tail): NaN / inf values go
+    to P V as 0, so that p = 0 times NaN never reaches a row that does not see the key (the rows
+    that see it are bad anyway). The FP8 cache's are cleaned where they come from, the NaN codes
+    and the non-finite tile scales (a select on the uint8 codes and four scale vectors: one on the
+    dequantized fp32 tile spills registers on sm_90)."""
+    DV: tl.constexpr = 512
+    DR: tl.constexpr = 64
+    D: tl.constexpr = DV + DR
+    dv = tl.arange(0, DV)
+    dr = tl.arange(0, DR)
+    keys = n0 + tl.arange(0, BLOCK_N)
+    in_len = keys < kv_len
+    # Per-key page gather: a tile may span several pages (block_size < BLOCK_N) or part of one.
+    blk = tl.load(bt_row + keys // BLOCK_SIZE, mask=in_len, other=0)
+    blk_ok = (blk >= 0) & (blk < NUM_BLOCKS)
+    n_bad += (in_len & ~blk_ok).to(tl.int32)
+    kv_ok = in_len & blk_ok
+    slot = blk.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+    # other=0: slots past the length hold garbage (NaN in the tests), and 0 * NaN = NaN.
+    if FP8:
+        row = kv_ptr + slot * 656  # bytes: e4m3 [512] | fp32 scales [4] | bf16 k_pe [64]
+        e4m3 = tl.load(row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0)
+        if SANITIZE:  # the keys with a NaN code or a non-finite scale: flagged, then decoded as 0
+            nan_code = (e4m3 & 0x7F) == 0x7F
+            key_bad = tl.max(nan_code.to(tl.int32), axis=1)
+            e4m3 = tl.where(nan_code, tl.zeros_like(e4m3), e4m3)
+        if INTERPRET:
+            k_nope = _e4m3_to_f32(e4m3)
+        else:  # the hardware conversion (exact; NaN codes to NaN)
+            k_nope = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        # Each column's tile scale by selects: a gather or a reshape of the tile costs registers.
+        scales = (row + DV).to(tl.pointer_type(tl.float32))
+        s0 = tl.load(scales, mask=kv_ok, other=0.0)[:, None]
+        s1 = tl.load(scales + 1, mask=kv_ok, other=0.0)[:, None]
+        s2 = tl.load(scales + 2, mask=kv_ok, other=0.0)[:, None]
+        s3 = tl.load(scales + 3, mask=kv_ok, other=0.0)[:, None]
+        if SANITIZE:
+            fin0, fin1, fin2, fin3 = tl.abs(s0) < float("inf"), tl.abs(s1) < float("inf"), \
+                tl.abs(s2) < float("inf"), tl.abs(s3) < float("inf")
+            key_bad |= tl.reshape((~(fin0 & fin1 & fin2 & fin3)).to(tl.int32), (BLOCK_N,))
+            s0, s1, s2, s3 = tl.where(fin0, s0, 0.0), tl.where(fin1, s1, 0.0), tl.where(fin2, s2, 0.0), \
+                tl.where(fin3, s3, 0.0)
+        col = dv[None, :]
+        k_nope *= tl.where(col < 256, tl.where(col < 128, s0, s1), tl.where(col < 384, s2, s3))
+        k_pe = tl.load((row + DV + 16).to(tl.pointer_type(tl.bfloat16))[:, None] + dr[None, :],
+                       mask=kv_ok[:, None], other=0.0)
+        if not FP32_DOT:  # bf16 q: exact (e4m3 times a power of two)
+            k_nope = k_nope.to(q_nope.dtype)
+    else:
+        kv_row = slot * D
+        k_nope = tl.load(kv_ptr + kv_row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0.0)
+        k_pe = tl.load(kv_ptr + kv_row[:, None] + DV + dr[None, :], mask=kv_ok[:, None], other=0.0)
+
+    s = (_dot(q_nope, tl.trans(k_nope), FP32_DOT, INTERPRET)
+         + _dot(q_pe, tl.trans(k_pe), FP32_DOT, INTERPRET)) * qk_scale
+    visible = kv_ok[None, :] & (keys[None, :] <= last_key[:, None])
+    bad |= tl.max((visible & ~(tl.abs(s) < float("inf"))).to(tl.int32), axis=1)  # NaN or +-inf
+    if FP8 and SANITIZE:
+        bad |= tl.max((visible & (key_bad[None, :] != 0)).to(tl.int32), axis=1)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # Rows that have seen no key yet keep m = -inf: subtract 0 so that p = 0, not NaN.
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_base)
+    p = tl.exp2(s - m_base[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if SANITIZE and not FP8:
+        k_nope = tl.where(tl.abs(k_nope) < float("inf"), k_nope, tl.zeros_like(k_nope))
+    acc = acc * alpha[:, None] + _dot(p, k_nope, FP32_DOT, INTERPRET)
+    return m_new, l, acc, n_bad, bad
 
 
 @triton.jit
@@ -103,7 +198,7 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
 
     Writes o_part [B, NUM_SPLITS, S_Q * H, 512] (the split's softmax-normalized output, 0 where
     the rows see none of its keys) and lse_part [B, NUM_SPLITS, S_Q * H] (log2-sum-exp, -inf for
-    no key, NaN when the request's metadata is invalid).
+    no key, NaN when the request's metadata is invalid or the row saw a non-finite score).
     """
     DV: tl.constexpr = 512
     DR: tl.constexpr = 64
@@ -112,7 +207,8 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
     b = tl.program_id(2)
     split = tl.program_id(1)
     n_rows = S_Q * H
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r0 = tl.program_id(0) * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     dv = tl.arange(0, DV)
     dr = tl.arange(0, DR)
@@ -126,6 +222,8 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
     kv_len = tl.where(len_ok, seqlen, 0)  # an invalid length reads nothing
     # causal: new token s sees keys 0 .. seqlen - s_q + s; else all of them
     last_key = tl.where(CAUSAL, kv_len - S_Q + rows // H, kv_len - 1)
+    # Keys from here on are hidden from the block's first row (the smallest causal limit).
+    hidden_from = tl.where(CAUSAL, tl.minimum(kv_len, kv_len - S_Q + r0 // H + 1), kv_len)
 
     # Split `split` takes an equal share of the request's own key tiles (its length is read
     # here, so the host never needs it).
@@ -137,59 +235,26 @@ def _mla_decode_split_kernel(q_ptr, kv_ptr, bt_ptr, seqlens_ptr, o_part_ptr, lse
     l = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, DV], dtype=tl.float32)
     n_bad = tl.zeros([BLOCK_N], dtype=tl.int32)  # per lane: keys whose block is outside the cache
+    bad = tl.zeros([BLOCK_R], dtype=tl.int32)  # per row: saw a non-finite score
     bt_row = bt_ptr + b.to(tl.int64) * MAX_BLOCKS
-    for n0 in range(start, end, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        in_len = keys < kv_len
-        # Per-key page gather: a tile may span several pages (block_size < BLOCK_N) or part of one.
-        blk = tl.load(bt_row + keys // BLOCK_SIZE, mask=in_len, other=0)
-        blk_ok = (blk >= 0) & (blk < NUM_BLOCKS)
-        n_bad += (in_len & ~blk_ok).to(tl.int32)
-        kv_ok = in_len & blk_ok
-        slot = blk.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
-        # other=0: slots past the length hold garbage (NaN in the tests), and 0 * NaN = NaN.
-        if FP8:
-            row = kv_ptr + slot * 656  # bytes: e4m3 [512] | fp32 scales [4] | bf16 k_pe [64]
-            e4m3 = tl.load(row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0)
-            if INTERPRET:
-                k_nope = _e4m3_to_f32(e4m3)
-            else:  # the hardware conversion (exact)
-                k_nope = e4m3.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            # Each column's tile scale by selects: a gather or a reshape of the tile costs registers.
-            scales = (row + DV).to(tl.pointer_type(tl.float32))
-            s0 = tl.load(scales, mask=kv_ok, other=0.0)[:, None]
-            s1 = tl.load(scales + 1, mask=kv_ok, other=0.0)[:, None]
-            s2 = tl.load(scales + 2, mask=kv_ok, other=0.0)[:, None]
-            s3 = tl.load(scales + 3, mask=kv_ok, other=0.0)[:, None]
-            col = dv[None, :]
-            k_nope *= tl.where(col < 256, tl.where(col < 128, s0, s1), tl.where(col < 384, s2, s3))
-            k_pe = tl.load((row + DV + 16).to(tl.pointer_type(tl.bfloat16))[:, None] + dr[None, :],
-                           mask=kv_ok[:, None], other=0.0)
-            if not FP32_DOT:  # bf16 q: exact (e4m3 times a power of two)
-                k_nope = k_nope.to(q_nope.dtype)
-        else:
-            kv_row = slot * D
-            k_nope = tl.load(kv_ptr + kv_row[:, None] + dv[None, :], mask=kv_ok[:, None], other=0.0)
-            k_pe = tl.load(kv_ptr + kv_row[:, None] + DV + dr[None, :], mask=kv_ok[:, None], other=0.0)
-
-        s = (_dot(q_nope, tl.trans(k_nope), FP32_DOT) + _dot(q_pe, tl.trans(k_pe), FP32_DOT)) * qk_scale
-        visible = kv_ok[None, :] & (keys[None, :] <= last_key[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # Rows that have seen no key yet keep m = -inf: subtract 0 so that p = 0, not NaN.
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_base)
-        p = tl.exp2(s - m_base[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p, k_nope, FP32_DOT)
-        m = m_new
+    # The tiles every row sees wholly, then the causal tail (a tile or two: SANITIZE); two loops
+    # keep the first as it is, its loads pipelined into the dots.
+    mid = tl.minimum(start + tl.maximum(hidden_from - start, 0) // BLOCK_N * BLOCK_N, end)
+    for n0 in range(start, mid, BLOCK_N):
+        m, l, acc, n_bad, bad = _attend_tile(q_nope, q_pe, kv_ptr, bt_row, n0, kv_len, last_key, m, l, acc, n_bad,
+                                             bad, qk_scale, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, FP32_DOT, FP8,
+                                             INTERPRET, False)
+    for n0 in range(mid, end, BLOCK_N):
+        m, l, acc, n_bad, bad = _attend_tile(q_nope, q_pe, kv_ptr, bt_row, n0, kv_len, last_key, m, l, acc, n_bad,
+                                             bad, qk_scale, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, FP32_DOT, FP8,
+                                             INTERPRET, True)
 
     seen = l > 0
     o = tl.div_rn(acc, tl.where(seen, l, 1.0)[:, None])
     lse2 = tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf"))
     # A needed block outside the cache is caught by the split holding it; the merge spreads
-    # the NaN to the whole request.
-    lse2 = tl.where(len_ok & (tl.max(n_bad, axis=0) == 0), lse2, float("nan"))
+    # the NaN to the whole request. A bad row's NaN stays its own.
+    lse2 = tl.where(len_ok & (tl.max(n_bad, axis=0) == 0) & (bad == 0), lse2, float("nan"))
     part = (b * NUM_SPLITS + split) * n_rows + rows
     tl.store(o_part_ptr + part.to(tl.int64)[:, None] * DV + dv[None, :], o, mask=row_ok[:, None])
     tl.store(lse_part_ptr + part, lse2, mask=row_ok)
@@ -257,19 +322,22 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
     kv_ty = kv_c_ptr.dtype.element_ty
     cache_ty = cache_ptr.dtype.element_ty
     dv = tl.arange(0, DV)
-    x = tl.load(kv_c_ptr + t * DV + dv).to(tl.float32)
+    x = _f32(tl.load(kv_c_ptr + t * DV + dv), INTERPRET)
     if NORM:
         inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=0) * (1.0 / DV) + eps)  # / 512 is exact
-        normed = _to(x * inv_rms, kv_ty, INTERPRET).to(tl.float32)
-        x = normed * tl.load(w_ptr + dv).to(tl.float32)
+        normed = _f32(_to(x * inv_rms, kv_ty, INTERPRET), INTERPRET)
+        x = normed * _f32(tl.load(w_ptr + dv), INTERPRET)
         if w_ptr.dtype.element_ty == kv_ty:  # else torch promotes the product to fp32
-            x = _to(x, kv_ty, INTERPRET).to(tl.float32)
+            x = _f32(_to(x, kv_ty, INTERPRET), INTERPRET)
     if FP8:
         # Per 128-value tile: scale = max(amax / 448, 1e-4) rounded up to a power of two on the
-        # bits; x / scale is then exact (div_rn: IEEE division on the GPU too).
+        # bits; x / scale is then exact (div_rn: IEEE division on the GPU too). A NaN / inf amax
+        # (_amax keeps NaN) stays a NaN / inf scale: reference/mla.py.
         tiles = tl.reshape(x, (4, 128))
-        s = tl.maximum(tl.div_rn(tl.max(tl.abs(tiles), axis=1), 448.0), 1e-4)
-        scale = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -8388608).to(tl.float32, bitcast=True)
+        s = tl.maximum(tl.div_rn(_amax(tiles, 1), 448.0), 1e-4, propagate_nan=tl.PropagateNan.ALL)
+        bits = s.to(tl.int32, bitcast=True)
+        scale = tl.where((bits & 0x7F800000) == 0x7F800000, bits, (bits + 0x7FFFFF) & -8388608)
+        scale = scale.to(tl.float32, bitcast=True)
         e4m3 = _f32_to_e4m3(tl.reshape(tl.div_rn(tiles, scale[:, None]), (DV,)))
         tl.store(row + dv, e4m3, mask=ok)
         tl.store((row + DV).to(tl.pointer_type(tl.float32)) + tl.arange(0, 4), scale, mask=ok)
@@ -281,8 +349,8 @@ def _mla_cache_write_kernel(kv_c_ptr, k_pe_ptr, cache_ptr, slot_ptr, w_ptr, cos_
         pe_ty = cache_ty
 
     i = tl.arange(0, HALF_R)
-    x0 = tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i).to(tl.float32)
-    x1 = tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i + 1).to(tl.float32)
+    x0 = _f32(tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i), INTERPRET)
+    x1 = _f32(tl.load(k_pe_ptr + t * (2 * HALF_R) + 2 * i + 1), INTERPRET)
     if ROPE:  # interleaved pairs: (x0, x1) -> (x0 c - x1 s, x0 s + x1 c)
         c = tl.load(cos_ptr + t * HALF_R + i)
         s = tl.load(sin_ptr + t * HALF_R + i)
@@ -357,6 +425,8 @@ def decode_splits(batch, row_blocks, max_tiles):
 def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                    cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool,
                    num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse("mla_decode_triton", ops.check_mla_decode, q, kv_cache, block_table, cache_seqlens, softmax_scale,
+           num_splits)
     b, s_q, h, _ = q.shape
     num_blocks, block_size, _ = kv_cache.shape
     n_rows = s_q * h
@@ -391,6 +461,8 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
 def _mla_cache_write_op(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, kv_norm_weight: Optional[torch.Tensor], eps: float,
                         rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor]) -> None:
+    refuse("mla_cache_write_triton", ops.check_mla_cache_write, kv_c, k_pe, kv_cache, slot_mapping, kv_norm_weight,
+           eps, rope_cos, rope_sin)
     t = kv_c.shape[0]
     if t == 0:
         return

@@ -4,9 +4,9 @@ Semantics are those of dsv3_kernels/reference/norm.py. Importing this module reg
 op `dsv3_kernels::rms_norm_triton` with the schema arguments of csrc/registration.cpp through
 triton/registration.py. One program per row, in chunks of BLOCK columns: the first pass forms h
 (stored as residual_out with a residual) and sums h^2 in fp32, the second forms h again from the
-inputs (still in L1/L2) and writes weight * round(h * inv_rms). The roundings to bf16
-go through mla._to (the interpreter's own fp32 -> bf16 cast truncates); inv_rms uses IEEE sqrt and
-division (`/` and tl.sqrt are approximate on GPUs).
+inputs (still in L1/L2) and writes weight * round(h * inv_rms). The conversions to and from bf16
+go through mla._to and mla._f32 (the interpreter's own ones truncate and mangle subnormals);
+inv_rms uses IEEE sqrt and division (`/` and tl.sqrt are approximate on GPUs).
 """
 
 from typing import Optional
@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .mla import _to
-from .registration import INTERPRETED, custom_op, wrap_triton
+from .mla import _f32, _to
+from .. import ops
+from .registration import INTERPRETED, custom_op, refuse, wrap_triton
 
 
 @triton.jit
@@ -26,11 +27,11 @@ def _h(x_ptr, res_ptr, res_out_ptr, offs, ok, STORE: tl.constexpr, RESIDUAL: tl.
     stored to res_out)."""
     h = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if RESIDUAL:
-        h = _to(h.to(tl.float32) + tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32),
+        h = _to(_f32(h, INTERPRET) + _f32(tl.load(res_ptr + offs, mask=ok, other=0.0), INTERPRET),
                 x_ptr.dtype.element_ty, INTERPRET)
         if STORE:
             tl.store(res_out_ptr + offs, h, mask=ok)
-    return h.to(tl.float32)
+    return _f32(h, INTERPRET)
 
 
 @triton.jit
@@ -53,8 +54,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
         ok = c < D
         normed = _to(_h(x_ptr, res_ptr, res_out_ptr, base + c, ok, False, RESIDUAL, INTERPRET) * inv,
                      x_ptr.dtype.element_ty, INTERPRET)
-        w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + base + c, _to(w * normed.to(tl.float32), x_ptr.dtype.element_ty, INTERPRET), mask=ok)
+        w = _f32(tl.load(w_ptr + c, mask=ok, other=0.0), INTERPRET)
+        tl.store(out_ptr + base + c, _to(w * _f32(normed, INTERPRET), x_ptr.dtype.element_ty, INTERPRET), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,37 +72,10 @@ def block_and_warps(d):
     return block, WARPS if block <= 1024 else WIDE_WARPS
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check(x, weight, residual):
-    """What the kernel cannot take raises here, before any launch."""
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"rms_norm_triton: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1 or not x.is_contiguous():
-        raise ValueError(f"rms_norm_triton: x must be a contiguous [..., D] tensor with D >= 1, "
-                         f"got shape {tuple(x.shape)}, strides {x.stride()}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"rms_norm_triton: weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or not weight.is_contiguous():
-        raise ValueError(f"rms_norm_triton: weight must be a contiguous [D] = [{x.shape[-1]}] tensor, "
-                         f"got shape {tuple(weight.shape)}")
-    devices = {x.device, weight.device}
-    if residual is not None:
-        if residual.dtype != x.dtype:
-            raise TypeError(f"rms_norm_triton: residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        if residual.shape != x.shape or not residual.is_contiguous():
-            raise ValueError(f"rms_norm_triton: residual must be contiguous with x's shape {tuple(x.shape)}, "
-                             f"got {tuple(residual.shape)}")
-        devices.add(residual.device)
-    if len(devices) > 1:
-        raise ValueError(f"rms_norm_triton: x, weight and residual must be on one device, got {devices}")
-
-
 @custom_op("dsv3_kernels::rms_norm_triton")
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, weight, residual)
+    refuse("rms_norm_triton", ops.check_rms_norm, x, weight, eps, residual)
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x.new_empty((0,))
     d = x.shape[-1]

@@ -10,6 +10,10 @@ returns them unchanged, older torch may raise) and they cannot run on fake tenso
 opaque `custom_op` (torch.compile calls it instead of tracing into it) whose body doubles as the
 fake kernel, with launches skipped on fake tensors. The interpreter's numerics differ too (casts,
 bf16 dots): each module says how its kernels cope, keyed on INTERPRETED.
+
+Every op first refuses what its kernels cannot take (`refuse`, with the public op's check from
+ops.py: one check per op), so that a direct torch.ops call with a bad shape raises instead of
+running a kernel out of bounds (a heap corruption in the interpreter, illegal accesses on a GPU).
 """
 
 import torch
@@ -23,6 +27,14 @@ def _probe():
 
 
 INTERPRETED = isinstance(_probe, InterpretedFunction)
+
+
+def refuse(op, check, *args):
+    """check(*args) (an ops.check_<op>), its TypeError / ValueError prefixed with the op's name."""
+    try:
+        check(*args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{op}: {e}") from None
 
 if INTERPRETED:
     from torch._subclasses.fake_tensor import is_fake
