@@ -190,7 +190,8 @@ def _saved_state(a):
         state = torch.load(path, weights_only=True)
         saved = state["settings"]
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as e:
-        raise ValueError(f"--resume: {path} is not a training state (damaged?): {e}") from None
+        # (torch's own message runs over many lines, advising weights_only=False: not for a damaged file)
+        raise ValueError(f"--resume: {path} is not a training state (damaged?): {type(e).__name__}") from None
     given = _settings(a)
     if saved != given:
         diff = {k: (v, given.get(k)) for k, v in saved.items() if given.get(k) != v}
@@ -259,7 +260,8 @@ def train(a) -> dict:
             opt.load_state_dict(state["opt"])
             step, history, seconds = state["step"], state["history"], state["seconds"]
         except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--resume: {state_path} does not fit this run's model (damaged?): {e}") from None
+            detail = " ".join(str(e).split())  # load_state_dict's message runs over several lines
+            raise ValueError(f"--resume: {state_path} does not fit this run's model (damaged?): {detail}") from None
     # everything is checked: the run's folder from here on
     os.makedirs(a.out, exist_ok=True)
     if state is None:

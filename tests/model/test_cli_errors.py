@@ -320,6 +320,23 @@ def test_train_argument_errors(tmp_path, capsys, extra, message):
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
+def test_train_damaged_resume_state(tmp_path, capsys):
+    (tmp_path / "train_state.pt").write_bytes(b"not a torch file")
+    before = snapshot(tmp_path)
+    fails(train_cli.main, ["--out", str(tmp_path), "--resume"], capsys, "python -m training.train",
+          "--resume", "is not a training state")
+    assert snapshot(tmp_path) == before
+    # a state of this run's settings that holds another model: refused before anything is written
+    argv = ["--out", str(tmp_path), "--resume", "--preset", "test", "--max-files", "8", "--heldout-every", "4",
+            "--seq-len", "64"]
+    torch.save({"settings": train_cli._settings(train_cli._parser().parse_args(argv)), "model": {}, "opt": {},
+                "step": 1, "history": [], "seconds": 0.0}, tmp_path / "train_state.pt")
+    shutil.copy(os.path.join(DEFAULT_MODEL, "tokenizer.json"), tmp_path)  # (the run's own, saved by its start)
+    before = snapshot(tmp_path)
+    line = fails(train_cli.main, argv, capsys, "python -m training.train", "--resume", "does not fit this run's model")
+    assert "Missing key(s)" in line and snapshot(tmp_path) == before
+
+
 # ---- python -m dsv3.quantize ----
 
 def quant_fails(argv, capsys, *names):
