@@ -8,6 +8,8 @@ Environment:
   DSV3_KERNELS_CUDA_ARCHS   TORCH_CUDA_ARCH_LIST for the CUDA kernels (default "9.0a")
   DSV3_KERNELS_CUTLASS_DIR  a CUTLASS checkout/copy (default: the `nvidia-cutlass` wheel's headers)
   MAX_JOBS                  parallel compile jobs (default: what fits in memory, ~6 GB per nvcc)
+  DSV3_KERNELS_NO_EXT       "1" installs the packages without building _C (scripts/install.sh builds it
+                            in place first, incrementally)
 """
 
 import glob
@@ -85,6 +87,8 @@ def _default_max_jobs():
 
 
 def _extensions():
+    if os.environ.get("DSV3_KERNELS_NO_EXT") == "1":  # scripts/install.sh: _C was built in place already
+        return []
     import torch
     from torch.utils import cpp_extension
 

@@ -9,6 +9,10 @@ real 512 + 64) written by transformers' save_pretrained in bf16 and loaded by bo
 Providers: dsv3-<backend>-<bf16|fp8> (fp8: quantized on load, 128x128 blocks) and
 transformers-<dtype>. The roofline bytes of a decode step are model_step_cost's: the weights the
 step touches (only the routed experts chosen) and the latent cache, read once.
+Shipped model (CPU): dsv3/default_model's B=1 decode step over 128 cached tokens with its FP8
+weights on the cpu backend at every CPU level the host has (cpu-fp8-<level>: no level may be slower
+than scalar), bf16 on the cpu backend, and the fp32 torch reference path (the baseline). Threads:
+the process's (OMP_NUM_THREADS=1 and =2 for the one- and two-thread rows).
 GPU suite (CUDA only): a 4-layer slice of the 671B configuration with random FP8 weights, decode
 at batch 1 and 64 over a 4096-token context; the goal is a step within 1.5x of the time to read
 the weights and cache it touches once.
@@ -21,10 +25,12 @@ import pytest
 import torch
 
 import dsv3_kernels as dk
+import dsv3_kernels._native as native
 import roofline
 from conftest import device_of
 from dsv3.cache import decode_batch, prefill_batch
 from dsv3.config import ModelArgs, deepseek_v3_671b
+from dsv3.generate import DEFAULT_MODEL
 from dsv3.load import load
 from dsv3.model import Transformer
 from dsv3.testing import init_random_
@@ -48,6 +54,11 @@ def pytest_generate_tests(metafunc):
             for p in ("bf16", "fp8")] + ["transformers-bf16", "transformers-fp32"]
         metafunc.parametrize("provider", providers)
         metafunc.parametrize("phase", ["prefill", "decode-B1", "decode-B8"])
+    if "shipped_provider" in metafunc.fixturenames:
+        levels = native.host_cpu_isa_levels() if native.loaded() else ()
+        providers = [] if device != "cpu" else (
+            [f"cpu-fp8-{level}" for level in levels] + (["cpu-bf16"] if levels else []) + ["torch-fp32"])
+        metafunc.parametrize("shipped_provider", providers)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +142,35 @@ def test_model_cpu(bench, checkpoint, provider, phase):
     row = bench(fn, lambda: (), op=phase.split("-")[0], shape=shape, provider=provider, flops=flops, nbytes=nbytes,
                 precision="fp8" if fp8 else "bf16", baseline=BASELINE)
     row["tokens_per_s"] = batch * new / (row["us"] * 1e-6)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_step(backend, precision):
+    """A B=1 decode step of the shipped model over CONTEXT cached tokens (the same slot each call)."""
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16
+    model = load(DEFAULT_MODEL, dtype, fp8=precision == "fp8", backend=backend, mtp=False, progress=False)
+    cache = model.new_cache(num_blocks=8, block_size=64)
+    ids = torch.randint(0, model.args.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(0))
+    blocks = cache.allocator.allocate(cache.blocks_for(CONTEXT + 1))
+    model(ids, prefill_batch([(CONTEXT, blocks)], cache), cache)
+    return model, lambda: model(ids[:1], decode_batch([(CONTEXT, blocks)], cache), cache)
+
+
+def test_shipped_decode_cpu(bench, shipped_provider):
+    backend, precision, *level = shipped_provider.split("-")
+    model, step = _shipped_step(backend, precision)
+    flops, nbytes = roofline.model_step_cost(model.args, 1, 1, CONTEXT, {"fp8": 1, "bf16": 2, "fp32": 4}[precision])
+    before = native.cpu_isa()
+    if level:
+        native.set_cpu_isa(level[0])
+    try:
+        row = bench(step, lambda: (), op="shipped-decode", shape=f"B=1 ctx={CONTEXT}", provider=shipped_provider,
+                    flops=flops, nbytes=nbytes, precision="bf16" if precision == "fp32" else precision,
+                    baseline="torch-fp32")
+    finally:
+        if level:
+            native.set_cpu_isa(before)
+    row["tokens_per_s"] = 1 / (row["us"] * 1e-6)
 
 
 # ---- GPU: a 4-layer slice of DeepSeek-V3 671B ----

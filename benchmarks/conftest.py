@@ -22,6 +22,13 @@ import roofline
 from dsv3_kernels import _native
 
 _ROWS = []
+# Callables returning a markdown summary of the rows, printed after the table (bench_llama_cpp.py).
+SUMMARIES = []
+
+
+def record(row):
+    """Adds a row measured without `bench` (another program's timings) to the results table."""
+    _ROWS.append(row)
 
 
 def pytest_addoption(parser):
@@ -124,7 +131,7 @@ def pytest_sessionfinish(session, exitstatus):
     with open(stem + ".json", "w") as f:
         json.dump({**meta, "results": _ROWS}, f, indent=2)
     with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(_ROWS[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in _ROWS for k in r)))
         writer.writeheader()
         writer.writerows(_ROWS)
     _print_table(meta, stem)
@@ -146,4 +153,5 @@ def _print_table(meta, stem):
                      f"{r['mbytes']:8.2f} {r['gbps']:8.1f} {r['copy_fraction']:8.1%} {_fmt(r['roofline'], '8.1%')} "
                      f"{vs:>14s}")
     lines.append(f"written to {stem}.json and .csv")
+    lines += [summary(_ROWS) for summary in SUMMARIES]
     print("\n".join(lines))

@@ -1,5 +1,6 @@
 // Every schema of the dsv3_kernels ops, in one place. The CPU and CUDA implementations
-// register themselves with TORCH_LIBRARY_IMPL in their op family's *_cpu.cpp / *_cuda.cpp.
+// register themselves with TORCH_LIBRARY_IMPL in csrc/<family>/<op>_cpu.cpp / <op>_cuda.cpp, or in
+// a file named for the family where one holds several of its ops (fp8_cpu.cpp, mla_cuda.cpp).
 // The Python side (dsv3_kernels/ops.py) adds argument checks, docs and backend choice.
 #include <Python.h>
 #include <torch/library.h>

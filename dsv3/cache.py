@@ -14,8 +14,9 @@ import dataclasses
 import torch
 
 from dsv3_kernels.reference.mla import FP8_TOKEN_BYTES
+from dsv3_kernels.utils import cdiv
 
-from .config import KV_LORA_RANK, ROPE_DIM, cdiv
+from .config import KV_LORA_RANK, ROPE_DIM
 
 HEAD_DIM = KV_LORA_RANK + ROPE_DIM
 FP8 = "fp8"  # the LatentCache dtype of the FP8 cache

@@ -22,11 +22,6 @@ from . import config_check
 from .config_check import FP8_CONFIG, KV_LORA_RANK, ROPE_DIM, SHAPE_FIELDS, ConfigError, show  # noqa: F401
 
 
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of positive ints: the blocks of b that hold a (cache blocks, FP8 scale blocks)."""
-    return -(-a // b)
-
-
 @dataclasses.dataclass
 class ModelArgs:
     vocab_size: int = 129280

@@ -6,7 +6,7 @@ checkpoint format."""
 import math
 import numbers
 
-from dsv3_kernels.ops import GEMM_BLOCK
+from dsv3_kernels.utils import GEMM_BLOCK
 
 
 class ConfigError(ValueError):

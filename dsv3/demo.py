@@ -12,9 +12,10 @@ import torch
 
 import dsv3_kernels as dk
 from dsv3_kernels.reference.fp8 import calc_diff
+from dsv3_kernels.utils import cdiv
 
 from .cache import decode_batch, prefill_batch
-from .config import cdiv, tiny
+from .config import tiny
 from .load import check_device
 from .model import Transformer
 from .testing import init_random_

@@ -20,8 +20,9 @@ import sys
 
 import torch
 
+from dsv3_kernels.utils import cdiv
+
 from .cache import CACHE_DTYPE_HELP, CACHE_DTYPES, prefill_batch
-from .config import cdiv
 from .files import Staged
 from .moe import Gate
 

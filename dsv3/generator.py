@@ -23,8 +23,9 @@ import time
 
 import torch
 
+from dsv3_kernels.utils import cdiv
+
 from .cache import CacheFullError, decode_batch, draft_batch, prefill_batch, verify_batch
-from .config import cdiv
 from .cuda_graph import CudaGraphDecoder
 from .sampling import SamplingParams, draw, sample, verify
 

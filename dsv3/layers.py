@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsv3_kernels as dk
-from dsv3_kernels.ops import GEMM_BLOCK
+from dsv3_kernels.utils import GEMM_BLOCK, cdiv
 
-from .config import cdiv
 from .parallel import Parallel
 
 

@@ -26,9 +26,9 @@ from safetensors import SafetensorError, safe_open
 import dsv3_kernels as dk
 
 from dsv3_kernels import dispatch
-from dsv3_kernels.ops import GEMM_BLOCK
+from dsv3_kernels.utils import GEMM_BLOCK, cdiv
 
-from .config import FP8_CONFIG, ModelArgs, cdiv
+from .config import FP8_CONFIG, ModelArgs
 from .layers import Linear, RMSNorm, VocabEmbedding
 from .model import Transformer
 from .moe import Experts, Gate

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3_kernels as dk
-from dsv3_kernels.ops import GEMM_BLOCK
+from dsv3_kernels.utils import GEMM_BLOCK
 
 from .config import ModelArgs
 from .layers import MLP, Module, _param

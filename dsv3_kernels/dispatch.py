@@ -28,6 +28,11 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op on these tensors."""
 
 
+# The triton_module of an op that has no Triton kernel: declared, so that it is told apart from a
+# forgotten one (tests/test_op_completeness.py).
+NO_TRITON_KERNEL = "none"
+
+
 class _Op:
     def __init__(self, name, reference, triton_module=None, native=True, parts=(), cuda_takes=None):
         self.name = name
@@ -43,10 +48,10 @@ _OPS: dict[str, _Op] = {}
 
 def register_op(name, reference, triton_module=None, native=True, parts=(), cuda_takes=None):
     """Declare an op: its torch reference, the module that registers its Triton version as the
-    custom op dsv3_kernels::<name>_triton, whether _C has CPU/CUDA kernels, or the ops it is
-    composed of. cuda_takes(*args) -> bool, for an op whose CUDA kernel takes only some of what
-    the op accepts (dtypes, block sizes): where it is False the automatic choice is made as if
-    there were no cuda kernel."""
+    custom op dsv3_kernels::<name>_triton (NO_TRITON_KERNEL: it has none), whether _C has CPU/CUDA
+    kernels, or the ops it is composed of. cuda_takes(*args) -> bool, for an op whose CUDA kernel
+    takes only some of what the op accepts (dtypes, block sizes): where it is False the automatic
+    choice is made as if there were no cuda kernel."""
     _OPS[name] = _Op(name, reference, triton_module, native, tuple(parts), cuda_takes)
 
 
@@ -86,7 +91,7 @@ def _why_not(op: _Op, backend: str, device_type):
             return f"the {backend} backend needs {backend.upper()} tensors, got {device_type} tensors"
         return None
     if backend == "triton":
-        if op.triton_module is None:
+        if op.triton_module in (None, NO_TRITON_KERNEL):
             return f"{op.name} has no triton kernel"
         if not _triton_importable():
             return "triton is not installed"

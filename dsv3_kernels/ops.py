@@ -13,9 +13,9 @@ from .reference import fp8 as _ref_fp8
 from .reference import mla as _ref_mla
 from .reference import moe as _ref_moe
 from .reference import norm as _ref_norm
+from .utils import GEMM_BLOCK, cdiv
 
 FP8_DTYPE = torch.float8_e4m3fn
-GEMM_BLOCK = 128  # the fp8_gemm scale format: 1x128 activation blocks, 128x128 weight blocks
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 dispatch.register_op("act_quant", _ref_fp8.act_quant, "dsv3_kernels.triton.fp8")
@@ -31,22 +31,18 @@ def _mla_decode_cuda_takes(q, kv_cache, *_):
 
 dispatch.register_op("mla_decode", _ref_mla.mla_decode, "dsv3_kernels.triton.mla", cuda_takes=_mla_decode_cuda_takes)
 dispatch.register_op("mla_cache_write", _ref_mla.mla_cache_write, "dsv3_kernels.triton.mla")
-dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe")
+dispatch.register_op("moe_route", _ref_moe.moe_route, "dsv3_kernels.triton.moe_route")
 dispatch.register_op("moe_permute", _ref_moe.moe_permute, "dsv3_kernels.triton.moe_permute")
-dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.moe_permute")
-dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_permute")
+dispatch.register_op("silu_mul", _ref_moe.silu_mul, "dsv3_kernels.triton.silu_mul")
+dispatch.register_op("moe_unpermute", _ref_moe.moe_unpermute, "dsv3_kernels.triton.moe_unpermute")
 dispatch.register_op("grouped_gemm", _ref_moe.grouped_gemm, "dsv3_kernels.triton.grouped_gemm")
-dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.grouped_gemm",
+dispatch.register_op("fused_moe", _ref_moe.fused_moe, "dsv3_kernels.triton.fused_moe",
                      cuda_takes=lambda hidden, *_: hidden.dtype == torch.bfloat16)  # the CUDA kernel: bf16 only
-dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep")
+dispatch.register_op("ep_dispatch", _ref_moe.ep_dispatch, "dsv3_kernels.triton.ep_dispatch")
 dispatch.register_op("ep_combine", None, parts=("moe_unpermute",))
 dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
 
 available_backends = dispatch.available_backends
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 def _check_tensor(name, t, dtypes, ndim=None, min_ndim=None):
@@ -91,7 +87,7 @@ def _check_scale_shape(name, scale, expected):
 _run = dispatch.run
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt=None, *, backend=None):
+def act_quant(x: torch.Tensor, block_size: int = GEMM_BLOCK, scale_fmt=None, *, backend=None):
     """Quantize activations to FP8 per token and per `block_size` channels.
 
     x: [..., K] float32/bfloat16/float16, contiguous; K need not be a multiple of block_size.
@@ -107,7 +103,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt=None, *, backend
     return _run("act_quant", x.device, backend, x, block_size, scale_fmt == "ue8m0")
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128, *, backend=None):
+def weight_quant(w: torch.Tensor, block_size: int = GEMM_BLOCK, *, backend=None):
     """Quantize a weight to FP8 with one scale per block_size x block_size block (checkpoint format).
 
     w: [N, K] float32/bfloat16/float16, contiguous; partial edge blocks are allowed.
@@ -120,7 +116,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128, *, backend=None):
 
 
 def weight_dequant(w: torch.Tensor, weight_scale_inv: torch.Tensor, dtype=torch.bfloat16,
-                   block_size: int = 128, *, backend=None):
+                   block_size: int = GEMM_BLOCK, *, backend=None):
     """Dequantize an FP8 checkpoint weight: w_fp8 * weight_scale_inv per block.
 
     w: [N, K] float8_e4m3fn; weight_scale_inv: [ceil(N/bs), ceil(K/bs)] float32.
@@ -133,7 +129,7 @@ def weight_dequant(w: torch.Tensor, weight_scale_inv: torch.Tensor, dtype=torch.
         raise TypeError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
     _check_same_device(w=w, weight_scale_inv=weight_scale_inv)
     n, k = w.shape
-    _check_scale_shape("weight_scale_inv", weight_scale_inv, (_cdiv(n, block_size), _cdiv(k, block_size)))
+    _check_scale_shape("weight_scale_inv", weight_scale_inv, (cdiv(n, block_size), cdiv(k, block_size)))
     return _run("weight_dequant", w.device, backend, w, weight_scale_inv, block_size, dtype)
 
 
@@ -163,7 +159,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale_in
     if n == 0:
         raise ValueError("N (b.shape[0]) must be >= 1")
     _check_scale_shape("a_scale", a_scale, (m, k // GEMM_BLOCK))
-    _check_scale_shape("b_scale_inv", b_scale_inv, (_cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+    _check_scale_shape("b_scale_inv", b_scale_inv, (cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
     return _run("fp8_gemm", a.device, backend, a, a_scale, b, b_scale_inv, out_dtype)
 
 
@@ -198,7 +194,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     n, k = weight.shape
     if k % GEMM_BLOCK or n == 0:
         raise ValueError(f"weight [N, K] needs N >= 1 and K a multiple of {GEMM_BLOCK}, got {tuple(weight.shape)}")
-    _check_scale_shape("weight_scale_inv", weight_scale_inv, (_cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+    _check_scale_shape("weight_scale_inv", weight_scale_inv, (cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
     # Everything is checked once here, so the parts run without their wrappers' checks (which cost
     # more than a decode-sized GEMM on the CPU).
     backend = dispatch.resolve("fp8_linear", x.device, backend)
@@ -526,7 +522,7 @@ def _check_expert_weight(name, w, scale_name, scale, dtype):
         _check_tensor(scale_name, scale, (torch.float32,), ndim=3)
         if k % GEMM_BLOCK:
             raise ValueError(f"FP8 {name} needs K ({name}.shape[2]) to be a multiple of {GEMM_BLOCK}, got {k}")
-        _check_scale_shape(scale_name, scale, (e, _cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
+        _check_scale_shape(scale_name, scale, (e, cdiv(n, GEMM_BLOCK), k // GEMM_BLOCK))
     if n % 8 or k % 8:
         raise ValueError(f"{name} [E, N, K] needs N and K to be multiples of 8 (16-byte rows), got {tuple(w.shape)}")
     return fp8

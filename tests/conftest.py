@@ -3,7 +3,8 @@ tests/helpers.py).
 
 - Tests that verify ops carry `@pytest.mark.ops("name", ...)` and take the `device` and
   `backend` fixtures; they are parametrized over every device here and every backend that can
-  run those ops on it (dsv3_kernels.available_backends), minus the reference itself.
+  run those ops on it (dsv3_kernels.available_backends), minus the reference itself. A test that
+  also takes `op` runs once per op of its marker, each on that op's own backends.
 - The cpu backend's cases run once per instruction-set level the host has (scalar, avx2, avx512,
   avx512_bf16: csrc/common/cpu_isa.h): "cpu-cpu" at the host's best, "cpu-cpu-avx2" etc. forced
   below it (in process, through dsv3_kernels._native.set_cpu_isa), against the same reference.
@@ -54,13 +55,23 @@ def _lower_cpu_levels():
     return list(reversed(dsv3_kernels._native.host_cpu_isa_levels()[:-1]))
 
 
+def _combos(op_names, devices):
+    """(device, backend, cpu_isa) for every backend that runs all of op_names, each CPU level."""
+    combos = [(d, b, None) for d in devices for b in _kernel_backends(op_names, d)]
+    return combos + [("cpu", "cpu", level) for level in _lower_cpu_levels() if ("cpu", "cpu", None) in combos]
+
+
 def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("ops")
     if marker is None or "backend" not in metafunc.fixturenames:
         return
     devices = [d for d in _devices() if d == "cuda" or not metafunc.definition.get_closest_marker("gpu")]
-    combos = [(d, b, None) for d in devices for b in _kernel_backends(marker.args, d)]
-    combos += [("cpu", "cpu", level) for level in _lower_cpu_levels() if ("cpu", "cpu", None) in combos]
+    if "op" in metafunc.fixturenames:  # one case per op of the marker, on that op's own backends
+        combos = [(op, *c) for op in marker.args for c in _combos((op,), devices)]
+        metafunc.parametrize(("op", "device", "backend", "cpu_isa"), combos, indirect=["cpu_isa"],
+                             ids=[f"{op}-{d}-{b}" + (f"-{level}" if level else "") for op, d, b, level in combos])
+        return
+    combos = _combos(marker.args, devices)
     metafunc.parametrize(("device", "backend", "cpu_isa"), combos, indirect=["cpu_isa"],
                          ids=[f"{d}-{b}" + (f"-{level}" if level else "") for d, b, level in combos])
 
@@ -127,7 +138,7 @@ def pytest_runtest_makereport(item, call):
         if report.skipped:
             return
         arch = dispatch.arch(torch.device("cuda"))
-        for op in marker.args:
+        for op in (callspec.params["op"],) if "op" in callspec.params else marker.args:
             r = _RESULTS.setdefault((op, callspec.params["backend"], arch), {"passed": 0, "failed": 0})
             r["passed" if report.passed else "failed"] += 1
 

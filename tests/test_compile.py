@@ -1,43 +1,11 @@
-"""Every op is a real custom op: opcheck passes, torch.compile(fullgraph=True) traces it, and on a
-GPU a CUDA graph captures and replays it."""
+"""torch.compile(fullgraph=True) traces the ops, and on a GPU a CUDA graph captures and replays
+them (that every op passes opcheck is test_opcheck.py)."""
 
 import pytest
 import torch
 
 import dsv3_kernels as dk
-from dsv3_kernels import dispatch
-from dsv3_kernels.reference import fp8 as ref
-from dsv3_kernels.reference import moe as ref_moe
-
-# opcheck's test_schema compares outputs with allclose, which has no fp8 kernel.
-ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-FP8_UTILS = ALL_UTILS[1:]
-
-
-def _op(name, backend):
-    impl = dispatch.implementation(name, backend)
-    return impl.default if isinstance(impl, torch._ops.OpOverloadPacket) else impl
-
-
-def _samples(device):
-    x = torch.randn(5, 384, device=device, dtype=torch.bfloat16)
-    w = torch.randn(200, 384, device=device)
-    a, a_s = ref.act_quant(x.cpu())
-    b, b_s = ref.weight_quant(w.cpu())
-    a, a_s, b, b_s = (t.to(device) for t in (a, a_s, b, b_s))
-    return {
-        "act_quant": [((x, 128, False), ALL_UTILS), ((x.float()[:, :300].contiguous(), 64, True), ALL_UTILS)],
-        "weight_quant": [((w, 128), ALL_UTILS)],
-        "weight_dequant": [((b, b_s, 128, torch.bfloat16), FP8_UTILS)],
-        "fp8_gemm": [((a, a_s, b, b_s, torch.bfloat16), FP8_UTILS), ((a, a_s, b, b_s, torch.float32), FP8_UTILS)],
-    }
-
-
-@pytest.mark.ops("act_quant", "weight_quant", "weight_dequant", "fp8_gemm")
-def test_opcheck(device, backend):
-    for name, cases in _samples(device).items():
-        for args, utils in cases:
-            torch.library.opcheck(_op(name, backend), args, test_utils=utils)
+from builders import SCALE, make_cache, make_experts
 
 
 @pytest.mark.ops("act_quant", "weight_quant", "weight_dequant", "fp8_gemm")
@@ -77,25 +45,8 @@ def test_cuda_graph_capture(device, backend):
 
 # ---- MLA ----
 
-def _mla_samples(device):
-    from test_mla import make_cache, _write_case
-    decode = make_cache([70, 0, 130], 64, torch.bfloat16, device, s_q=2, h=16)
-    return {
-        "mla_decode": [(tuple(decode) + (0.1, True, 0), ALL_UTILS), (tuple(decode) + (0.1, False, 3), ALL_UTILS)],
-        "mla_cache_write": [(tuple(_write_case(9, torch.bfloat16, device, fused)), ALL_UTILS) for fused in (False, True)],
-    }
-
-
-@pytest.mark.ops("mla_decode", "mla_cache_write")
-def test_opcheck_mla(device, backend):
-    for name, cases in _mla_samples(device).items():
-        for args, utils in cases:
-            torch.library.opcheck(_op(name, backend), args, test_utils=utils)
-
-
 @pytest.mark.ops("mla_decode", "mla_cache_write")
 def test_compile_fullgraph_mla(device, backend):
-    from test_mla import SCALE, make_cache
     torch._dynamo.reset()
     q, kv_cache, block_table, seqlens = make_cache([70, 5], 64, torch.bfloat16, device, s_q=1, h=16)
     kv_cache = kv_cache.nan_to_num()
@@ -119,7 +70,6 @@ def test_compile_fullgraph_mla(device, backend):
 @pytest.mark.ops("mla_decode")
 def test_cuda_graph_capture_mla(device, backend):
     """Capture once, replay on new lengths and queries: no host sync, no data-dependent shapes."""
-    from test_mla import SCALE, make_cache
     q, kv_cache, block_table, seqlens = make_cache([700, 3000, 64, 1], 64, torch.bfloat16, device, h=128)
     out, lse = dk.mla_decode(q, kv_cache, block_table, seqlens, SCALE, backend=backend)  # warm-up
     graph = torch.cuda.CUDAGraph()
@@ -136,14 +86,6 @@ def test_cuda_graph_capture_mla(device, backend):
 # ---- MoE ----
 
 @pytest.mark.ops("moe_route")
-def test_opcheck_moe_route(device, backend):
-    logits, bias = torch.randn(37, 256, device=device), torch.randn(256, device=device) * 0.1
-    for args in [(logits, bias, 8, 4, 8, 2.5, "sigmoid", True), (logits[:, :64].contiguous(), None, 1, 1, 6, 1.0,
-                                                                  "softmax", False)]:
-        torch.library.opcheck(_op("moe_route", backend), args, test_utils=ALL_UTILS)
-
-
-@pytest.mark.ops("moe_route")
 def test_compile_fullgraph_moe_route(device, backend):
     torch._dynamo.reset()
     logits, bias = torch.randn(9, 256, device=device), torch.randn(256, device=device) * 0.1
@@ -156,44 +98,10 @@ def test_compile_fullgraph_moe_route(device, backend):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def _expert_samples(device, backend):
-    from test_moe_experts import make_experts, make_ids
-    hidden = torch.randn(11, 256, device=device, dtype=torch.bfloat16)
-    ids = make_ids(11, 4, 16).to(device)
-    weights = torch.rand(11, 4, device=device)
-    permuted, _, offsets, inverse = ref_moe.moe_permute(hidden, ids, 16, 1)
-    a_q, a_s = ref.act_quant(permuted)
-    w13, w2 = (x.to(device) for x in make_experts(16, 256, 128, False)[:2])
-    q13, q2, s13, s2 = (x.to(device) for x in make_experts(16, 256, 128, True))
-    gate_up = torch.randn(44, 256, device=device, dtype=torch.bfloat16)
-    return {
-        "moe_permute": [((hidden, ids, 16, 1, False), ALL_UTILS), ((hidden, ids, 16, 8, True), FP8_UTILS)],
-        "grouped_gemm": [((permuted, w13, offsets, None, None), ALL_UTILS), ((a_q, q13, offsets, a_s, s13), FP8_UTILS)],
-        "silu_mul": [((gate_up, False), ALL_UTILS), ((gate_up, True), FP8_UTILS)],
-        "moe_unpermute": [((permuted, weights, inverse), ALL_UTILS)],
-        "fused_moe": [((hidden, w13, w2, weights, ids, None, None), ALL_UTILS),
-                      ((hidden, q13, q2, weights, ids, s13, s2), FP8_UTILS),
-                      # float32 experts: on cpu/triton (the CUDA kernel takes bf16; dispatch sends fp32 to triton)
-                      *([((hidden.float(), w13.float(), w2.float(), weights, ids, None, None), ALL_UTILS)]
-                        if backend != "cuda" else [])],
-    }
-
-
-EXPERT_OPS = ("moe_permute", "grouped_gemm", "silu_mul", "moe_unpermute", "fused_moe")
-
-
-@pytest.mark.ops(*EXPERT_OPS)
-def test_opcheck_moe_experts(device, backend):
-    for name, cases in _expert_samples(device, backend).items():
-        for args, utils in cases:
-            torch.library.opcheck(_op(name, backend), args, test_utils=utils)
-
-
 @pytest.mark.ops("moe_route", "fused_moe")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_compile_fullgraph_moe_layer(device, backend, fp8):
     """Routing and the experts in one compiled graph."""
-    from test_moe_experts import make_experts
     torch._dynamo.reset()
     hidden = torch.randn(9, 256, device=device, dtype=torch.bfloat16)
     logits, bias = torch.randn(9, 64, device=device), torch.randn(64, device=device) * 0.1
@@ -213,7 +121,6 @@ def test_compile_fullgraph_moe_layer(device, backend, fp8):
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_cuda_graph_capture_moe_layer(device, backend, fp8):
     """Capture once, replay with new tokens and so new routes: no host sync, no data-dependent shapes."""
-    from test_moe_experts import make_experts
     hidden = torch.randn(64, 1024, device=device, dtype=torch.bfloat16)
     logits, bias = torch.randn(64, 256, device=device), torch.randn(256, device=device) * 0.1
     w13, w2, s13, s2 = (x.to(device) if x is not None else None for x in make_experts(256, 1024, 256, fp8))

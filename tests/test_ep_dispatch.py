@@ -11,22 +11,13 @@ from dsv3_kernels import dispatch
 from dsv3_kernels.reference import moe as ref
 from dsv3_kernels.reference.fp8 import calc_diff
 from helpers import native_only, poison_allocator
-from test_moe_experts import assert_same, make_experts, make_ids
+from builders import assert_same, make_experts, make_routes
 
 CASES = [  # (T, topk, E, world_size, D)
     (0, 4, 16, 4, 128), (1, 4, 16, 2, 128), (7, 2, 8, 4, 256), (37, 4, 16, 4, 128), (37, 8, 16, 2, 128),
     (20, 3, 12, 3, 128), (9, 4, 16, 1, 128), (5, 2, 16, 16, 128),
     native_only((1000, 8, 256, 8, 512)), native_only((300, 8, 256, 64, 256)),
 ]
-
-
-def make_routes(t, topk, e, generator=None):
-    """ids (distinct per token, some -1, one token entirely -1) and positive weights."""
-    ids = make_ids(t, topk, e)
-    ids[torch.rand(ids.shape) < 0.15] = -1
-    if t > 3:
-        ids[3] = -1
-    return ids, torch.rand(t, topk)
 
 
 def loop_dispatch(hidden, ids, weights, e, w):
@@ -135,18 +126,6 @@ def test_fp8_dispatch_within_fp8_tolerance(world):
     exact = _expert_parallel_moe(hidden, w13, w2, ids, weights, world, False, "cpu")
     got = _expert_parallel_moe(hidden, w13, w2, ids, weights, world, True, "cpu")
     assert calc_diff(got, exact) < 2e-3
-
-
-@pytest.mark.ops("ep_dispatch")
-def test_opcheck_ep_dispatch(device, backend):
-    impl = dispatch.implementation("ep_dispatch", backend)
-    op = impl.default if isinstance(impl, torch._ops.OpOverloadPacket) else impl
-    ids, weights = make_routes(9, 4, 16)
-    for quant in (False, True):
-        hidden = torch.randn(9, 128, dtype=torch.bfloat16, device=device)
-        utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic") if quant else None
-        kwargs = {} if utils is None else {"test_utils": utils}
-        torch.library.opcheck(op, (hidden, ids.to(device), weights.to(device), 16, 4, quant), **kwargs)
 
 
 @pytest.mark.parametrize("change, error, match", [

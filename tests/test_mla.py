@@ -5,8 +5,6 @@ padding blocks full of NaN (a read past a sequence's end shows), unused block-ta
 to a huge index (reading one would fault or show).
 """
 
-import math
-
 import pytest
 import torch
 
@@ -14,33 +12,9 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
+from builders import ROW_SHAPES, SCALE, make_cache
+from builders import make_cache_write_case as _write_case
 from helpers import native_only, poison_allocator
-
-# DeepSeek-V3: 192**-0.5 * mscale**2 with mscale = 0.1 * ln(40) + 1.
-SCALE = 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2
-HUGE_BLOCK = 2 ** 30
-
-
-def make_cache(seqlens, block_size, dtype, device, s_q=1, h=16, extra_blocks=3, extra_table=2):
-    """Random q and paged cache for the given lengths (see the module docstring)."""
-    b = len(seqlens)
-    need = [-(-n // block_size) for n in seqlens]
-    max_blocks = max(need + [1]) + extra_table
-    num_blocks = sum(need) + extra_blocks
-    kv_cache = torch.full((num_blocks, block_size, ref.HEAD_DIM), float("nan"), dtype=dtype)
-    block_table = torch.full((b, max_blocks), HUGE_BLOCK, dtype=torch.int32)
-    perm = torch.randperm(num_blocks).tolist()
-    for i, n in enumerate(seqlens):
-        ids = [perm.pop() for _ in range(need[i])]
-        block_table[i, : need[i]] = torch.tensor(ids, dtype=torch.int32)
-        if n:
-            flat = torch.randn(need[i] * block_size, ref.HEAD_DIM).to(dtype)
-            flat[n:] = float("nan")  # the tail of the last block is unused
-            kv_cache[ids] = flat.view(need[i], block_size, ref.HEAD_DIM)
-    q = torch.randn(b, s_q, h, ref.HEAD_DIM).to(dtype)
-    seqlens_t = torch.tensor(seqlens, dtype=torch.int32)
-    return [t.to(device) for t in (q, kv_cache, block_table, seqlens_t)]
-
 
 def _skip_unsupported(backend, block_size, dtype):
     if backend == "cuda" and block_size % 64:
@@ -103,13 +77,6 @@ def test_mla_decode(device, backend, case, dtype, causal):
     poison_allocator(device)
     out, lse = _run(backend, args, causal)
     check_against_reference(out, lse, args, causal)
-
-
-# s_q x H for every row count 1-18 and 33: a request's s_q * H rows share the key head, and the
-# CPU kernels take them in work items of 16, scores in blocks of 4 rows (the last 1-3 apart), the
-# softmax in vectors of 8 (avx2) or 16 rows; the GPU kernels in tiles of 64.
-ROW_SHAPES = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 5), (2, 3), (1, 7), (4, 2), (3, 3), (2, 5), (1, 11), (4, 3),
-              (1, 13), (2, 7), (3, 5), (4, 4), (1, 17), (2, 9), (3, 11)]
 
 
 @pytest.mark.ops("mla_decode")
@@ -188,20 +155,6 @@ def test_absorbed_equals_naive_mla(device, backend):
 
 
 # ---- mla_cache_write ----
-
-def _write_case(t, dtype, device, fused):
-    num_blocks, block_size = 5, 16
-    kv_cache = torch.full((num_blocks, block_size, 576), float("nan"), dtype=dtype)
-    slots = torch.randperm(num_blocks * block_size)[:t]
-    slots[::4] = -1  # padding tokens are skipped
-    kv_c, k_pe = torch.randn(t, 512).to(dtype), torch.randn(t, 64).to(dtype)
-    extra = [None, 1e-6, None, None]
-    if fused:
-        angle = torch.rand(t, 32) * 6.3
-        extra = [torch.rand(512).to(dtype) + 0.5, 1e-6, torch.cos(angle), torch.sin(angle)]
-    tensors = [kv_c, k_pe, kv_cache, slots]
-    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in tensors + extra]
-
 
 @pytest.mark.ops("mla_cache_write")
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "norm+rope"])

@@ -5,7 +5,7 @@ import torch
 
 import dsv3_kernels as dk
 
-from test_mla import SCALE, make_cache
+from builders import SCALE, make_cache
 
 
 def _decode_args():

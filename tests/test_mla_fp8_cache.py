@@ -15,8 +15,8 @@ from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
 from helpers import native_only, poison_allocator
-from test_mla import ROW_SHAPES, SCALE, make_cache
-from test_mla import _write_case as bf16_write_case
+from builders import ROW_SHAPES, SCALE, make_fp8_cache
+from builders import make_fp8_cache_write_case as _write_case
 
 FP8_BYTES = ref.FP8_TOKEN_BYTES
 
@@ -25,16 +25,6 @@ def calc_diff(x, y):
     """DeepGEMM's similarity check: 1 - 2 sum(xy) / sum(x^2 + y^2) (0 when equal)."""
     x, y = x.double(), y.double()
     return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
-
-
-def make_fp8_cache(seqlens, block_size, dtype, device, s_q=1, h=16):
-    """q, the FP8 cache (uint8), block_table, seqlens, and the bf16 cache the FP8 one quantizes:
-    test_mla.py's cache, each token scaled by 1..4 (varied tile scales), unused slots 0xFF."""
-    q, bf16, block_table, seqlens_t = make_cache(seqlens, block_size, torch.bfloat16, "cpu", s_q=s_q, h=h)
-    bf16 = (bf16.float() * torch.rand(*bf16.shape[:2], 1).mul(2).exp2()).bfloat16()
-    cache = ref.quantize_tokens(bf16[..., :512], bf16[..., 512:])
-    cache[bf16[..., 0].isnan()] = 0xFF
-    return [t.to(device) for t in (q.to(dtype), cache, block_table, seqlens_t, bf16)]
 
 
 def _skip_unsupported(backend, block_size, dtype):
@@ -191,15 +181,6 @@ def test_reference_layout_is_flashmla():
         torch.arange(512) != 384, torch.tensor(0.0)))  # 1e-9 / 2^-13 rounds to e4m3 zero
 
 
-def _write_case(t, dtype, device, fused):
-    """test_mla.py's write case (padding slots, optional norm weight and RoPE) into a poisoned FP8
-    cache, kv_c's tokens scaled by 1..64 so that the tiles' scales differ."""
-    kv_c, k_pe, _, slots, *extra = bf16_write_case(t, dtype, "cpu", fused)
-    kv_c = (kv_c.float() * torch.rand(t, 1).mul(6).exp2()).to(dtype)
-    cache = torch.full((5, 16, FP8_BYTES), 0xFF, dtype=torch.uint8)
-    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in [kv_c, k_pe, cache, slots] + extra]
-
-
 @pytest.mark.ops("mla_cache_write")
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "norm+rope"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -266,21 +247,6 @@ def test_fp8_write_then_decode(device, backend):
         outs.append(dk.mla_decode(q, cache, block_table, torch.tensor([t], dtype=torch.int32, device=device),
                                   SCALE, backend=backend)[0].float())
     assert 0 < calc_diff(*outs) < 2e-3
-
-
-def test_opcheck_fp8_cache():
-    """The FP8 variants are proper custom-op calls on every CPU backend (uint8 caches: the whole
-    opcheck, test_schema included)."""
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    *decode, _ = make_fp8_cache([70, 0, 13], 64, torch.bfloat16, "cpu", s_q=2, h=4)
-    for backend in dk.available_backends("mla_decode", "cpu"):
-        if backend == "torch":
-            continue
-        op = dispatch.implementation("mla_decode", backend)
-        torch.library.opcheck(getattr(op, "default", op), tuple(decode) + (0.1, True, 0), test_utils=utils)
-        op = dispatch.implementation("mla_cache_write", backend)
-        torch.library.opcheck(getattr(op, "default", op), tuple(_write_case(9, torch.bfloat16, "cpu", True)),
-                              test_utils=utils)
 
 
 @pytest.mark.parametrize("change, error, match", [

@@ -18,23 +18,16 @@ import torch.nn.functional as F
 import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import norm as ref
+from builders import make_rms_norm_inputs as make_inputs
 from helpers import native_only, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(0, 7), (1, 1), (5, 7), (6, 50), (3, 100), (3, 129), (2, 3, 257), (4, 512), (2, 1536), (8, 7168),
           native_only((64, 7168)), native_only((1000, 256))]  # many rows: the CPU kernel's parallel path
-ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def _impl(backend):
     return dispatch.implementation("rms_norm", backend)
-
-
-def make_inputs(shape, dtype, residual, device="cpu", scale=3.0):
-    x = ((torch.randn(shape) + 0.5) * scale).to(dtype)
-    weight = (torch.randn(shape[-1]) * 0.5 + 1).to(dtype)
-    res = (torch.randn(shape) * scale).to(dtype) if residual else None
-    return x.to(device), weight.to(device), None if res is None else res.to(device)
 
 
 def _ulp(want):
@@ -130,18 +123,6 @@ def test_unaligned_views(device, backend, dtype):
     buf = (torch.randn(3 * 4 * d + 1) + 0.5).to(dtype).to(device)
     x, r, w = buf[1:4 * d + 1].view(4, d), buf[4 * d + 1:8 * d + 1].view(4, d), buf[8 * d + 1:9 * d + 1]
     check(_impl(backend)(x, w, 1e-6, r), ref.rms_norm(x.cpu(), w.cpu(), 1e-6, r.cpu()), True)
-
-
-@pytest.mark.ops("rms_norm")
-def test_opcheck(device, backend):
-    op = _impl(backend)
-    op = op.default if isinstance(op, torch._ops.OpOverloadPacket) else op
-    for dtype in DTYPES:
-        x, w, r = make_inputs((2, 5, 129), dtype, True, device)
-        torch.library.opcheck(op, (x, w, 1e-6, r), test_utils=ALL_UTILS)
-        torch.library.opcheck(op, (x, w, 1e-5, None), test_utils=ALL_UTILS)
-    x, w, _ = make_inputs((0, 64), torch.bfloat16, False, device)
-    torch.library.opcheck(op, (x, w, 1e-6, None), test_utils=ALL_UTILS)
 
 
 @pytest.mark.ops("rms_norm")

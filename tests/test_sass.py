@@ -277,10 +277,15 @@ def test_moe_route_kernel_present_without_local_memory(sass, resource_usage):
 # whose name has float_e4m3_t operands.
 GROUPED_GEMM_PATTERN = re.compile(r"Sm90aGrouped")
 GROUPED_GEMM_SHAPES = {True: "QGMMA.64x128x32", False: "HGMMA.64x256x16"}  # keyed by "is FP8"
-MOE_EXPERT_KERNELS = ("permute_count_kernel", "permute_scan_kernel", "permute_place_kernel",
-                      "permute_gather_kernel", "permute_gather_quant_kernel", "silu_mul_kernel",
-                      "silu_mul_quant_kernel", "moe_unpermute_kernel", "build_group_args_kernel",
-                      "sfa_to_m_major_kernel", "zero_uncovered_rows_kernel", "ep_dest_kernel", "ep_meta_kernel")
+# The other expert-layer kernels (ep_dispatch's too), by the file that holds them.
+MOE_EXPERT_KERNELS = {
+    "moe_permute.cu": ("permute_count_kernel", "permute_scan_kernel", "permute_place_kernel", "permute_gather_kernel",
+                       "permute_gather_quant_kernel"),
+    "silu_mul.cu": ("silu_mul_kernel", "silu_mul_quant_kernel"),
+    "moe_unpermute.cu": ("moe_unpermute_kernel",),
+    "grouped_gemm_cutlass.cu": ("build_group_args_kernel", "sfa_to_m_major_kernel", "zero_uncovered_rows_kernel"),
+    "ep_dispatch.cu": ("ep_dest_kernel", "ep_meta_kernel"),
+}
 
 
 def grouped_gemm_problems(shapes):
@@ -323,7 +328,8 @@ def test_grouped_gemm_kernels_use_gmma(sass_text, resource_usage):
 
 def test_moe_expert_kernels_present(sass):
     functions = [fn for (arch, fn) in sass if arch == "sm_90a"]
-    missing = [k for k in MOE_EXPERT_KERNELS if not any(k in fn for fn in functions)]
+    missing = [f"{k} ({source})" for source, kernels in MOE_EXPERT_KERNELS.items() for k in kernels
+               if not any(k in fn for fn in functions)]
     assert not missing, f"kernels missing from _C.so: {missing}"
 
 

@@ -1,5 +1,5 @@
 // Torch-free launcher of the sm90a grouped (per-expert) GEMMs (CUTLASS ptr-array kernels), called
-// by moe_experts_cuda.cpp. Semantics (dsv3_kernels/reference/moe.py, grouped_gemm):
+// by grouped_gemm_cuda.cpp. Semantics (dsv3_kernels/reference/moe.py, grouped_gemm):
 //   lo_e = clamp(expert_offsets[e], 0, M), hi_e = clamp(expert_offsets[e+1], 0, M);
 //   out[lo_e:hi_e] = a[lo_e:hi_e] @ b[e].T for hi_e > lo_e (fp32 accumulation, bf16 out), and
 //   every row no segment covers is 0.

@@ -1,5 +1,5 @@
-// Torch-free launchers of the MoE CUDA kernels, called by moe_cuda.cpp (routing) and
-// moe_experts_cuda.cpp (the expert layers; the grouped GEMM is in grouped_gemm_cutlass.h).
+// Torch-free launchers of the MoE CUDA kernels, called by the ops' <op>_cuda.cpp glue (the grouped
+// GEMM is in grouped_gemm_cutlass.h).
 // Semantics: dsv3_kernels/reference/moe.py. All tensors are contiguous and row-major; each
 // launcher returns nullptr on success, else a static error message. Nothing here allocates or
 // synchronises with the host: the caller passes every buffer.
@@ -61,13 +61,13 @@ int64_t moe_permute_workspace_ints(int64_t num_tokens, int topk, int num_experts
 
 const char* moe_permute_launch(const MoePermuteParams& p, cudaStream_t stream);
 
-// silu_mul (moe_elementwise.cu): x [rows, 2I] (dtype, gate | up) -> out [rows, I] of dtype, or
+// silu_mul (silu_mul.cu): x [rows, 2I] (dtype, gate | up) -> out [rows, I] of dtype, or
 // e4m3 with scale fp32 [rows, I/128] when quant. The caller checks I % 128 == 0 and a 16-byte
 // aligned x with quant.
 const char* silu_mul_launch(const void* x, FloatType dtype, int64_t rows, int64_t inter, bool quant, void* out,
                             float* scale, cudaStream_t stream);
 
-// moe_unpermute (moe_elementwise.cu): expert_out [P, D] (dtype), topk_weights fp32 [T, topk],
+// moe_unpermute (moe_unpermute.cu): expert_out [P, D] (dtype), topk_weights fp32 [T, topk],
 // inverse int32 [T, topk] -> out [T, D] of dtype.
 const char* moe_unpermute_launch(const void* expert_out, FloatType dtype, int64_t rows, int64_t hidden_size,
                                  const float* topk_weights, const int* inverse, int64_t num_tokens, int topk,

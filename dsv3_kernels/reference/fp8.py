@@ -10,13 +10,11 @@ Conventions shared by every backend (they must agree bit for bit on the quantize
 import torch
 import torch.nn.functional as F
 
+from ..utils import GEMM_BLOCK, cdiv
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -31,9 +29,9 @@ def _block_scale(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
     return round_scale_ue8m0(scale) if ue8m0 else scale
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128, ue8m0: bool = False):
+def act_quant(x: torch.Tensor, block_size: int = GEMM_BLOCK, ue8m0: bool = False):
     k = x.shape[-1]
-    nb = _cdiv(k, block_size)
+    nb = cdiv(k, block_size)
     xf = F.pad(x.float(), (0, nb * block_size - k)).unflatten(-1, (nb, block_size))
     scale = _block_scale(xf.abs().amax(-1), ue8m0)
     y = (xf / scale.unsqueeze(-1)).flatten(-2)[..., :k]
@@ -44,9 +42,9 @@ def _expand_2d(scale: torch.Tensor, block_size: int, n: int, k: int) -> torch.Te
     return scale.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128):
+def weight_quant(w: torch.Tensor, block_size: int = GEMM_BLOCK):
     n, k = w.shape
-    nb, kb = _cdiv(n, block_size), _cdiv(k, block_size)
+    nb, kb = cdiv(n, block_size), cdiv(k, block_size)
     wf = F.pad(w.float(), (0, kb * block_size - k, 0, nb * block_size - n))
     blocks = wf.view(nb, block_size, kb, block_size)
     scale_inv = _block_scale(blocks.abs().amax(dim=(1, 3)), False)
@@ -54,7 +52,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128):
     return y.to(FP8_DTYPE), scale_inv
 
 
-def weight_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
+def weight_dequant(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int = GEMM_BLOCK,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     n, k = w.shape
     return (w.float() * _expand_2d(scale_inv.float(), block_size, n, k)).to(dtype)

@@ -35,9 +35,8 @@ The expert layers (FP8 is float8_e4m3fn with 1x128 activation / 128x128 weight s
 import torch
 import torch.nn.functional as F
 
+from ..utils import GEMM_BLOCK
 from . import fp8 as _fp8
-
-GEMM_BLOCK = 128
 
 
 def _top(x: torch.Tensor, k: int):

@@ -24,7 +24,8 @@ import tempfile
 import torch
 import triton
 
-from . import ep, fp8, grouped_gemm, mla, moe, norm
+from ..utils import GEMM_BLOCK
+from . import ep_dispatch, fp8, grouped_gemm, mla, moe_route, norm
 
 SM90 = 90
 HOPPER_WARP_SIZE = 32
@@ -134,7 +135,7 @@ def _kernel_variants():
                {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
                 "c_ptr": f"*{_TRITON_TYPE[dtype]}", "M": "i32", "N": "i32", "K": "i32",
                 "KB_PER_SPLIT": "i32"},
-               {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": fp8.GEMM_BLOCK_K,
+               {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": GEMM_BLOCK,
                 "GROUP_M": fp8.GROUP_M},
                warps, stages, aligned)
     yield from _mla_variants()
@@ -187,14 +188,14 @@ def _moe_variants():
     for (e, n_group, topk_group, topk, softmax, bias), dtype in itertools.product(
             layouts, (torch.bfloat16, torch.float32)):
         ty = _TRITON_TYPE[dtype]
-        block_t, block_e, block_k = moe.route_config(e, topk)
-        yield (f"moe_route {ty} E={e} g{n_group} kg{topk_group} k{topk}", moe._moe_route_kernel,
+        block_t, block_e, block_k = moe_route.route_config(e, topk)
+        yield (f"moe_route {ty} E={e} g{n_group} kg{topk_group} k{topk}", moe_route._moe_route_kernel,
                {"logits_ptr": f"*{ty}", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32",
                 "T": "i32", "scale": "fp32"},
                {"E": e, "N_GROUP": n_group, "TOPK_GROUP": topk_group, "TOPK": topk, "SOFTMAX": softmax,
                 "HAS_BIAS": bias, "RENORMALIZE": True, "BLOCK_T": block_t, "BLOCK_E": block_e,
                 "BLOCK_K": block_k},
-               moe.ROUTE_WARPS, 1, ())
+               moe_route.ROUTE_WARPS, 1, ())
     # bf16 and FP8 in every config; float32 (the fp32 reference-precision model, IEEE dot) in one
     for (_, block_m, block_n, warps, stages), ab in itertools.chain(
             itertools.product(grouped_gemm.GEMM_CONFIGS, ("fp8e4nv", "bf16")), [(grouped_gemm.GEMM_CONFIGS[0], "fp32")]):
@@ -205,18 +206,18 @@ def _moe_variants():
                 "seg_lo_ptr": "*i32", "seg_rows_ptr": "*i32", "tile_start_ptr": "*i32", "N": "i32", "K": "i32",
                 "E": "i32", "NUM_SEGS": "i32"},
                {"FP8": fp8_in, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                "BLOCK_K": grouped_gemm.SCALE_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
+                "BLOCK_K": GEMM_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
                 "IEEE": ab == "fp32"},
                warps, stages, ("K", "N"))  # DeepSeek-V3's N and K; others JIT a scalar-load variant
     # ep_dispatch's own kernels (its row copy is moe_permute's), top-8 (DeepSeek-V3) and top-2
     for block_k in (8, 2):
-        yield (f"ep_dest k{block_k}", ep._ep_dest_kernel,
+        yield (f"ep_dest k{block_k}", ep_dispatch._ep_dest_kernel,
                {"ids_ptr": "*i32", "dest_ptr": "*i32", "T": "i32", "K": "i32", "S": "i32", "E": "i32",
-                "PER_RANK": "i32"}, {"ROWS": ep.ROWS, "BLOCK_K": block_k}, ep.WARPS, 1, ())
-        yield (f"ep_meta k{block_k}", ep._ep_meta_kernel,
+                "PER_RANK": "i32"}, {"ROWS": ep_dispatch.ROWS, "BLOCK_K": block_k}, ep_dispatch.WARPS, 1, ())
+        yield (f"ep_meta k{block_k}", ep_dispatch._ep_meta_kernel,
                {"ids_ptr": "*i32", "w_ptr": "*fp32", "dest_ptr": "*i32", "inv_ptr": "*i32", "out_ids_ptr": "*i32",
                 "out_w_ptr": "*fp32", "N": "i32", "K": "i32", "S": "i32", "PER_RANK": "i32"},
-               {"ROWS": ep.ROWS, "BLOCK_K": block_k}, ep.WARPS, 1, ())
+               {"ROWS": ep_dispatch.ROWS, "BLOCK_K": block_k}, ep_dispatch.WARPS, 1, ())
 
 
 def _norm_variants():

@@ -13,15 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import GEMM_BLOCK, cdiv
 from .registration import INTERPRETED, custom_op, wrap_triton
 
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
-GEMM_BLOCK_K = 128  # the fp8_gemm scale format: 1x128 activation blocks, 128x128 weight blocks
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +202,12 @@ def gemm_config(m, n, k):
         if max_m is None or m <= max_m:
             break
     split_k = 1
-    k_blocks = k // GEMM_BLOCK_K
-    tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+    k_blocks = k // GEMM_BLOCK
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     if 0 < m <= SPLIT_K_MAX_M and tiles < SPLIT_K_TARGET_PROGRAMS:
         split_k = max(1, min(SPLIT_K_MAX, SPLIT_K_TARGET_PROGRAMS // tiles,
                              k_blocks // SPLIT_K_MIN_BLOCKS))
-        split_k = _cdiv(k_blocks, _cdiv(k_blocks, split_k))  # no empty split
+        split_k = cdiv(k_blocks, cdiv(k_blocks, split_k))  # no empty split
     return block_m, block_n, num_warps, num_stages, split_k
 
 
@@ -239,13 +235,13 @@ def _kernel_dtype(dtype):
 @custom_op("dsv3_kernels::act_quant_triton")
 def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
-    nb = _cdiv(k, block_size)
+    nb = cdiv(k, block_size)
     r = x.numel() // k if k > 0 else 0  # x is contiguous: the kernel sees it as [r, k]
     y = torch.empty(x.shape, dtype=_kernel_dtype(torch.float8_e4m3fn), device=x.device)
     scale = torch.empty((*x.shape[:-1], nb), dtype=torch.float32, device=x.device)
     if r > 0 and nb > 0:
         rows = max(1, ACT_QUANT_TILE // block_size)
-        wrap_triton(_act_quant_kernel)[(_cdiv(r, rows), nb)](
+        wrap_triton(_act_quant_kernel)[(cdiv(r, rows), nb)](
             x, y, scale, r, k, nb, ROWS=rows, BS=block_size, UE8M0=ue8m0,
             num_warps=ELEMENTWISE_WARPS)
     return y.to(torch.float8_e4m3fn), scale
@@ -254,7 +250,7 @@ def _act_quant_op(x: torch.Tensor, block_size: int, ue8m0: bool) -> tuple[torch.
 @custom_op("dsv3_kernels::weight_quant_triton")
 def _weight_quant_op(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
-    nbn, nbk = _cdiv(n, block_size), _cdiv(k, block_size)
+    nbn, nbk = cdiv(n, block_size), cdiv(k, block_size)
     y = torch.empty((n, k), dtype=_kernel_dtype(torch.float8_e4m3fn), device=w.device)
     scale_inv = torch.empty((nbn, nbk), dtype=torch.float32, device=w.device)
     if nbn > 0 and nbk > 0:
@@ -271,7 +267,7 @@ def _weight_dequant_op(w: torch.Tensor, scale_inv: torch.Tensor, block_size: int
     y = torch.empty((n, k), dtype=_kernel_dtype(dtype), device=w.device)
     if n > 0 and k > 0:
         tile_n, tile_k = DEQUANT_TILE
-        wrap_triton(_weight_dequant_kernel)[(_cdiv(n, tile_n), _cdiv(k, tile_k))](
+        wrap_triton(_weight_dequant_kernel)[(cdiv(n, tile_n), cdiv(k, tile_k))](
             w, scale_inv, y, n, k, scale_inv.shape[1], BS=block_size, TILE_N=tile_n,
             TILE_K=tile_k, num_warps=ELEMENTWISE_WARPS)
     return y.to(dtype)
@@ -289,9 +285,9 @@ def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
         c = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
     else:
         c = torch.empty((m, n), dtype=_kernel_dtype(out_dtype), device=a.device)
-    grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n), split_k)
     wrap_triton(_fp8_gemm_kernel)[grid](
-        a, a_scale, b, b_scale_inv, c, m, n, k, _cdiv(k // GEMM_BLOCK_K, split_k),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK_K, GROUP_M=GROUP_M,
+        a, a_scale, b, b_scale_inv, c, m, n, k, cdiv(k // GEMM_BLOCK, split_k),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GEMM_BLOCK, GROUP_M=GROUP_M,
         num_warps=num_warps, num_stages=num_stages)
     return (c.sum(0) if split_k > 1 else c).to(out_dtype)

@@ -1,8 +1,7 @@
-"""Triton grouped (per-expert) GEMM over moe_permute's contiguous layout, and fused_moe composed
-of the Triton MoE ops.
+"""Triton grouped (per-expert) GEMM over moe_permute's contiguous layout.
 
-Semantics: dsv3_kernels/reference/moe.py. Importing this module registers the custom ops
-`dsv3_kernels::grouped_gemm_triton` and `dsv3_kernels::fused_moe_triton` (registration.py).
+Semantics: dsv3_kernels/reference/moe.py. Importing this module registers the custom op
+`dsv3_kernels::grouped_gemm_triton` (registration.py).
 
 Tile schedule: the rows are cut into segments, [0, offsets[0]) (zeros), one per expert, and
 [offsets[E], M) (zeros), offsets clamped to [0, M]. Each segment has cdiv(rows, BLOCK_M) M tiles;
@@ -18,16 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import moe_permute as parts
+from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _kernel_dtype
 from .registration import INTERPRETED, custom_op, wrap_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
-SCALE_BLOCK = 128
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 @triton.jit
@@ -135,34 +129,16 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
     if m > 0:
         block_m, block_n, num_warps, num_stages = gemm_config(m, e)
         seg_lo, seg_rows, tile_start = _segments(expert_offsets, m, block_m)
-        grid = (_cdiv(m, block_m) + e + 2, _cdiv(n, block_n))
+        grid = (cdiv(m, block_m) + e + 2, cdiv(n, block_n))
         wrap_triton(_grouped_gemm_kernel)[grid](
             a, a_scale if fp8 else a, b, b_scale_inv if fp8 else b, c, seg_lo, seg_rows, tile_start,
             n, k, e, e + 2, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=SCALE_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
+            BLOCK_K=GEMM_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
             DOT_FP32=INTERPRETED, IEEE=fp32, num_warps=num_warps, num_stages=num_stages)
     return c.to(out_dtype)
-
-
-def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
-    """permute (quantized with FP8 experts) -> grouped_gemm(w13) -> silu_mul -> grouped_gemm(w2)
-    -> unpermute, all Triton; the rounding points of reference.moe.fused_moe (none in float32)."""
-    fp8 = w13.dtype == FP8_DTYPE
-    permuted, scale, offsets, inverse = parts.moe_permute(hidden, topk_ids, w13.shape[0], 1, fp8)
-    gate_up = grouped_gemm(permuted, w13, offsets, scale, w13_scale_inv)
-    h, h_scale = parts.silu_mul(gate_up, fp8)
-    down = grouped_gemm(h, w2, offsets, h_scale, w2_scale_inv)
-    return parts.moe_unpermute(down, topk_weights, inverse)
 
 
 @custom_op("dsv3_kernels::grouped_gemm_triton")
 def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
                      a_scale: Optional[torch.Tensor], b_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
     return grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv)
-
-
-@custom_op("dsv3_kernels::fused_moe_triton")
-def _fused_moe_op(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, w13_scale_inv: Optional[torch.Tensor],
-                  w2_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
-    return fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)

@@ -33,13 +33,10 @@ import triton
 import triton.language as tl
 
 from ..reference.mla import KV_LORA_RANK
+from ..utils import cdiv
 from .registration import INTERPRETED, custom_op, wrap_triton
 
 LOG2E = math.log2(math.e)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +345,8 @@ def decode_config(dtype, n_rows, fp8_cache=False):
 
 def decode_splits(batch, row_blocks, max_tiles):
     """The split count that num_splits = 0 means, from shapes only."""
-    want = _cdiv(TARGET_PROGRAMS, max(1, batch * row_blocks))
-    return max(1, min(want, _cdiv(max_tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    want = cdiv(TARGET_PROGRAMS, max(1, batch * row_blocks))
+    return max(1, min(want, cdiv(max_tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,9 +365,9 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     # (e4m3 * scale may not fit fp16).
     dot_dtype = torch.float32 if fp8 and q.dtype == torch.float16 else q.dtype
     block_r, block_n, num_warps, num_stages = decode_config(dot_dtype, n_rows, fp8)
-    row_blocks = _cdiv(n_rows, block_r)
+    row_blocks = cdiv(n_rows, block_r)
     max_blocks = block_table.shape[1]
-    max_tiles = max(1, _cdiv(max_blocks * block_size, block_n))  # of the longest possible request
+    max_tiles = max(1, cdiv(max_blocks * block_size, block_n))  # of the longest possible request
     # More splits than max_tiles give the same partition (one tile per split) plus empty splits.
     splits = min(num_splits, max_tiles) if num_splits else decode_splits(b, row_blocks, max_tiles)
     o_part = torch.empty((b, splits, n_rows, KV_LORA_RANK), dtype=torch.float32, device=q.device)
@@ -384,7 +381,7 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
             s_q, h, num_blocks, max_blocks, splits, block_size, causal,
             BLOCK_R=block_r, BLOCK_N=block_n, FP32_DOT=fp32_dot, FP8=fp8, INTERPRET=INTERPRETED, num_warps=num_warps,
             num_stages=num_stages)
-        wrap_triton(_mla_decode_merge_kernel)[(_cdiv(n_rows, MERGE_BLOCK_R), b)](
+        wrap_triton(_mla_decode_merge_kernel)[(cdiv(n_rows, MERGE_BLOCK_R), b)](
             o_part, lse_part, out, lse, s_q, h, splits, BLOCK_R=MERGE_BLOCK_R,
             INTERPRET=INTERPRETED, num_warps=MERGE_WARPS)
     return out, lse

@@ -1,9 +1,9 @@
-"""Triton kernels of the routed experts' data movement: moe_permute (group the (token, choice)
-pairs by expert, optionally quantizing the rows to FP8), silu_mul and moe_unpermute.
+"""Triton kernels of moe_permute: group the (token, choice) pairs by expert, optionally
+quantizing the rows to FP8 (the expert layer's first step; ep_dispatch packs by rank with it).
 
 Semantics are those of dsv3_kernels/reference/moe.py. Importing this module registers the custom
-ops `dsv3_kernels::moe_permute_triton`, `silu_mul_triton` and `moe_unpermute_triton` with the
-schema arguments of csrc/registration.cpp through triton/registration.py.
+op `dsv3_kernels::moe_permute_triton` with the schema arguments of csrc/registration.cpp through
+triton/registration.py.
 
 moe_permute is deterministic (no atomics): the N = T*topk flat choices i = t*topk + j are cut
 into blocks of PERMUTE_BLOCK;
@@ -22,14 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _amax, _block_scale, _kernel_dtype
 from .registration import custom_op, wrap_triton
-
-QUANT_BLOCK = 128  # act_quant's 1x128 activation blocks
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,55 +114,6 @@ def _permute_copy_kernel(x_ptr, src_ptr, y_ptr, s_ptr, P, D, NB_D,
         tl.store(y_ptr + out, x, mask=mask)
 
 
-@triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, s_ptr, M, I, NB,
-                     ROWS: tl.constexpr, BLOCK_I: tl.constexpr, QUANT: tl.constexpr):
-    """y [M, I] = silu(x[:, :I]) * x[:, I:] in fp32 for x [M, 2I], ROWS x BLOCK_I per program.
-    QUANT: y gets the act_quant quotient for its element type, s [M, NB] the scales
-    (BLOCK_I == 128); else y gets the value in its element type."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    row_ok = rows < M
-    mask = row_ok[:, None] & (cols < I)[None, :]
-    gate_ptrs = x_ptr + rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :]
-    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + I, mask=mask, other=0.0).to(tl.float32)
-    # silu(g) = g / (1 + exp(-g)), as torch computes it; div_rn: `/` is approximate on GPUs.
-    h = tl.div_rn(gate, 1.0 + tl.exp(-gate)) * up
-    out = rows.to(tl.int64)[:, None] * I + cols[None, :]
-    if QUANT:
-        scale = _block_scale(_amax(h, 1), False)
-        tl.store(y_ptr + out, tl.div_rn(h, scale[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rows.to(tl.int64) * NB + tl.program_id(1), scale, mask=row_ok)
-    else:
-        tl.store(y_ptr + out, h.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _moe_unpermute_kernel(x_ptr, w_ptr, inv_ptr, out_ptr, T, P, D, TOPK,
-                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out [T, D] = sum over j in order of w[t, j] * x[inv[t, j]] in fp32, for x [P, D],
-    w [T, TOPK] fp32, inv [T, TOPK] int32; an entry -1 adds nothing (no row), a token with another
-    entry outside [0, P) gets NaN."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    col_ok = cols < D
-    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
-    n_bad = tl.zeros((ROWS,), tl.int32)
-    for j in range(TOPK):
-        inv = tl.load(inv_ptr + rows * TOPK + j, mask=row_ok, other=0)
-        w = tl.load(w_ptr + rows * TOPK + j, mask=row_ok, other=0.0)
-        ok = (inv >= 0) & (inv < P)
-        n_bad += ((~ok) & (inv != -1)).to(tl.int32)
-        x = tl.load(x_ptr + inv.to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=(row_ok & ok)[:, None] & col_ok[None, :], other=0.0)
-        acc += w[:, None] * x.to(tl.float32)
-    acc = tl.where((n_bad > 0)[:, None], float("nan"), acc)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
@@ -177,13 +123,12 @@ HISTOGRAM_CHUNK_E = 64    # experts per histogram comparison tile [PERMUTE_BLOCK
 PREFIX_BLOCK_B = 16       # blocks per step of the prefix scan ([16, BLOCK_E] tiles)
 PREFIX_WARPS = 8
 INDEX_WARPS = 4
-ROW_TILE = (16, 128)      # (rows, columns) per copy / silu_mul program; 128 = one quant block
-UNPERMUTE_TILE = (4, 256)  # (tokens, columns) per moe_unpermute program
+ROW_TILE = (16, 128)      # (rows, columns) per copy program; 128 = one quant block
 ELEMENTWISE_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------------
-# Implementations (plain functions, so fused_moe_triton launches the same kernels)
+# Implementation (a plain function, so fused_moe_triton and ep_dispatch_triton launch the same kernels)
 # ---------------------------------------------------------------------------------------------
 
 def moe_permute(hidden, topk_ids, num_experts, align, quant):
@@ -194,7 +139,7 @@ def moe_permute(hidden, topk_ids, num_experts, align, quant):
     n = t * topk
     p = n + (min(n, num_experts) * (align - 1) if align > 1 else 0)
     dev = hidden.device
-    nb = _cdiv(n, PERMUTE_BLOCK)
+    nb = cdiv(n, PERMUTE_BLOCK)
     offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=dev)
     inverse = torch.empty((t, topk), dtype=torch.int32, device=dev)
     src = torch.full((p,), -1, dtype=torch.int32, device=dev)  # -1: a padding row
@@ -212,41 +157,14 @@ def moe_permute(hidden, topk_ids, num_experts, align, quant):
             num_warps=INDEX_WARPS)
     out_dtype = torch.float8_e4m3fn if quant else hidden.dtype
     permuted = torch.empty((p, d), dtype=_kernel_dtype(out_dtype), device=dev)
-    nb_d = d // QUANT_BLOCK if quant else 0
+    nb_d = d // GEMM_BLOCK if quant else 0
     scale = torch.empty((p, nb_d) if quant else (0,), dtype=torch.float32, device=dev)
     rows, block_d = ROW_TILE
     if p > 0 and d > 0:
-        wrap_triton(_permute_copy_kernel)[(_cdiv(p, rows), _cdiv(d, block_d))](
+        wrap_triton(_permute_copy_kernel)[(cdiv(p, rows), cdiv(d, block_d))](
             hidden, src, permuted, scale, p, d, nb_d, ROWS=rows, BLOCK_D=block_d, QUANT=quant,
             num_warps=ELEMENTWISE_WARPS)
     return permuted.to(out_dtype), scale, offsets, inverse
-
-
-def silu_mul(x, quant):
-    """x [M, 2I] fp32/bf16/fp16 -> (y [M, I] x's dtype or e4m3, scale fp32 [M, I/128] or [0])."""
-    m, i = x.shape[0], x.shape[1] // 2
-    out_dtype = torch.float8_e4m3fn if quant else x.dtype
-    y = torch.empty((m, i), dtype=_kernel_dtype(out_dtype), device=x.device)
-    nb = i // QUANT_BLOCK if quant else 0
-    scale = torch.empty((m, nb) if quant else (0,), dtype=torch.float32, device=x.device)
-    rows, block_i = ROW_TILE
-    if m > 0 and i > 0:
-        wrap_triton(_silu_mul_kernel)[(_cdiv(m, rows), _cdiv(i, block_i))](
-            x, y, scale, m, i, nb, ROWS=rows, BLOCK_I=block_i, QUANT=quant, num_warps=ELEMENTWISE_WARPS)
-    return y.to(out_dtype), scale
-
-
-def moe_unpermute(expert_out, topk_weights, inverse):
-    """expert_out [P, D] fp32/bf16/fp16, topk_weights fp32 / inverse int32 [T, topk] -> [T, D]."""
-    p, d = expert_out.shape
-    t, topk = inverse.shape
-    out = torch.empty((t, d), dtype=_kernel_dtype(expert_out.dtype), device=expert_out.device)
-    rows, block_d = UNPERMUTE_TILE
-    if t > 0 and d > 0:
-        wrap_triton(_moe_unpermute_kernel)[(_cdiv(t, rows), _cdiv(d, block_d))](
-            expert_out, topk_weights, inverse, out, t, p, d, topk, ROWS=rows, BLOCK_D=block_d,
-            num_warps=ELEMENTWISE_WARPS)
-    return out.to(expert_out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +175,3 @@ def moe_unpermute(expert_out, topk_weights, inverse):
 def _moe_permute_op(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int,
                     quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return moe_permute(hidden, topk_ids, num_experts, align, quant)
-
-
-@custom_op("dsv3_kernels::silu_mul_triton")
-def _silu_mul_op(x: torch.Tensor, quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return silu_mul(x, quant)
-
-
-@custom_op("dsv3_kernels::moe_unpermute_triton")
-def _moe_unpermute_op(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return moe_unpermute(expert_out, topk_weights, inverse)

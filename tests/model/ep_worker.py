@@ -8,12 +8,13 @@ saves every rank's results to OUT_FILE."""
 import sys
 
 import torch
-import torch.distributed as dist
 
 from dsv3 import eplb
 from dsv3.cache import decode_batch, prefill_batch
 from dsv3.load import load
 from dsv3.parallel import Parallel
+
+from hf_checkpoints import save_gathered
 
 # A skewed expert load (16 experts): EPLB replicates the first ones
 LOAD = [0.3, 0.2, 0.1] + [0.4 / 13] * 13
@@ -81,11 +82,7 @@ def main(model_dir, out):
                  parallel=Parallel("ep", par.rank, par.world, placement=placement))
     result["eplb_slots"] = model.model.layers[1].mlp.experts.logical
     result["eplb"] = run_requests(model, requests)
-    gathered = [None] * par.world
-    dist.all_gather_object(gathered, result)
-    if par.rank == 0:
-        torch.save(gathered, out)
-    par.shutdown()
+    save_gathered(par, result, out)
 
 
 if __name__ == "__main__":

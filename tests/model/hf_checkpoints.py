@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dsv3.cache import decode_batch, prefill_batch
 
@@ -90,3 +91,13 @@ def run_prefill_and_decode(model, prompts, steps, follow=None, kv_cache_dtype=No
         for i, (s, row) in enumerate(zip(seqs, out)):
             s.append(int(row.argmax()) if follow is None else follow[i][len(s)])
     return [p.cpu() for p in prefill], [s.cpu() for s in step_logits], seqs
+
+
+def save_gathered(par, result, out):
+    """End of a torchrun worker (tp_worker.py, ep_worker.py): every rank's result gathered to rank
+    0, which saves the list to `out`; then the process group is shut down."""
+    gathered = [None] * par.world
+    dist.all_gather_object(gathered, result)
+    if par.rank == 0:
+        torch.save(gathered, out)
+    par.shutdown()

@@ -7,14 +7,13 @@ that an unsplittable vocabulary raises."""
 import sys
 
 import torch
-import torch.distributed as dist
 
 from dsv3.config import tiny
 from dsv3.load import load
 from dsv3.model import Transformer
 from dsv3.parallel import Parallel
 
-from hf_checkpoints import run_prefill_and_decode
+from hf_checkpoints import run_prefill_and_decode, save_gathered
 
 PROMPTS = [[5, 17, 250, 3, 99, 41, 7], [200, 11, 64, 8, 300, 123, 9, 77, 18, 2, 66]]
 STEPS = 3
@@ -34,11 +33,7 @@ def main(model_dir, out):
         experts = model.model.layers[1].mlp.experts
         result = dict(run=run_prefill_and_decode(model, PROMPTS, STEPS), heads=heads,
                       experts=(experts.lo, experts.hi), vocab=model.model.embed_tokens.weight.shape[0])
-    gathered = [None] * par.world
-    dist.all_gather_object(gathered, result)
-    if par.rank == 0:
-        torch.save(gathered, out)
-    par.shutdown()
+    save_gathered(par, result, out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-// AVX-512 inner loops of the CPU expert ops (torch-free; the glue, the work split and the portable
-// fallback are in moe_experts_cpu.cpp).
+// AVX-512 inner loops of the CPU expert ops (torch-free; the work split and the portable fallback
+// are in expert_gemm_cpu.h and expert_rows_cpu.h, the glue in the <op>_cpu.cpp files).
 //
 // The FP8 GEMM tiles are fp8_cpu_kernels.h's (e4m3 widened to bf16 by table + vdpbf16ps, or fp32
 // FMAs); this adds the bf16 x bf16 tile, where vdpbf16ps takes both operands straight from memory

@@ -17,11 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import cdiv
 from .registration import custom_op, wrap_triton
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +128,7 @@ def _moe_route_op(router_logits: torch.Tensor, e_score_correction_bias: Optional
         has_bias = e_score_correction_bias is not None
         block_t, block_e, block_k = route_config(e, topk)
         # Without a bias, bias_ptr gets the logits (never read: HAS_BIAS is a compile-time switch).
-        wrap_triton(_moe_route_kernel)[(_cdiv(t, block_t),)](
+        wrap_triton(_moe_route_kernel)[(cdiv(t, block_t),)](
             router_logits, e_score_correction_bias if has_bias else router_logits, weights, ids, t,
             routed_scaling_factor, E=e, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=topk,
             SOFTMAX=score_func == "softmax", HAS_BIAS=has_bias, RENORMALIZE=renormalize,

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import cdiv
 from .moe_permute import moe_permute
 from .registration import custom_op, wrap_triton
 
@@ -64,13 +65,13 @@ def ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant):
     block_k = triton.next_power_of_2(k)
     dest = torch.empty((t, s), dtype=torch.int32, device=dev)
     if t > 0:
-        wrap_triton(_ep_dest_kernel)[(triton.cdiv(t, ROWS),)](
+        wrap_triton(_ep_dest_kernel)[(cdiv(t, ROWS),)](
             topk_ids, dest, t, k, s, num_experts, per_rank, ROWS=ROWS, BLOCK_K=block_k, num_warps=WARPS)
     send, scale, rank_offsets, inverse = moe_permute(hidden, dest, world_size, 1, quant)
     send_ids = torch.full((t * s, k), -1, dtype=torch.int32, device=dev)
     send_weights = torch.zeros((t * s, k), dtype=torch.float32, device=dev)
     if t > 0:
-        wrap_triton(_ep_meta_kernel)[(triton.cdiv(t * s, ROWS),)](
+        wrap_triton(_ep_meta_kernel)[(cdiv(t * s, ROWS),)](
             topk_ids, topk_weights, dest, inverse, send_ids, send_weights, t * s, k, s, per_rank,
             ROWS=ROWS, BLOCK_K=block_k, num_warps=WARPS)
     return send, scale, send_ids, send_weights, rank_offsets, inverse

@@ -1,4 +1,4 @@
-// CUDA implementation of the MoE ops: argument checks, device/stream, output allocation (torch's
+// CUDA implementation of moe_route: argument checks, device/stream, output allocation (torch's
 // caching allocator only, no host synchronisation: CUDA-graph capturable), then the torch-free
 // launcher in moe_kernels.cuh.
 #include <ATen/ATen.h>

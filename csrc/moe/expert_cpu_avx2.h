@@ -1,6 +1,6 @@
 // AVX2 (+ FMA + F16C) inner loops of the CPU expert ops: the bf16 x bf16 GEMM tile and the row
 // passes around the GEMMs (the FP8 tiles are fp8_cpu_gemm_avx2.h's). The counterparts of
-// moe_experts_cpu_kernels.h's AVX-512 ones; every function carries DSV3_TARGET_AVX2 and runs only
+// expert_cpu_avx512.h's AVX-512 ones; every function carries DSV3_TARGET_AVX2 and runs only
 // after cpu_isa_at_least(CpuIsa::kAvx2) said yes.
 //
 // bf16 -> fp32 is a 16-bit shift, and of a 32-bit lane holding two bf16 values the high one is
