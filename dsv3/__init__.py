@@ -8,11 +8,12 @@ through dsv3_kernels, so every backend (cuda, triton, cpu, torch) runs the whole
     python -m dsv3.generate --model DIR --prompt "def fib(n):"
 
 Where things are:
-- the model: config.py (config.json -> ModelArgs), rope.py (YaRN), layers.py (norm, linears,
-  embedding, head, MLP), attention.py (MLA), moe.py (gate, experts), model.py (Transformer, MTP),
-  cache.py (paged latent cache, every step's Batch), parallel.py (Parallel: tp / ep over processes),
-  eplb.py (redundant expert placement);
-- checkpoints: load.py (safetensors -> Transformer), quantize.py (python -m dsv3.quantize);
+- the model: config.py (config.json -> ModelArgs; config_check.py: its fields' checks), rope.py
+  (YaRN), layers.py (norm, linears, embedding, head, MLP), attention.py (MLA), moe.py (gate,
+  experts), model.py (Transformer, MTP), cache.py (paged latent cache, every step's Batch),
+  parallel.py (Parallel: tp / ep over processes), eplb.py (redundant expert placement);
+- checkpoints: load.py (safetensors -> Transformer), quantize.py (python -m dsv3.quantize), files.py
+  (output files that appear whole or not at all);
 - generation: sampling.py (SamplingParams, sample, speculative verify), generator.py (Generator),
   cuda_graph.py (decode steps as CUDA graphs), generate.py (python -m dsv3.generate);
 - evaluate.py (held-out loss, expert load), demo.py (python -m dsv3.demo), testing.py (random

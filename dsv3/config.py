@@ -1,30 +1,25 @@
 """DeepSeek-V3's configuration, with Hugging Face's field names.
 
 `ModelArgs.from_hf(dict)` reads a `config.json` as released by DeepSeek and as written by
-transformers 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`). Settings this package
-does not implement raise ConfigError naming the field.
+transformers 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`). Every field it reads
+is checked (type, range, consistency, and that the sizes fit in memory at all); one ConfigError
+names every field it cannot run.
+
+Fields a config.json lacks take DeepSeek-V3's values, as transformers' DeepseekV3Config does,
+except the ones that fix the tensors' shapes (SHAPE_FIELDS): without them transformers would build
+the 671B model whatever the checkpoint holds, so here their absence is an error naming them.
+DeepSeek's releases and transformers' save_pretrained always write them.
 """
 
 import dataclasses
 import json
 import math
 import os
+import re
 
-from dsv3_kernels.utils import GEMM_BLOCK
-
-
-class ConfigError(ValueError):
-    """A config.json field has a value this package cannot run."""
-
-
-# The MLA kernels' fixed latent layout: 512 compressed kv values + 64 RoPE values per token.
-KV_LORA_RANK = 512
-ROPE_DIM = 64
-
-# quantization_config of an FP8 checkpoint in DeepSeek-V3's format: e4m3 weights with one scale per
-# GEMM_BLOCK x GEMM_BLOCK (128 x 128) block, activations quantized per 1 x 128 as they come.
-FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-              "weight_block_size": [GEMM_BLOCK, GEMM_BLOCK]}
+from . import config_check
+# KV_LORA_RANK and ROPE_DIM are re-exported: the model's modules (attention, cache) import them from here
+from .config_check import FP8_CONFIG, KV_LORA_RANK, ROPE_DIM, SHAPE_FIELDS, ConfigError, show  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -94,107 +89,95 @@ class ModelArgs:
         return i >= self.first_k_dense_replace
 
     def validate(self):
-        def bad(name, why):
-            raise ConfigError(f"config field {name} = {getattr(self, name)!r}: {why}")
+        """Raise ConfigError naming every field this package cannot run."""
+        problems = config_check.problems(self)
+        if problems:
+            raise ConfigError(problems)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "qk_nope_head_dim",
-                     "v_head_dim", "intermediate_size", "moe_intermediate_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                bad(name, "must be a positive int")
-        if self.kv_lora_rank != KV_LORA_RANK:
-            bad("kv_lora_rank", f"the MLA kernels' latent cache holds {KV_LORA_RANK} values (DeepSeek-V2/V3's)")
-        if self.qk_rope_head_dim != ROPE_DIM:
-            bad("qk_rope_head_dim", f"the MLA kernels' latent cache holds {ROPE_DIM} RoPE values")
-        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers", "must be an int >= 0")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-            bad("q_lora_rank", "must be a positive int or null (then q_proj)")
-        if self.scoring_func not in ("sigmoid", "softmax"):
-            bad("scoring_func", "must be 'sigmoid' or 'softmax'")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            bad("first_k_dense_replace", f"must be in [0, num_hidden_layers = {self.num_hidden_layers}]")
-        if self.first_k_dense_replace < self.num_hidden_layers:
-            e = self.n_routed_experts
-            if not isinstance(e, int) or e < 1:
-                bad("n_routed_experts", "must be a positive int")
-            if not isinstance(self.n_group, int) or self.n_group < 1 or e % self.n_group:
-                bad("n_group", f"must divide n_routed_experts = {e}")
-            if not 1 <= self.topk_group <= self.n_group:
-                bad("topk_group", f"must be in [1, n_group = {self.n_group}]")
-            if not 1 <= self.num_experts_per_tok <= self.topk_group * (e // self.n_group):
-                bad("num_experts_per_tok", "must be >= 1 and at most the experts of the topk_group groups")
-            if self.moe_intermediate_size % 8 or self.hidden_size % 8:
-                bad("moe_intermediate_size", "the expert kernels need moe_intermediate_size and hidden_size "
-                                             "to be multiples of 8")
-        rs = self.rope_scaling
-        if rs is not None:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in ("yarn", "default", None):
-                bad("rope_scaling", f"rope_type {kind!r} is not supported (yarn or default)")
-            if kind == "yarn":
-                for key in ("factor", "original_max_position_embeddings"):
-                    if rs.get(key) is None:
-                        bad("rope_scaling", f"yarn needs {key!r}")
-        q = self.quantization_config
-        if q is not None:
-            if q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-                bad("quantization_config", "only quant_method 'fp8' with fmt 'e4m3' is supported")
-            blocks = FP8_CONFIG["weight_block_size"]
-            if list(q.get("weight_block_size", blocks)) != blocks:
-                bad("quantization_config", f"weight_block_size must be {blocks} (DeepSeek-V3's blocks)")
-            if q.get("activation_scheme", "dynamic") != "dynamic":
-                bad("quantization_config", "activation_scheme must be 'dynamic'")
+    def num_parameters(self) -> int:
+        """The model's parameters, about (the norms, gates and MTP projections left out)."""
+        return sum(config_check.parameter_groups(self).values())
 
     # ---- reading and writing config.json ----
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """From a config.json dict (DeepSeek's release, transformers 4.x or 5.x)."""
-        cfg = dict(cfg)
+        """From a config.json dict (DeepSeek's release, transformers 4.x or 5.x). Raises one
+        ConfigError naming every field this package cannot run, and the missing SHAPE_FIELDS."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(cfg).__name__} {show(cfg)}")
+        cfg, problems = dict(cfg), []
+
+        def bad(name, why):
+            problems.append(f"config field {name} = {show(cfg[name])}: {why}")
+
+        missing = [name for name in SHAPE_FIELDS if name not in cfg]
+        if missing:
+            problems.append(f"config fields missing: {', '.join(missing)} (they fix the tensors' shapes; DeepSeek's "
+                            f"config.json has them all)")
         if cfg.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"config field model_type = {cfg['model_type']!r}: expected 'deepseek_v3'")
+            bad("model_type", "expected 'deepseek_v3'")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"config field hidden_act = {cfg['hidden_act']!r}: only 'silu' is supported")
+            bad("hidden_act", "only 'silu' is supported")
         if cfg.get("attention_bias"):
-            raise ConfigError("config field attention_bias = True: DeepSeek-V3 has no attention biases")
+            bad("attention_bias", "DeepSeek-V3 has no attention biases")
         if cfg.get("rope_interleave", True) is False:
-            raise ConfigError("config field rope_interleave = False: the MLA kernels store interleaved RoPE")
+            bad("rope_interleave", "the MLA kernels store interleaved RoPE")
         if cfg.get("topk_method", "noaux_tc") not in ("noaux_tc", "group_limited_greedy", "greedy"):
-            raise ConfigError(f"config field topk_method = {cfg['topk_method']!r} is not supported")
+            bad("topk_method", "is not supported (noaux_tc, group_limited_greedy or greedy)")
         if cfg.get("moe_layer_freq", 1) != 1:
-            raise ConfigError(f"config field moe_layer_freq = {cfg['moe_layer_freq']!r}: only 1 is supported")
+            bad("moe_layer_freq", "only 1 is supported")
         rope = cfg.pop("rope_parameters", None)  # transformers 5.x
+        if rope is not None and not isinstance(rope, dict):
+            problems.append(f"config field rope_parameters = {show(rope)}: must be an object or null")
+            rope = cfg["rope_scaling"] = None
         if rope is not None:
             rope = dict(rope)
             cfg["rope_theta"] = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
             kind = rope.get("rope_type", rope.get("type", "default"))
             cfg["rope_scaling"] = None if kind == "default" else rope
-        elif cfg.get("rope_scaling") is not None:  # transformers 4.x / DeepSeek's release
+        elif isinstance(cfg.get("rope_scaling"), dict):  # transformers 4.x / DeepSeek's release
             rs = dict(cfg["rope_scaling"])
             rs.setdefault("rope_type", rs.pop("type", "yarn"))
             cfg["rope_scaling"] = None if rs["rope_type"] == "default" else rs
-        else:
-            cfg["rope_scaling"] = None
-        if cfg["rope_scaling"] is not None:
+        elif "rope_scaling" not in cfg:
+            cfg["rope_scaling"] = None  # plain RoPE (anything but an object or null: named by validate)
+        if isinstance(cfg["rope_scaling"], dict):
             cfg["rope_scaling"].setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
         if cfg.get("n_group") is None:
             cfg["n_group"], cfg["topk_group"] = 1, 1
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in fields})
+        try:
+            args = cls(**{k: v for k, v in cfg.items() if k in fields})
+        except ConfigError as e:
+            found = e.problems
+            if rope is not None:  # name the fields as this file spells them (rope: its rope_parameters)
+                found = [p.replace("config field rope_scaling", "config field rope_parameters", 1)
+                         .replace("config field rope_theta", "config field rope_parameters.rope_theta", 1)
+                         for p in found]
+            # a missing field stands in with DeepSeek-V3's value: no problem of its own, nor any relation to it
+            problems += [p for p in found if not any(re.search(rf"\b{m}\b", p) for m in missing)]
+        if problems:
+            raise ConfigError(problems)
+        return args
 
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
+        """From a model folder's config.json (or the file's path). Raises FileNotFoundError, or
+        ConfigError naming the file."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf(cfg)
+        try:
+            return cls.from_hf(cfg)
+        except ConfigError as e:
+            raise ConfigError(e.problems, path) from None
 
     def to_hf(self) -> dict:
         """A transformers 5.x config.json dict (rope_parameters) for DeepseekV3Config."""

@@ -16,17 +16,29 @@ from dsv3_kernels.utils import cdiv
 
 from .cache import decode_batch, prefill_batch
 from .config import tiny
+from .load import check_device
 from .model import Transformer
 from .testing import init_random_
 
 
+# the demo's model and prompt: its steps must fit the model's positions
+ARGS = dict(hidden_size=256, q_lora_rank=128, num_hidden_layers=3, vocab_size=1024)
+PROMPT_LEN = 24
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dsv3.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=16, help="greedy tokens per model (default 16)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    most = tiny(**ARGS).max_position_embeddings - PROMPT_LEN
+    if not 1 <= args.steps <= most:
+        parser.error(f"--steps must be >= 1 and <= {most} (the demo model's positions after its prompt), "
+                     f"got {args.steps}")
+    try:
+        args.device = str(check_device(args.device))
+    except ValueError as e:
+        parser.error(f"--{e}")
     torch.manual_seed(0)
     print(f"dsv3_kernels {dk.__version__}: {dk._native.status()}; torch {torch.__version__}, device {args.device}")
     model_demo(args.device, args.steps)
@@ -35,12 +47,12 @@ def main(argv=None):
 def model_demo(dev, steps=16):
     """Greedy decoding of one random model on each backend (fp32, bf16, FP8 weights), fed the
     fp32 reference's tokens so that every step compares logits of the same inputs."""
-    args = tiny(hidden_size=256, q_lora_rank=128, num_hidden_layers=3, vocab_size=1024)
+    args = tiny(**ARGS)
     print(f"Model: DeepSeek-V3 architecture, random weights: {args.num_hidden_layers} layers (MLA with q/kv low rank "
           f"and YaRN, {args.first_k_dense_replace} dense + DeepSeekMoE {args.n_routed_experts} experts top-"
           f"{args.num_experts_per_tok} + shared), hidden {args.hidden_size}, vocab {args.vocab_size}")
     reference = init_random_(Transformer(args, torch.float32, fp8=False, device=dev, backend="torch"), std=0.05)
-    prompt = torch.randint(0, args.vocab_size, (24,), device=dev)
+    prompt = torch.randint(0, args.vocab_size, (PROMPT_LEN,), device=dev)
 
     def generate(model, follow=None):
         """Greedy decoding (or feeding `follow`'s tokens): (tokens, logits of every step, decode tokens/s)."""

@@ -23,6 +23,7 @@ import torch
 from dsv3_kernels.utils import cdiv
 
 from .cache import CACHE_DTYPE_HELP, CACHE_DTYPES, prefill_batch
+from .files import Staged
 from .moe import Gate
 
 
@@ -79,7 +80,8 @@ def evaluate(model, tokenizer, text: str, window: int = 512, windows_per_batch: 
                 mb = prefill_batch([(len(c), b) for c, b in zip(group, blocks)], cache, device, all_logits=True)
                 mlogits, _ = model.mtp_forward(h[keep], inputs[[i + 1 for i in keep]], mb, cache)
                 pred = [r for r, c in zip(_starts(group), group) for r in range(r, r + len(c) - 1)]
-                want = torch.tensor([t for c in group for t in c[1:]], device=device)
+                # (int64 also when empty: windows of one token have nothing for the MTP module to predict)
+                want = torch.tensor([t for c in group for t in c[1:]], dtype=torch.int64, device=device)
                 mtp_nll += torch.nn.functional.cross_entropy(mlogits[pred], want, reduction="sum").item()
                 mtp_tokens += want.numel()
                 mtp_bytes += int(token_nbytes[want].sum())
@@ -122,10 +124,13 @@ def _starts(group):
 
 
 def main(argv=None):
+    """The command line. Returns 0; an unusable argument, model folder or text exits with status 2
+    and a one-line message, as argparse does, and writes no --expert-load file."""
     p = argparse.ArgumentParser(prog="python -m dsv3.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--text", required=True, help="a UTF-8 text file")
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--window", type=int, default=512, help="tokens per request, BOS included: from 2 to the "
+                                                             "model's max_position_embeddings (default 512)")
     p.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
@@ -134,20 +139,50 @@ def main(argv=None):
                    help="write the expert loads ({\"expert_load\": [[share] * E] per MoE layer}) to FILE as JSON "
                         "(what dsv3.generate --eplb reads)")
     a = p.parse_args(argv)
-    from .load import load, load_tokenizer
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .load import check_backend, check_device, load, load_tokenizer
+
+    def fail(message):
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    backend = None if a.backend == "auto" else a.backend
     try:
-        with open(a.text, encoding="utf-8") as f:
-            text = f.read()
-        tokenizer = load_tokenizer(a.model)
-        model = load(a.model, dtype=getattr(torch, a.dtype), device=device,
-                     backend=None if a.backend == "auto" else a.backend)
-        r = evaluate(model, tokenizer, text, a.window, kv_cache_dtype=CACHE_DTYPES.get(a.kv_cache_dtype))
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, window
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    if a.expert_load:
-        with open(a.expert_load, "w") as f:
-            json.dump({"expert_load": r["expert_load"]}, f)
+        device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_backend(backend, device)
+    except ValueError as e:  # "device ...", "backend ..."
+        fail(f"--{e}")
+    if a.window < 2:
+        fail(f"--window must be >= 2 (BOS and a token), got {a.window}")
+    staged = Staged()
+    try:
+        if a.expert_load:
+            try:  # now, not after the evaluation
+                staged.add(a.expert_load)
+            except OSError as e:
+                fail(f"--expert-load {a.expert_load} cannot be written: {e.strerror or e}")
+        try:
+            with open(a.text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            fail(f"--text {a.text} is not UTF-8 text ({e.reason} at byte {e.start})")
+        except OSError as e:
+            fail(f"--text {a.text} cannot be read: {e.strerror or e}")
+        if not text:
+            fail(f"--text {a.text} is empty")
+        try:
+            tokenizer = load_tokenizer(a.model)
+            model = load(a.model, dtype=getattr(torch, a.dtype), device=device, backend=backend)
+            if a.window > model.args.max_position_embeddings:
+                fail(f"--window must be at most max_position_embeddings = {model.args.max_position_embeddings}, "
+                     f"got {a.window}")
+            r = evaluate(model, tokenizer, text, a.window, kv_cache_dtype=CACHE_DTYPES.get(a.kv_cache_dtype))
+        except (OSError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
+            fail(str(e))
+        if a.expert_load:
+            with open(staged.paths[a.expert_load], "w") as f:
+                json.dump({"expert_load": r["expert_load"]}, f)
+            staged.commit()
+    finally:
+        staged.discard()  # what was not committed
     load_max = max((max(x) for x in r["expert_load"]), default=math.nan)
     print(json.dumps({k: r[k] for k in ("nats_per_byte", "nats_per_token", "tokens", "bytes",
                                         "kv_cache_bytes_per_token")}))

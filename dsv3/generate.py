@@ -82,6 +82,24 @@ def _parser():
     return p
 
 
+def _option(message: str) -> str:
+    """A check's message "field_name must ..." as the option's: "--field-name must ..."."""
+    name, _, rest = message.partition(" ")
+    return f"--{name.replace('_', '-')} {rest}"
+
+
+def _not_utf8(text: str):
+    """Why a prompt is not UTF-8 text, or None. Undecodable bytes of argv (and of stdin, read with
+    surrogateescape) arrive as lone surrogates, which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"code point U+{c:04X}"
+        return f"is not valid UTF-8 text ({byte} at character {e.start})"
+    return None
+
+
 def _encode(generator, tokenizer, texts):
     bos = generator.model.args.bos_token_id
     return [([] if bos is None else [bos]) + tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
@@ -187,9 +205,18 @@ def main(argv=None):
         fail("give --prompt TEXT (repeatable) or --interactive")
     if any(not t for t in args.prompt):
         fail("--prompt is empty")
+    for t in args.prompt:
+        if why := _not_utf8(t):
+            fail(f"--prompt {why}")
     if (args.fp8_dispatch or args.eplb) and args.parallel != "ep":
         fail(f"{'--fp8-dispatch' if args.fp8_dispatch else '--eplb'} needs --parallel ep")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .load import check_backend, check_device
+    try:  # the arguments' own checks, before the model is read
+        device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        check_backend(None if args.backend == "auto" else args.backend, torch.device(device))
+        SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before joining torchrun's group
+    except ValueError as e:  # "device ...", "backend ...", "top_p ..."
+        fail(_option(str(e)))
     # under torchrun (WORLD_SIZE > 1): tensor parallelism, every rank runs the same steps on the
     # same gathered logits (one seed for all); or expert parallelism, each rank its own prompts
     # (seed + rank). Rank 0 prints.
@@ -201,17 +228,17 @@ def main(argv=None):
         if torch.device(device).type == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         seed = (0 if seed is None else seed) + (par.rank if args.parallel == "ep" else 0)
-    try:  # the one check of the sampling options (the prompts' come with the prompts)
+    try:  # this rank's seed
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, seed)
     except ValueError as e:
-        fail("--" + str(e).replace("_", "-"))  # the option's name
+        fail(_option(str(e)))
     if args.model is None and not os.path.isdir(DEFAULT_MODEL):
         fail(f"no --model given and the default model folder {DEFAULT_MODEL} does not exist; "
              f"pass --model DIR (a folder with config.json, safetensors and tokenizer.json)")
     out = sys.stdout if par.rank == 0 else open(os.devnull, "w")
     try:
         tokenizer, model = _load(args, par, device)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # ValueError: ConfigError, CheckpointError, --eplb's file
         fail(str(e))
     try:
         generator = Generator(model, tokenizer, kv_cache_dtype=CACHE_DTYPES.get(args.kv_cache_dtype),
@@ -225,11 +252,18 @@ def main(argv=None):
         fail(str(e))
     finally:
         par.shutdown()
+    if args.interactive and hasattr(sys.stdin, "reconfigure"):
+        # a line that is not UTF-8 is reported and skipped (strict decoding would raise and drop the
+        # rest of what was read with it)
+        sys.stdin.reconfigure(errors="surrogateescape")
     while args.interactive:
         print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline().rstrip("\r\n")
         if not line:
             break
+        if why := _not_utf8(line):
+            print(f"error: the line {why}", file=sys.stderr, flush=True)
+            continue
         try:
             _run(generator, tokenizer, [line], params, sys.stdout, echo=False)
         except (ValueError, CacheFullError) as e:  # one bad prompt does not end the session

@@ -10,9 +10,9 @@ into Transformer.mtp, sharded like the decoder layers; eh_proj is replicated, sh
 column-parallel. They share the main embedding: a copy stored per MTP layer (DeepSeek's release
 has model.layers.61.embed_tokens) is checked for its shape and not read. A config asking for MTP
 layers that the checkpoint does not hold loads without them (logged); MTP tensors beyond the
-config's count are skipped (logged). Any missing, unexpected or
-wrongly shaped tensors raise one CheckpointError listing them all; a corrupt or truncated file
-raises CheckpointError naming it.
+config's count are skipped (logged). Any missing, unexpected, wrongly shaped or typed tensors
+raise one CheckpointError listing them all; a corrupt or truncated file raises CheckpointError
+naming it. load's own arguments are checked before anything is read (ValueError naming them).
 """
 
 import json
@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 import dsv3_kernels as dk
 
+from dsv3_kernels import dispatch
 from dsv3_kernels.utils import GEMM_BLOCK, cdiv
 
 from .config import FP8_CONFIG, ModelArgs
@@ -42,6 +43,43 @@ class CheckpointError(ValueError):
     """The checkpoint's files do not hold the tensors the config describes, or are damaged."""
 
 
+# The activations' and unquantized weights' dtypes the model runs in.
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# safetensors dtypes a weight may be stored in (F8_E4M3: with a float weight_scale_inv beside it).
+_FLOAT_STORED = ("F64", "F32", "F16", "BF16")
+_WEIGHT_STORED = _FLOAT_STORED + ("F8_E4M3",)
+
+
+def check_device(device) -> torch.device:
+    """device (a str or torch.device) -> the torch.device, if the model can live there: the CPU,
+    or a CUDA GPU that exists. Raises ValueError saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device (cpu, cuda or cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif d.type != "cpu":
+        raise ValueError(f"device {device!r}: the model runs on cpu or cuda devices")
+    return d
+
+
+def check_backend(backend, device: torch.device):
+    """Raise ValueError unless `backend` (None: dispatch's rule) runs every op on `device`."""
+    if backend is None:
+        return
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend {backend!r} is not a backend; choose one of {dispatch.BACKENDS} (or None: the "
+                         f"automatic choice)")
+    for op in dispatch.ops():  # the model runs nearly all of them
+        here = dk.available_backends(op, device)
+        if backend not in here:
+            raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here (op {op}: {here} can)")
+
+
 def checkpoint_files(model_dir) -> dict:
     """{tensor name: safetensors file} from the index, or from the single model.safetensors."""
     if not os.path.isdir(model_dir):
@@ -49,10 +87,14 @@ def checkpoint_files(model_dir) -> dict:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from None
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index} is not a safetensors index: it needs \"weight_map\", an object of "
+                                  f"tensor names to shard file names")
         missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(model_dir, f))})
         if missing:
             raise CheckpointError(f"{index} lists shard files that are not in {model_dir}: {missing}")
@@ -92,7 +134,7 @@ class _Reader:
 class _Loader:
     def __init__(self, files: dict):
         self.reader = _Reader(files)
-        self.errors = {"wrong shape": [], "missing": [], "unexpected": []}
+        self.errors = {"wrong shape": [], "wrong dtype": [], "missing": [], "unexpected": []}
         self.used = set()
 
     # -- reading one logical weight as a float tensor or as FP8 blocks --
@@ -103,8 +145,7 @@ class _Loader:
             return None, None
         self.used.add(name)
         w = self.reader.slice(name)
-        if tuple(w.get_shape()) != tuple(shape):
-            self.errors["wrong shape"].append(f"{name}: {tuple(w.get_shape())}, expected {tuple(shape)}")
+        if not self._check(name, w, shape, _WEIGHT_STORED):
             return None, None
         if w.get_dtype() != "F8_E4M3":
             return w, None
@@ -115,10 +156,19 @@ class _Loader:
             return None, None
         self.used.add(scale_name)
         s = self.reader.slice(scale_name)
-        if tuple(s.get_shape()) != want:
-            self.errors["wrong shape"].append(f"{scale_name}: {tuple(s.get_shape())}, expected {want}")
+        if not self._check(scale_name, s, want, ("F32",)):  # what weight_dequant takes
             return None, None
         return w, s
+
+    def _check(self, name, tensor, shape, dtypes) -> bool:
+        """Whether the stored tensor has `shape` and one of `dtypes` (else the error is recorded)."""
+        if tuple(tensor.get_shape()) != tuple(shape):
+            self.errors["wrong shape"].append(f"{name}: {tuple(tensor.get_shape())}, expected {tuple(shape)}")
+            return False
+        if tensor.get_dtype() not in dtypes:
+            self.errors["wrong dtype"].append(f"{name}: {tensor.get_dtype()}, expected {' or '.join(dtypes)}")
+            return False
+        return True
 
     def _float(self, w, s, rows, cols):
         """The [rows, cols] part of a source weight as a float32 tensor (FP8 dequantized)."""
@@ -180,13 +230,23 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
          mtp=True, parallel: Parallel = None) -> Transformer:
     """Build the Transformer of `model_dir`'s config.json and load its weights.
 
-    dtype: activations and unquantized weights (bfloat16; float32 for the reference path).
-    fp8: None keeps the checkpoint's format; True quantizes a bf16/fp32 checkpoint to FP8 (128x128
-    blocks) on load; False dequantizes an FP8 checkpoint. parallel: a dsv3.parallel.Parallel
+    dtype: activations and unquantized weights (bfloat16; float16; float32 for the reference path).
+    device: cpu or a CUDA GPU (None: torch's default device). backend: a dsv3_kernels backend that
+    runs there, or None (the dispatch rule). fp8: None keeps the checkpoint's format; True
+    quantizes a bf16/fp32 checkpoint to FP8 (128x128 blocks) on load; False dequantizes an FP8
+    checkpoint. parallel: a dsv3.parallel.Parallel
     (None: one process); this rank's shard only, the progress bar on rank 0. mtp: load the
     multi-token-prediction layers the config and the checkpoint have (False: skip them). Returns
-    the model in eval mode on `device`.
+    the model in eval mode on `device`. Raises ValueError naming an argument it cannot take before
+    reading anything; FileNotFoundError, ConfigError or CheckpointError for the files.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"load: dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+    check_backend(backend, check_device(torch.get_default_device() if device is None else device))
+    if fp8 is not None and not isinstance(fp8, bool):
+        raise ValueError(f"load: fp8 must be None, True or False, got {fp8!r}")
+    if parallel is not None and not isinstance(parallel, Parallel):
+        raise ValueError(f"load: parallel must be a dsv3.parallel.Parallel or None, got {parallel!r}")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     args = ModelArgs.from_json(model_dir)
@@ -243,9 +303,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
         name, shape = f"model.layers.{n + k}.embed_tokens.weight", (args.vocab_size, args.hidden_size)
         if name in files:
             loader.used.add(name)
-            if tuple(loader.reader.slice(name).get_shape()) != shape:
-                loader.errors["wrong shape"].append(f"{name}: {tuple(loader.reader.slice(name).get_shape())}, "
-                                                    f"expected {shape}")
+            loader._check(name, loader.reader.slice(name), shape, _WEIGHT_STORED)
     loader.reader.close()
     skipped = [k for k in files if (m := _LAYER.match(k)) and int(m.group(1)) >= n + present]
     if skipped:
@@ -255,7 +313,7 @@ def load(model_dir, dtype=torch.bfloat16, device=None, fp8=None, backend=None, p
     problems = [f"{kind} ({len(v)}): " + ", ".join(v[:20]) + (" ..." if len(v) > 20 else "")
                 for kind, v in loader.errors.items() if v]
     if problems:
-        raise CheckpointError(f"{model_dir} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{model_dir} does not match its config.json: " + "; ".join(problems))
     model.reset_absorbed()
     return model.eval()
 
@@ -279,9 +337,13 @@ def _progress(total, show):
 
 
 def load_tokenizer(model_dir):
-    """The `tokenizers` Tokenizer of model_dir/tokenizer.json."""
+    """The `tokenizers` Tokenizer of model_dir/tokenizer.json. Raises FileNotFoundError, or
+    CheckpointError for a file it cannot read as one."""
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises plain Exceptions (parse errors, bad UTF-8)
+        raise CheckpointError(f"{path} is not a readable tokenizer.json (truncated or damaged?): {e}") from None

@@ -6,28 +6,44 @@ SamplingParams holds a generation's settings and checks them once, when it is ma
 """
 
 import dataclasses
+import math
+import numbers
 
 import torch
+
+from .config_check import is_int
+
+# Below this a temperature divides the logits past float32's range (inf / inf: NaN probabilities);
+# 0 is greedy, which is what such a temperature would approach.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """max_new_tokens: tokens to generate per request (at most; an EOS ends a request earlier).
-    temperature: 0 is greedy; else logits / temperature are sampled. top_p: sampling keeps the
-    smallest set of most likely tokens whose probability reaches top_p. seed: of the sampling's
-    torch.Generator (None: a random seed). Raises ValueError naming a field it cannot take."""
+    temperature: 0 is greedy; else logits / temperature are sampled (at least MIN_TEMPERATURE).
+    top_p: sampling keeps the smallest set of most likely tokens whose probability reaches top_p.
+    seed: of the sampling's torch.Generator (None: a random seed; else an int torch takes, in
+    [-2**63, 2**64)). Raises ValueError naming a field it cannot take."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        t = self.temperature
+        if not (_is_real(t) and (t == 0 or MIN_TEMPERATURE <= t < math.inf)):  # also refuses NaN
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t!r}")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.Generator's), got {self.seed!r}")
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _top_p(probs: torch.Tensor, top_p: float):
@@ -36,6 +52,8 @@ def _top_p(probs: torch.Tensor, top_p: float):
     top_p (a token is kept while the mass before it is short of top_p, so the most likely one
     always is). The sort is stable: equal probabilities stay in id order, as argmax breaks ties."""
     sorted_probs, ids = probs.sort(dim=-1, descending=True, stable=True)
+    # a top_p below float32's smallest normal number would round to 0 in the comparison and keep nothing
+    top_p = max(top_p, torch.finfo(probs.dtype).tiny)
     return sorted_probs * (sorted_probs.cumsum(dim=-1) - sorted_probs < top_p), ids
 
 

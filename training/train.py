@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -32,12 +33,15 @@ import torch.nn.functional as F
 
 from dsv3.config import ModelArgs
 from dsv3.evaluate import token_bytes
-from dsv3.load import load_tokenizer
+from dsv3.load import load, load_tokenizer
 
 from . import corpus
 from .export import export
 from .model import PRESETS, MoE, TrainableTransformer
 
+
+# --seed: every step's batch generator is seeded with seed * 1_000_003 + step, which torch takes below 2**64
+MAX_SEED = 2 ** 44
 
 # ---- data and objective ----
 
@@ -136,21 +140,33 @@ def _save_state(path, model, opt, step, a, history, seconds):
 
 
 def _check(a, margs: ModelArgs):
-    """ValueError naming the option that cannot run."""
+    """ValueError naming the option that cannot run (before anything is read or written)."""
     for name in ("steps", "batch_size", "eval_every", "eval_windows", "save_every", "heldout_every"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("max_files", "threads", "stop_at"):  # None: not given
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 <= a.seed < MAX_SEED:
+        raise ValueError(f"--seed must be in [0, 2**44) (each step's generator is seeded with seed * 1000003 + step), "
+                         f"got {a.seed}")
+    if a.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
     if not 2 <= a.seq_len <= margs.max_position_embeddings:
         raise ValueError(f"--seq-len must be in [2, max_position_embeddings = {margs.max_position_embeddings}], "
                          f"got {a.seq_len}")
-    if not a.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {a.lr}")
+    # finite: an infinite or NaN rate trains to NaN weights without an error
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {a.lr}")
+    for name in ("weight_decay", "bias_update_rate", "mtp_lambda"):
+        if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(a, name)}")
     if a.mtp_layers < 0 or a.mtp_layers > a.seq_len - 2:
         raise ValueError(f"--mtp-layers must be in [0, seq_len - 2 = {a.seq_len - 2}], got {a.mtp_layers}")
-    if not a.mtp_lambda >= 0:
-        raise ValueError(f"--mtp-lambda must be >= 0, got {a.mtp_lambda}")
     if a.train_only == "mtp" and not (a.mtp_layers and a.mtp_lambda):
         raise ValueError("--train-only mtp needs --mtp-layers >= 1 and --mtp-lambda > 0")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out} exists and is not a folder")
     if a.init_from is not None:
         init = dataclasses.asdict(ModelArgs.from_json(a.init_from))
         want = dataclasses.asdict(margs)
@@ -158,26 +174,44 @@ def _check(a, margs: ModelArgs):
                       and init[k] != want[k])
         if diff:
             raise ValueError(f"--init-from {a.init_from}: its config differs from the preset's in {diff}")
+        # every tensor's shape and dtype, and the files, checked by the loader (TrainableTransformer.load_hf
+        # reads what it finds)
+        load(a.init_from, torch.float32, device="cpu", backend="torch", progress=False)
+
+
+def _saved_state(a):
+    """--resume: the saved run (same settings), or None without --resume. Reads only."""
+    if not a.resume:
+        return None
+    path = os.path.join(a.out, "train_state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no {path}")
+    try:  # weights_only: a state file unpickles nothing but tensors and plain values
+        state = torch.load(path, weights_only=True)
+        saved = state["settings"]
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as e:
+        # (torch's own message runs over many lines, advising weights_only=False: not for a damaged file)
+        raise ValueError(f"--resume: {path} is not a training state (damaged?): {type(e).__name__}") from None
+    given = _settings(a)
+    if saved != given:
+        diff = {k: (v, given.get(k)) for k, v in saved.items() if given.get(k) != v}
+        raise ValueError(f"--resume: the saved run has other settings (saved, given): {diff}")
+    return state
 
 
 def train(a) -> dict:
+    """The run `a` (the parsed options) asks for. Every option, input file and the corpus are
+    checked before anything is written to --out (FileNotFoundError or ValueError naming the
+    problem)."""
+    from tokenizers import Tokenizer
     from tqdm import tqdm
     margs = ModelArgs(**PRESETS[a.preset])
     _check(a, margs)
     margs.num_nextn_predict_layers = a.mtp_layers
     if a.threads:
         torch.set_num_threads(a.threads)
-    os.makedirs(a.out, exist_ok=True)
     state_path = os.path.join(a.out, "train_state.pt")
-    state = None
-    if a.resume:
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"--resume: no {state_path}")
-        state = torch.load(state_path, weights_only=False)
-        given = _settings(a)
-        if state["settings"] != given:
-            diff = {k: (v, given.get(k)) for k, v in state["settings"].items() if given.get(k) != v}
-            raise ValueError(f"--resume: the saved run has other settings (saved, given): {diff}")
+    state = _saved_state(a)
 
     files = corpus.stdlib_files()[:a.max_files]
     train_texts, heldout_texts = corpus.split(files, a.heldout_every)
@@ -189,8 +223,9 @@ def train(a) -> dict:
             tokenizer = load_tokenizer(a.init_from)
         else:
             tokenizer = corpus.train_tokenizer(train_texts, PRESETS[a.preset]["vocab_size"])
-        tokenizer.save(tok_path)
-    tokenizer = load_tokenizer(a.out)  # the saved file, also on resume
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # as a resumed run reads it from tok_path
+    else:
+        tokenizer = load_tokenizer(a.out)
     bos, eos = margs.bos_token_id, margs.eos_token_ids[0]
     stream = corpus.encode_documents(tokenizer, train_texts, bos, eos)
     heldout = corpus.encode_documents(tokenizer, heldout_texts, bos, eos)
@@ -220,9 +255,17 @@ def train(a) -> dict:
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step, history, seconds = 0, [], 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step, history, seconds = state["step"], state["history"], state["seconds"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            detail = " ".join(str(e).split())  # load_state_dict's message runs over several lines
+            raise ValueError(f"--resume: {state_path} does not fit this run's model (damaged?): {detail}") from None
+    # everything is checked: the run's folder from here on
+    os.makedirs(a.out, exist_ok=True)
+    if state is None:
+        tokenizer.save(tok_path)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {len(train_texts)} training files ({stream.numel():,} tokens), {len(heldout_texts)} held out "
           f"({heldout.numel():,} tokens); model: {n_params / 1e6:.2f}M parameters", file=sys.stderr)
@@ -275,11 +318,14 @@ def train(a) -> dict:
 
 
 def main(argv=None):
-    a = _parser().parse_args(argv)
+    """The command line. Returns 0; an unusable option or input exits with status 2 and a one-line
+    message, as argparse does, before anything is written to --out."""
+    parser = _parser()
+    a = parser.parse_args(argv)
     try:
         r = train(a)
-    except (FileNotFoundError, ValueError) as e:
-        _parser().exit(2, f"python -m training.train: error: {e}\n")
+    except (OSError, ValueError) as e:  # ValueError: the options, ConfigError, CheckpointError
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps({k: v for k, v in r.items() if k not in ("history", "metrics")}))
     return 0
 
