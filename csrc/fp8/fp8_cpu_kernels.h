@@ -40,18 +40,6 @@ constexpr int64_t kGemmBlk = 128;  // K block of fp8_gemm's scales
 // The fast e4m3 decode returns value / 2^8 (see above); scales are multiplied by this.
 constexpr float kDecodeUnscale = 256.0f;
 
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bits_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // DeepSeek-V3's block scale; ue8m0 rounds it up to a power of two by carrying a non-zero
 // mantissa into the exponent. NaN amax stays NaN (std::max keeps its first argument); ue8m0 leaves
 // a NaN or inf scale alone (its bits carried up would wrap to -0.0 and hide it).

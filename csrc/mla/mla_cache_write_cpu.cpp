@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/float_type.h"
 #include "mla/mla_checks.h"
 
 namespace dsv3::mla::cpu {
@@ -21,30 +22,18 @@ namespace {
 // 1 thread: 15 / 25 us into a bf16 / FP8 cache that way, 8.6 / 13 us so; mla_decode of those 8
 // requests with H = 4 over 128 keys: 135 us).
 
-inline uint32_t float_bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-
-inline float bits_float(uint32_t b) {
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
-}
-
 // x rounded to bf16, to nearest even, as c10::BFloat16 does (NaN: 0x7FC0); in fp32's bits.
 inline uint32_t bf16_round_bits(float x) {
-  const uint32_t b = float_bits(x);
+  const uint32_t b = f32_bits(x);
   return (b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : (b + 0x7FFFu + ((b >> 16) & 1)) & 0xFFFF0000u;
 }
 
 // x -> float8_e4m3fn, to nearest even, as c10::Float8_e4m3fn does for |x| < 480 and NaN (the
 // quantizer's values are within 448).
 inline uint8_t e4m3_bits(float x) {
-  const uint32_t b = float_bits(x), mag = b & 0x7FFFFFFFu;
+  const uint32_t b = f32_bits(x), mag = b & 0x7FFFFFFFu;
   // below 2^-6 (subnormal): adding 2^14, whose ulp is e4m3's 2^-9, rounds in the hardware
-  const uint32_t sub = float_bits(bits_float(mag) + 16384.0f) - 0x46800000u;
+  const uint32_t sub = f32_bits(bits_f32(mag) + 16384.0f) - 0x46800000u;
   // normal: round the mantissa to 3 bits on the bits, carry into the exponent, rebias 127 -> 7
   const uint32_t normal = (mag + 0x7FFFFu + ((mag >> 20) & 1) - (120u << 23)) >> 20;
   const uint32_t code = mag > 0x7F800000u ? 0x7Fu : mag < (121u << 23) ? sub : normal;
@@ -54,7 +43,7 @@ inline uint8_t e4m3_bits(float x) {
 template <typename T>
 float round_to(float x) {
   if constexpr (std::is_same_v<T, float>) return x;
-  else if constexpr (std::is_same_v<T, c10::BFloat16>) return bits_float(bf16_round_bits(x));
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) return bits_f32(bf16_round_bits(x));
   else return static_cast<float>(static_cast<T>(x));
 }
 
@@ -108,8 +97,8 @@ void store_token(const float* c, const float* pe, Out* dst) {
 // to -0.0 and zero the tile).
 float fp8_tile_scale(float amax) {
   const float s = std::max(amax / 448.0f, 1e-4f);
-  const uint32_t bits = float_bits(s);
-  return (bits & 0x7F800000u) == 0x7F800000u ? s : bits_float((bits + 0x7FFFFFu) & ~0x7FFFFFu);
+  const uint32_t bits = f32_bits(s);
+  return (bits & 0x7F800000u) == 0x7F800000u ? s : bits_f32((bits + 0x7FFFFFu) & ~0x7FFFFFu);
 }
 
 // The FP8 cache's 656 bytes (mla_fp8_layout.h): c e4m3 per 128-value tile with its scale, pe in bf16.
