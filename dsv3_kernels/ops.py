@@ -448,8 +448,17 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias=None, n_group
     chosen; their unbiased scores (sigmoid or softmax) are renormalized if `renormalize` and scaled
     by routed_scaling_factor. Ties go to the lower index.
     Returns (topk_weights float32 [T, topk], topk_ids int32 [T, topk]), best first.
+    NaN / inf (reference/moe.py): NaN ranks above every number, so the ids are always topk distinct
+    experts in [0, E); a NaN score (a NaN logit; with softmax a NaN, +inf or all -inf row makes
+    every score NaN) is chosen first and makes the token's renormalized weights NaN.
     DeepSeek-V3: n_group=8, topk_group=4, topk=8, routed_scaling_factor=2.5, sigmoid.
     """
+    check_moe_route(router_logits, e_score_correction_bias, n_group, topk_group, topk, score_func)
+    return _run("moe_route", router_logits.device, backend, router_logits, e_score_correction_bias, n_group,
+                topk_group, topk, float(routed_scaling_factor), score_func, bool(renormalize))
+
+
+def check_moe_route(router_logits, e_score_correction_bias, n_group, topk_group, topk, score_func):
     _check_tensor("router_logits", router_logits, _FLOAT_DTYPES, ndim=2)
     e = router_logits.shape[1]
     for name, v in (("n_group", n_group), ("topk_group", topk_group), ("topk", topk)):
@@ -471,8 +480,6 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias=None, n_group
         _check_same_device(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
         if n_group > 1 and e // n_group < 2:
             raise ValueError("with a bias, each group needs at least 2 experts (a group scores its top-2 sum)")
-    return _run("moe_route", router_logits.device, backend, router_logits, e_score_correction_bias, n_group,
-                topk_group, topk, float(routed_scaling_factor), score_func, bool(renormalize))
 
 
 def _check_topk(name, t, dtype, num_tokens=None):
@@ -502,6 +509,24 @@ def _check_ids_in_range(topk_ids, num_experts):
                              f"(num_experts = {num_experts}) and is not {NO_EXPERT} (no expert)")
 
 
+def _check_num_experts(num_experts):
+    # int32 ids and offsets: a larger E could not be named by an id; refused before any allocation.
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts < 2 ** 31:
+        raise ValueError(f"num_experts must be an int in [1, 2**31 - 1] (int32 ids), got {num_experts!r}")
+
+
+def check_moe_permute(hidden, topk_ids, num_experts, align, quant):
+    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
+    _check_same_device(hidden=hidden, topk_ids=topk_ids)
+    _check_num_experts(num_experts)
+    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1024:
+        raise ValueError(f"align must be an int in [1, 1024], got {align!r}")
+    if quant and hidden.shape[1] % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
+                         f"got {hidden.shape[1]}")
+
+
 def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int = 1,
                 quant: bool = False, *, backend=None):
     """Group the (token, choice) pairs by expert into the contiguous layout the grouped GEMM takes.
@@ -518,20 +543,19 @@ def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, 
     > 1) is fixed by the shapes (CUDA graphs); padding rows are zero. inverse[t, j] is the row of
     token t's j-th choice.
     """
-    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
-    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
-    _check_same_device(hidden=hidden, topk_ids=topk_ids)
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1024:
-        raise ValueError(f"align must be an int in [1, 1024], got {align!r}")
-    if quant and hidden.shape[1] % GEMM_BLOCK:
-        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
-                         f"got {hidden.shape[1]}")
+    check_moe_permute(hidden, topk_ids, num_experts, align, quant)
     _check_ids_in_range(topk_ids, num_experts)
     permuted, scale, offsets, inverse = _run("moe_permute", hidden.device, backend, hidden, topk_ids,
                                              num_experts, align, bool(quant))
     return permuted, (scale if quant else None), offsets, inverse
+
+
+def check_silu_mul(x, quant):
+    _check_tensor("x", x, _FLOAT_DTYPES, ndim=2)
+    if x.shape[1] % 2:
+        raise ValueError(f"x must be [M, 2I] (gate | up), got an odd width {x.shape[1]}")
+    if quant and (x.shape[1] // 2) % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs I = x.shape[1] / 2 to be a multiple of {GEMM_BLOCK}, got {x.shape[1] // 2}")
 
 
 def silu_mul(x: torch.Tensor, quant: bool = False, *, backend=None):
@@ -539,15 +563,32 @@ def silu_mul(x: torch.Tensor, quant: bool = False, *, backend=None):
 
     x: [M, 2I] float32/bfloat16/float16, gate columns then up columns.
     Returns [M, I] of x's dtype; with quant, (float8_e4m3fn [M, I], scale float32 [M, I/128])
-    quantized like act_quant (I % 128 == 0).
+    quantized like act_quant (I % 128 == 0). NaN / inf follow the formula in IEEE arithmetic
+    (silu(-inf) is NaN), quantized act_quant's rule.
     """
-    _check_tensor("x", x, _FLOAT_DTYPES, ndim=2)
-    if x.shape[1] % 2:
-        raise ValueError(f"x must be [M, 2I] (gate | up), got an odd width {x.shape[1]}")
-    if quant and (x.shape[1] // 2) % GEMM_BLOCK:
-        raise ValueError(f"quant=True needs I = x.shape[1] / 2 to be a multiple of {GEMM_BLOCK}, got {x.shape[1] // 2}")
+    check_silu_mul(x, quant)
     y, scale = _run("silu_mul", x.device, backend, x, bool(quant))
     return (y, scale) if quant else y
+
+
+def check_moe_unpermute(expert_out, topk_weights, inverse, rows_name="expert_out"):
+    """rows_name: what the caller calls expert_out (ep_combine: returned)."""
+    _check_tensor(rows_name, expert_out, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_weights", topk_weights, torch.float32)
+    _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
+    if inverse.shape != topk_weights.shape:
+        raise ValueError(f"inverse and topk_weights must both be [T, topk], got {tuple(inverse.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    _check_same_device(**{rows_name: expert_out, "topk_weights": topk_weights, "inverse": inverse})
+
+
+def _check_inverse_rows(inverse, rows, rows_name):
+    """Where inverse is on the CPU: every entry -1 or a row of the rows_name tensor's `rows`."""
+    if inverse.device.type == "cpu" and inverse.numel() and not torch.compiler.is_compiling():
+        bad = ((inverse < -1) | (inverse >= rows)).nonzero()
+        if bad.numel():
+            t, j = bad[0].tolist()
+            raise ValueError(f"inverse[{t}, {j}] = {int(inverse[t, j])} is outside {rows_name}'s {rows} rows")
 
 
 def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse: torch.Tensor, *, backend=None):
@@ -556,22 +597,12 @@ def moe_unpermute(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse:
     expert_out: [P, D] float32/bfloat16/float16 (the grouped GEMM's output rows);
     topk_weights: float32 [T, topk]; inverse: int32 [T, topk] (from moe_permute).
     Returns [T, D] of expert_out's dtype: sum_j topk_weights[t, j] * expert_out[inverse[t, j]],
-    accumulated in fp32; an entry -1 (no row: a NO_EXPERT choice) adds nothing. A token with
+    accumulated in fp32; an entry -1 (no row: a NO_EXPERT choice) adds nothing, even with a NaN or
+    inf weight (other NaN / inf follow the sum). A token with
     another inverse entry outside [0, P) raises where inverse is on the CPU and gets NaN on a GPU.
     """
-    _check_tensor("expert_out", expert_out, _FLOAT_DTYPES, ndim=2)
-    _check_topk("topk_weights", topk_weights, torch.float32)
-    _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
-    if inverse.shape != topk_weights.shape:
-        raise ValueError(f"inverse and topk_weights must both be [T, topk], got {tuple(inverse.shape)} "
-                         f"and {tuple(topk_weights.shape)}")
-    _check_same_device(expert_out=expert_out, topk_weights=topk_weights, inverse=inverse)
-    if inverse.device.type == "cpu" and inverse.numel() and not torch.compiler.is_compiling():
-        bad = ((inverse < -1) | (inverse >= expert_out.shape[0])).nonzero()
-        if bad.numel():
-            t, j = bad[0].tolist()
-            raise ValueError(f"inverse[{t}, {j}] = {int(inverse[t, j])} is outside expert_out's "
-                             f"{expert_out.shape[0]} rows")
+    check_moe_unpermute(expert_out, topk_weights, inverse)
+    _check_inverse_rows(inverse, expert_out.shape[0], "expert_out")
     return _run("moe_unpermute", expert_out.device, backend, expert_out, topk_weights, inverse)
 
 
@@ -593,17 +624,7 @@ def _check_expert_weight(name, w, scale_name, scale, dtype):
     return fp8
 
 
-def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, a_scale=None, b_scale_inv=None,
-                 *, backend=None):
-    """One GEMM per expert over the contiguous layout of moe_permute: experts with no rows cost nothing.
-
-    a: [M, K] bfloat16 with b bfloat16, or float8_e4m3fn with a_scale float32 [M, K/128] (1x128
-    blocks) and b float8_e4m3fn with b_scale_inv float32 [E, ceil(N/128), K/128] (128x128 blocks).
-    b: [E, N, K] (each expert's weight as nn.Linear stores it); N and K multiples of 8 (K of 128
-    for FP8). expert_offsets: int32 [E+1], non-decreasing, expert_offsets[0] = 0, last <= M.
-    Returns bfloat16 [M, N]: rows [expert_offsets[e], expert_offsets[e+1]) are a @ b[e].T with fp32
-    accumulation; rows past expert_offsets[E] are 0.
-    """
+def check_grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
     _check_tensor("a", a, (torch.bfloat16, FP8_DTYPE), ndim=2)
     fp8 = _check_expert_weight("b", b, "b_scale_inv", b_scale_inv, torch.bfloat16)
     if (a.dtype == FP8_DTYPE) != fp8:
@@ -623,6 +644,22 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     if expert_offsets.shape[0] != e + 1:
         raise ValueError(f"expert_offsets must be [E+1] = [{e + 1}] for b's {e} experts, got {tuple(expert_offsets.shape)}")
     _check_same_device(**tensors)
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, a_scale=None, b_scale_inv=None,
+                 *, backend=None):
+    """One GEMM per expert over the contiguous layout of moe_permute: experts with no rows cost nothing.
+
+    a: [M, K] bfloat16 with b bfloat16, or float8_e4m3fn with a_scale float32 [M, K/128] (1x128
+    blocks) and b float8_e4m3fn with b_scale_inv float32 [E, ceil(N/128), K/128] (128x128 blocks).
+    b: [E, N, K] (each expert's weight as nn.Linear stores it); N and K multiples of 8 (K of 128
+    for FP8). expert_offsets: int32 [E+1], non-decreasing, expert_offsets[0] = 0, last <= M.
+    Returns bfloat16 [M, N]: rows [expert_offsets[e], expert_offsets[e+1]) are a @ b[e].T with fp32
+    accumulation; rows past expert_offsets[E] are 0. Unchecked offsets (on a GPU) are clamped to
+    [0, M] and a segment with hi <= lo is empty (reference/moe.py).
+    """
+    check_grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv)
+    m, e = a.shape[0], b.shape[0]
     if expert_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         if e < _SMALL:
             offs = expert_offsets.tolist()
@@ -637,21 +674,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
     return _run("grouped_gemm", a.device, backend, a, b, expert_offsets, a_scale, b_scale_inv)
 
 
-def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, w13_scale_inv=None, w2_scale_inv=None, *, backend=None):
-    """The routed experts of a DeepSeekMoE layer: each token through its topk experts' SwiGLU MLPs,
-    weighted by topk_weights and summed (the shared expert is not included).
-
-    hidden: bfloat16 [T, D]; w13: [E, 2I, D] (each expert's gate_proj rows, then up_proj rows);
-    w2: [E, D, I] (down_proj); both bfloat16, or float8_e4m3fn with w13_scale_inv float32
-    [E, 2I/128, D/128] and w2_scale_inv [E, D/128, I/128] (the checkpoints' weight_scale_inv;
-    D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route;
-    a choice with the id NO_EXPERT (-1) is skipped (no rows, no GEMM work, adds nothing).
-    Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
-    the activations to 1x128 blocks before each GEMM).
-    float32 hidden with float32 experts is the unrounded reference precision of a whole model (dsv3's
-    fp32 path): the cpu, triton and torch backends take it (on a GPU it goes to triton).
-    """
+def check_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv):
     _check_tensor("hidden", hidden, (torch.bfloat16, torch.float32), ndim=2)
     fp8 = _check_expert_weight("w13", w13, "w13_scale_inv", w13_scale_inv, hidden.dtype)
     fp8_2 = _check_expert_weight("w2", w2, "w2_scale_inv", w2_scale_inv, hidden.dtype)
@@ -673,14 +696,52 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     if fp8:
         tensors.update(w13_scale_inv=w13_scale_inv, w2_scale_inv=w2_scale_inv)
     _check_same_device(**tensors)
-    _check_ids_in_range(topk_ids, e)
     if hidden.dtype == torch.float32 and fp8:
         raise TypeError("float32 hidden needs float32 experts (FP8 experts take bfloat16 hidden)")
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w13_scale_inv=None, w2_scale_inv=None, *, backend=None):
+    """The routed experts of a DeepSeekMoE layer: each token through its topk experts' SwiGLU MLPs,
+    weighted by topk_weights and summed (the shared expert is not included).
+
+    hidden: bfloat16 [T, D]; w13: [E, 2I, D] (each expert's gate_proj rows, then up_proj rows);
+    w2: [E, D, I] (down_proj); both bfloat16, or float8_e4m3fn with w13_scale_inv float32
+    [E, 2I/128, D/128] and w2_scale_inv [E, D/128, I/128] (the checkpoints' weight_scale_inv;
+    D and I multiples of 128). topk_weights float32 / topk_ids int32 [T, topk] from moe_route;
+    a choice with the id NO_EXPERT (-1) is skipped (no rows, no GEMM work, adds nothing).
+    Returns bfloat16 [T, D]. Rounding points: dsv3_kernels/reference/moe.py (FP8 weights quantize
+    the activations to 1x128 blocks before each GEMM).
+    float32 hidden with float32 experts is the unrounded reference precision of a whole model (dsv3's
+    fp32 path): the cpu, triton and torch backends take it (on a GPU it goes to triton).
+    """
+    check_fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)
+    _check_ids_in_range(topk_ids, w13.shape[0])
     return _run("fused_moe", hidden.device, backend, hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv,
                 w2_scale_inv)
 
 
 # ---- expert parallelism: tokens to the ranks that own their experts, and back ----
+
+def check_ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant):
+    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
+    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
+    _check_topk("topk_weights", topk_weights, torch.float32, hidden.shape[0])
+    if topk_ids.shape != topk_weights.shape:
+        raise ValueError(f"topk_ids and topk_weights must have one shape [T, topk], got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if topk_ids.shape[1] < 1:
+        raise ValueError("topk_ids must have at least one choice per token (topk >= 1)")
+    _check_same_device(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights)
+    _check_num_experts(num_experts)
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if num_experts % world_size:
+        raise ValueError(f"num_experts = {num_experts} does not split evenly over world_size = {world_size} ranks")
+    if quant and hidden.shape[1] % GEMM_BLOCK:
+        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
+                         f"got {hidden.shape[1]}")
+
 
 def ep_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                 world_size: int, quant: bool = False, *, backend=None):
@@ -702,23 +763,7 @@ def ep_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
       fused_moe on the receiving rank computes only its own choices.
     ep_combine(returned, inverse) sums the rows that come back per token.
     """
-    _check_tensor("hidden", hidden, _FLOAT_DTYPES, ndim=2)
-    _check_topk("topk_ids", topk_ids, torch.int32, hidden.shape[0])
-    _check_topk("topk_weights", topk_weights, torch.float32, hidden.shape[0])
-    if topk_ids.shape != topk_weights.shape:
-        raise ValueError(f"topk_ids and topk_weights must have one shape [T, topk], got {tuple(topk_ids.shape)} "
-                         f"and {tuple(topk_weights.shape)}")
-    if topk_ids.shape[1] < 1:
-        raise ValueError("topk_ids must have at least one choice per token (topk >= 1)")
-    _check_same_device(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights)
-    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if num_experts % world_size:
-        raise ValueError(f"num_experts = {num_experts} does not split evenly over world_size = {world_size} ranks")
-    if quant and hidden.shape[1] % GEMM_BLOCK:
-        raise ValueError(f"quant=True needs D (hidden.shape[1]) to be a multiple of {GEMM_BLOCK}, "
-                         f"got {hidden.shape[1]}")
+    check_ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant)
     _check_ids_in_range(topk_ids, num_experts)
     send, scale, ids, weights, offsets, inverse = _run("ep_dispatch", hidden.device, backend, hidden, topk_ids,
                                                        topk_weights, num_experts, world_size, bool(quant))
@@ -732,7 +777,9 @@ def ep_combine(returned: torch.Tensor, inverse: torch.Tensor, *, backend=None):
     """
     _check_tensor("inverse", inverse, (torch.int32,), ndim=2)
     ones = torch.ones(inverse.shape, dtype=torch.float32, device=inverse.device)
-    return moe_unpermute(returned, ones, inverse, backend=backend)
+    check_moe_unpermute(returned, ones, inverse, "returned")
+    _check_inverse_rows(inverse, returned.shape[0], "returned")
+    return _run("moe_unpermute", returned.device, backend, returned, ones, inverse)
 
 
 # ---- normalization ----

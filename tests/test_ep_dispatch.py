@@ -131,6 +131,8 @@ def test_fp8_dispatch_within_fp8_tolerance(world):
 @pytest.mark.parametrize("change, error, match", [
     (dict(world_size=3), ValueError, "num_experts = 16 does not split evenly over world_size = 3"),
     (dict(world_size=0), ValueError, "world_size must be a positive int"),
+    (dict(num_experts=2 ** 31, world_size=2), ValueError, r"num_experts must be an int in \[1, 2\*\*31 - 1\]"),
+    (dict(num_experts=2 ** 32), ValueError, r"num_experts must be an int in \[1, 2\*\*31 - 1\]"),
     (dict(quant=True, hidden=torch.randn(9, 100)), ValueError, "multiple of 128"),
     (dict(topk_weights=torch.rand(9, 3)), ValueError, "one shape"),
     (dict(topk_weights=torch.rand(9, 4).double()), TypeError, "topk_weights must have dtype"),
@@ -158,3 +160,38 @@ def test_compile_fullgraph(device, backend):
 
     args = (hidden, ids.to(device), weights.to(device))
     assert torch.equal(torch.compile(f, fullgraph=True)(*args), f(*args))
+
+
+@pytest.mark.ops("ep_dispatch")
+def test_ep_dispatch_bf16_subnormals(device, backend):
+    """bf16 rows are copied bit for bit, subnormals included, except by Triton's interpreter,
+    whose bf16 loads mangle subnormals (tests/test_triton_interpreter.py shows the raw cast): there
+    exactly the subnormal values differ and the normal ones are exact."""
+    from dsv3_kernels.triton.registration import INTERPRETED
+    hidden = torch.randn(6, 128) * 2.0 ** -3
+    tiny = torch.rand(6, 128) < 0.3
+    hidden[tiny] *= 2.0 ** -130  # bf16 subnormals
+    hidden = hidden.bfloat16().to(device)
+    ids, weights = make_routes(6, 3, 8)
+    got = dispatch.implementation("ep_dispatch", backend)(hidden, ids.to(device), weights.to(device), 8, 2, False)
+    want = ref.ep_dispatch(hidden.cpu(), ids, weights, 8, 2)
+    bits, want_bits = got[0].cpu().view(torch.int16), want[0].view(torch.int16)
+    subnormal = (want_bits & 0x7F80) == 0
+    assert torch.equal(bits[~subnormal], want_bits[~subnormal])
+    if backend == "triton" and INTERPRETED:
+        assert not torch.equal(bits[subnormal], want_bits[subnormal]), \
+            "the interpreter now keeps bf16 subnormals: this test can demand bit-exact copies"
+    else:
+        assert torch.equal(bits, want_bits)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(returned=torch.randn(6, 64).double()), "returned must have dtype"),
+    (dict(returned=torch.randn(6, 64)[:, ::2]), "returned must be contiguous"),
+    (dict(inverse=torch.tensor([[0, 6], [1, -1]], dtype=torch.int32)), r"inverse\[0, 1\] = 6 is outside returned's 6 rows"),
+])
+def test_ep_combine_errors_name_returned(change, match):
+    """ep_combine's errors name its own arguments (not moe_unpermute's expert_out)."""
+    args = dict(returned=torch.randn(6, 64), inverse=torch.tensor([[0, 3], [1, -1]], dtype=torch.int32)) | change
+    with pytest.raises((TypeError, ValueError), match=match):
+        dk.ep_combine(**args)

@@ -53,7 +53,9 @@ T, TOPK, E, D = 9, 4, 16, 256
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(num_experts=0), ValueError, "num_experts must be a positive int"),
+    (dict(num_experts=0), ValueError, r"num_experts must be an int in \[1, 2\*\*31 - 1\]"),
+    (dict(num_experts=2 ** 31), ValueError, r"num_experts must be an int in \[1, 2\*\*31 - 1\] \(int32 ids\), got 2147483648"),
+    (dict(num_experts=2 ** 40), ValueError, r"num_experts must be an int in"),
     (dict(align=0), ValueError, "align must be an int in"),
     (dict(align=3.0), ValueError, "align must be an int in"),
     (dict(quant=True, hidden=torch.randn(T, 200)), ValueError, "quant=True needs D"),

@@ -10,7 +10,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import dsv3_kernels as dk  # noqa: E402
-from dsv3_kernels.reference import fp8 as ref_fp8, norm as ref_norm  # noqa: E402
+from dsv3_kernels.reference import fp8 as ref_fp8, moe as ref_moe, norm as ref_norm  # noqa: E402
 
 SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 1e-40, -3e-39, 1e30, -65504.0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -97,3 +97,57 @@ def test_fp8_linear_property(backend, data, lead, n, kb, stride, dtype):
     fin = want.isfinite()
     if fin.any():
         assert (got[fin] - want[fin]).abs().max() <= 2e-5 * want[fin].abs().max() + 1e-30
+
+
+@pytest.mark.parametrize("backend", _backends("moe_route"))
+@SETTINGS
+@given(data=st.data(), rows=st.integers(0, 6), grouping=st.sampled_from([(1, 1, 1, 3), (4, 2, 5, 5), (8, 4, 8, 4)]),
+       score_func=st.sampled_from(["sigmoid", "softmax"]), bias=st.booleans(), renormalize=st.booleans())
+def test_moe_route_property(backend, data, rows, grouping, score_func, bias, renormalize):
+    """The reference's ids (always distinct experts in [0, E)) and weights, special values included."""
+    n_group, topk_group, topk, per_group = grouping
+    e = n_group * per_group
+    x = data.draw(tensors((rows, e), torch.float32))
+    b = data.draw(tensors((e,), torch.float32)) if bias else None
+    w, ids = dk.moe_route(x, b, n_group, topk_group, topk, 2.5, score_func, renormalize, backend=backend)
+    w_ref, ids_ref = ref_moe.moe_route(x, b, n_group, topk_group, topk, 2.5, score_func, renormalize)
+    assert torch.equal(ids, ids_ref)
+    assert all(len(set(r)) == topk and 0 <= min(r) and max(r) < e for r in ids.tolist())
+    assert_same(w, w_ref)
+
+
+@pytest.mark.parametrize("backend", _backends("moe_permute"))
+@SETTINGS
+@given(data=st.data(), rows=st.integers(0, 6), topk=st.integers(1, 4), e=st.integers(1, 9), d=st.integers(1, 150),
+       align=st.sampled_from([1, 4]), dtype=st.sampled_from(DTYPES))
+def test_moe_permute_property(backend, data, rows, topk, e, d, align, dtype):
+    """Rows copied bit for bit (NaN / inf too) to the reference's layout, -1 ids skipped."""
+    x = data.draw(tensors((rows, d), dtype))
+    ids = torch.tensor(data.draw(st.lists(st.integers(-1, e - 1), min_size=rows * topk, max_size=rows * topk)),
+                       dtype=torch.int32).view(rows, topk)
+    got = dk.moe_permute(x, ids, e, align, backend=backend)
+    want = ref_moe.moe_permute(x, ids, e, align)
+    for g, w in ((got[0], want[0]), (got[2], want[2]), (got[3], want[3])):
+        assert torch.equal(g.view(torch.uint8) if g.is_floating_point() else g,
+                           w.view(torch.uint8) if w.is_floating_point() else w)
+
+
+@pytest.mark.parametrize("backend", _backends("silu_mul"))
+@SETTINGS
+@given(data=st.data(), rows=st.integers(0, 5), i=st.integers(1, 200), dtype=st.sampled_from(DTYPES))
+def test_silu_mul_property(backend, data, rows, i, dtype):
+    x = data.draw(tensors((rows, 2 * i), dtype))
+    assert_same(dk.silu_mul(x, backend=backend), ref_moe.silu_mul(x)[0])
+
+
+@pytest.mark.parametrize("backend", _backends("moe_unpermute"))
+@SETTINGS
+@given(data=st.data(), rows=st.integers(0, 5), topk=st.integers(1, 4), p=st.integers(1, 12), d=st.integers(1, 300),
+       dtype=st.sampled_from(DTYPES))
+def test_moe_unpermute_property(backend, data, rows, topk, p, d, dtype):
+    """Special values in the rows and the weights, -1 entries (skipped whatever their weight)."""
+    x = data.draw(tensors((p, d), dtype))
+    w = data.draw(tensors((rows, topk), torch.float32))
+    inv = torch.tensor(data.draw(st.lists(st.integers(-1, p - 1), min_size=rows * topk, max_size=rows * topk)),
+                       dtype=torch.int32).view(rows, topk)
+    assert_same(dk.moe_unpermute(x, w, inv, backend=backend), ref_moe.moe_unpermute(x, w, inv))

@@ -179,8 +179,6 @@ def test_every_registered_op_is_covered():
 
 
 @pytest.mark.parametrize("suffix", ["", "_triton"], ids=["cpu", "triton"])
-@pytest.mark.parametrize("ops", [FP8_MLA_NORM, pytest.param(MOE, marks=pytest.mark.skip(
-    reason="issue 24's MoE round is still to come (moe_permute with num_experts = 2**31 allocates "
-           "until the OOM killer ends it; moe_route_triton runs out of bounds)"))], ids=["fp8-mla-norm", "moe"])
+@pytest.mark.parametrize("ops", [FP8_MLA_NORM, MOE], ids=["fp8-mla-norm", "moe"])
 def test_malformed_arguments_raise(ops, suffix):
     _run_child(ops, [suffix])

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 namespace dsv3::moe {
@@ -40,7 +42,9 @@ inline void check_moe_permute(const at::Tensor& hidden, const at::Tensor& topk_i
                   topk_ids.size(0) == hidden.size(0),
               "topk_ids must be a contiguous int32 [T, topk] tensor with hidden's T");
   TORCH_CHECK(topk_ids.device() == hidden.device(), "topk_ids must be on hidden's device");
-  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1");
+  // The ids and offsets are int32: a larger E could not be named by an id (and its offsets would not fit).
+  TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
+              "num_experts must be in [1, 2**31 - 1], got ", num_experts);
   TORCH_CHECK(align >= 1 && align <= 1024, "align must be in [1, 1024]");
   TORCH_CHECK(!quant || hidden.size(1) % 128 == 0, "quant needs D % 128 == 0");
 }
@@ -104,6 +108,8 @@ inline void check_moe_unpermute(const at::Tensor& expert_out, const at::Tensor& 
 
 inline void check_ep_dispatch(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                               int64_t num_experts, int64_t world_size, bool quant) {
+  TORCH_CHECK(num_experts <= std::numeric_limits<int32_t>::max(), "num_experts must be <= 2**31 - 1 (int32 ids), got ",
+              num_experts);
   TORCH_CHECK(world_size >= 1 && num_experts >= world_size && num_experts % world_size == 0,
               "num_experts (", num_experts, ") must split evenly over world_size (", world_size, ") ranks");
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(1) >= 1, "topk_ids must be [T, topk] with topk >= 1");

@@ -1,8 +1,9 @@
 // moe_route: one warp per token, several tokens per block. Lane `lane` holds the experts
 // lane + 32 * i (i < kSlots = ceil(E / 32), coalesced loads) in registers. Every choice (top-2 per
 // group, the kept groups, the topk experts) is a warp-wide argmax over (value, index) with a
-// __shfl_xor_sync butterfly; the order prefers the higher value, then the LOWER index, so ties go
-// to the lower index as in dsv3_kernels/reference/moe.py. The butterfly leaves the same winner in
+// __shfl_xor_sync butterfly; the order prefers the higher value (NaN above every number, as in
+// torch's descending sort), then the LOWER index, so ties go to the lower index as in
+// dsv3_kernels/reference/moe.py and every pick is a distinct existing expert whatever the scores. The butterfly leaves the same winner in
 // every lane (a strict order on distinct indices, and commutative fmaxf/fminf/+), so all lanes
 // follow the same path. Scores in fp32 with IEEE expf and division (no fast-math), each operation
 // rounded as torch does (no product feeds an add, so nothing is contracted to an FMA).
@@ -27,10 +28,18 @@ __device__ __forceinline__ float load(const void* p, FloatType t, int64_t i) {
   }
 }
 
-// (v, i) ranks before (bv, bi): higher value, then lower index. NaN never ranks before anything.
+// (v, i) ranks before (bv, bi): higher value with NaN above everything, then lower index.
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
-  return v > bv || (v == bv && i < bi);
+  const bool vn = isnan(v), bn = isnan(bv);
+  return v > bv || (vn && !bn) || ((v == bv || (vn && bn)) && i < bi);
 }
+
+// max / min in that order (NaN highest): a group's top-2 sum is NaN when it holds a NaN, as the
+// reference's sorted top-2 is (fmaxf / fminf would drop the NaN).
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return isnan(a) || isnan(b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
+}
+__device__ __forceinline__ float nan_min(float a, float b) { return isnan(a) ? b : (isnan(b) ? a : fminf(a, b)); }
 
 template <int kSlots>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const MoeRouteParams p) {
@@ -102,15 +111,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
       for (int i = 0; i < kSlots; ++i) {
         if (gid[i] == g) {
           const float v = biased[i];
-          t2 = fmaxf(t2, fminf(t1, v));
-          t1 = fmaxf(t1, v);
+          t2 = nan_max(t2, nan_min(t1, v));
+          t1 = nan_max(t1, v);
         }
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) {
         const float o1 = __shfl_xor_sync(kFull, t1, o), o2 = __shfl_xor_sync(kFull, t2, o);
-        t2 = fmaxf(fminf(t1, o1), fmaxf(t2, o2));
-        t1 = fmaxf(t1, o1);
+        t2 = nan_max(nan_min(t1, o1), nan_max(t2, o2));
+        t1 = nan_max(t1, o1);
       }
       const float gs = p.bias != nullptr ? t1 + t2 : t1;
 #pragma unroll
@@ -147,7 +156,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
     }
   }
 
-  // ---- the topk best eligible experts, best first ----
+  // ---- the topk best experts, best first ----
+  // Every existing expert not yet taken is a candidate, those outside the kept groups at -inf (the
+  // reference masks them so): an eligible -inf or NaN then ranks against them as it does there.
   // Lane k % 32 keeps pick k in slot k / 32 (topk <= E <= 32 * kSlots) for a coalesced store.
   float w_out[kSlots];
   int id_out[kSlots];
@@ -157,14 +168,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
     id_out[i] = 0;
   }
   float sum = 0.f;
+  unsigned open = valid;  // not taken yet
   for (int k = 0; k < p.topk; ++k) {
     float bv = -INFINITY, bw = 0.f;
     int bi = INT_MAX;
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const int e = lane + 32 * i;
-      if ((eligible >> i & 1u) && better(biased[i], e, bv, bi)) {
-        bv = biased[i];
+      const float v = (eligible >> i & 1u) ? biased[i] : -INFINITY;
+      if ((open >> i & 1u) && better(v, e, bv, bi)) {
+        bv = v;
         bi = e;
         bw = score[i];
       }
@@ -181,7 +194,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) moe_route_kernel(const Mo
     }
 #pragma unroll
     for (int i = 0; i < kSlots; ++i)
-      if (lane + 32 * i == bi) eligible &= ~(1u << i);  // taken
+      if (lane + 32 * i == bi) open &= ~(1u << i);  // taken
     sum += bw;  // best first, the same in every lane
 #pragma unroll
     for (int i = 0; i < kSlots; ++i)

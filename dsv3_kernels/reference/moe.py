@@ -10,7 +10,13 @@ moe_route, for router logits [T, E]:
 4. topk_ids = the topk highest biased scores, best first; topk_weights = the unbiased scores of
    those experts, divided by their sum when renormalize, times routed_scaling_factor.
 Ties (groups or experts of equal score) go to the lower index, so every backend picks the same
-experts.
+experts. NaN / inf: every ranking is torch's descending sort, where NaN ranks above every number
+(NaNs among themselves by index), so the ids are always topk distinct experts in [0, E). A NaN
+logit (sigmoid) makes that expert's score NaN: it is chosen first (its group too) and, with
+renormalize, all of the token's weights are NaN (without, its own weight). Softmax spreads a NaN,
+a +inf or a row of -inf logits over the whole row (inf - inf): every score is NaN, the picks are
+experts 0 .. topk-1, all weights NaN. A +-inf bias steers the choice as +-inf; sigmoid maps
++-inf logits to 1 and 0.
 
 The expert layers (FP8 is float8_e4m3fn with 1x128 activation / 128x128 weight scales, fp8.py):
 - moe_permute groups the T*topk (token, choice) pairs by expert into a contiguous layout: expert
@@ -23,9 +29,16 @@ The expert layers (FP8 is float8_e4m3fn with 1x128 activation / 128x128 weight s
   inverse -2.
 - grouped_gemm: rows [offsets[e], offsets[e+1]) of `a` times b[e].T (offsets clamped to [0, M];
   a segment with hi <= lo is empty); rows no segment covers are 0; bf16 out, fp32 accumulation.
-- silu_mul: silu(gate) * up in fp32, then rounded to x's dtype or quantized (act_quant).
+  Where offsets that decrease make segments overlap, a row gets the last expert's product here
+  and on the CPU; the GPU kernels (CUDA, Triton) do not order the experts' tiles and leave such
+  rows unspecified (the public op refuses such offsets where they are on the CPU).
+- silu_mul: silu(gate) * up in fp32, then rounded to x's dtype or quantized (act_quant); NaN and
+  inf follow that formula in IEEE arithmetic (silu(-inf) = -inf / inf = NaN, silu(inf) = inf),
+  quantized blocks act_quant's rule (a NaN / inf makes its block's scale NaN / inf).
 - moe_unpermute: out[t] = sum over j (in order) of topk_weights[t, j] * expert_out[inverse[t, j]],
-  fp32, rounded once; an entry -1 adds nothing; a token with another entry outside [0, P) gets NaN.
+  fp32, rounded once; an entry -1 adds nothing, whatever its weight (a NaN / inf weight too); a
+  token with another entry outside [0, P) gets NaN. Otherwise NaN / inf follow the sum (0 * inf =
+  NaN). moe_permute and ep_dispatch copy the rows bit for bit (quantized: act_quant's rule).
 - fused_moe = permute -> grouped_gemm(w13) -> rounded to bf16 -> silu_mul (bf16, or quantized with
   FP8 weights) -> grouped_gemm(w2) -> rounded to bf16 -> moe_unpermute. FP8 weights quantize the
   hidden rows with act_quant first. The id -1 costs nothing and adds nothing; a token with an id

@@ -205,7 +205,7 @@ def _moe_variants():
                {"a_ptr": f"*{ab}", "as_ptr": "*fp32", "b_ptr": f"*{ab}", "bs_ptr": "*fp32",
                 "c_ptr": "*fp32" if ab == "fp32" else "*bf16",
                 "seg_lo_ptr": "*i32", "seg_rows_ptr": "*i32", "tile_start_ptr": "*i32", "N": "i32", "K": "i32",
-                "E": "i32", "NUM_SEGS": "i32"},
+                "E": "i32"},
                {"FP8": fp8_in, "BLOCK_M": block_m, "BLOCK_N": block_n,
                 "BLOCK_K": GEMM_BLOCK if fp8_in else 64, "BLOCK_S": 512, "DOT_FP32": False,
                 "IEEE": ab == "fp32"},

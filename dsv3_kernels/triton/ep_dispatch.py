@@ -9,7 +9,8 @@ import triton.language as tl
 
 from ..utils import cdiv
 from .moe_permute import moe_permute
-from .registration import custom_op, wrap_triton
+from .. import ops
+from .registration import custom_op, refuse, wrap_triton
 
 
 @triton.jit
@@ -81,4 +82,6 @@ def ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant):
 def _ep_dispatch_op(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
                     world_size: int, quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                            torch.Tensor, torch.Tensor]:
+    refuse("ep_dispatch_triton", ops.check_ep_dispatch, hidden, topk_ids, topk_weights, num_experts, world_size,
+           quant)
     return ep_dispatch(hidden, topk_ids, topk_weights, num_experts, world_size, quant)

@@ -12,7 +12,8 @@ import torch
 from .grouped_gemm import grouped_gemm
 from .moe_permute import moe_permute
 from .moe_unpermute import moe_unpermute
-from .registration import custom_op
+from .. import ops
+from .registration import custom_op, refuse
 from .silu_mul import silu_mul
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -33,4 +34,6 @@ def fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_i
 def _fused_moe_op(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, w13_scale_inv: Optional[torch.Tensor],
                   w2_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    refuse("fused_moe_triton", ops.check_fused_moe, hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv,
+           w2_scale_inv)
     return fused_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale_inv, w2_scale_inv)

@@ -3,12 +3,15 @@
 Semantics: dsv3_kernels/reference/moe.py. Importing this module registers the custom op
 `dsv3_kernels::grouped_gemm_triton` (registration.py).
 
-Tile schedule: the rows are cut into segments, [0, offsets[0]) (zeros), one per expert, and
-[offsets[E], M) (zeros), offsets clamped to [0, M]. Each segment has cdiv(rows, BLOCK_M) M tiles;
+Tile schedule: one segment per expert, [offsets[e], offsets[e+1]) with the offsets clamped to
+[0, M] (empty where hi <= lo); the output starts as zeros, so rows no segment covers stay 0 however
+the offsets are placed (zero segments before offsets[0] and past offsets[E] would overwrite the
+rows of an expert whose offsets are out of order). Each segment has cdiv(rows, BLOCK_M) M tiles;
 their exclusive prefix (computed on the device by torch, no host sync) maps a program to its
-segment. The grid is the shape-only bound cdiv(M, BLOCK_M) + E + 2 M tiles, programs past the
-last tile exit, and an expert with no rows has no tile: it costs nothing and its weights are never
-read. Segments need no padding (align 1 works).
+segment. The grid is the shape-only bound cdiv(M, BLOCK_M) + E M tiles (enough for segments that
+do not overlap: offsets that decrease into an earlier segment are refused where they are on the
+CPU), programs past the last tile run no K step, and an expert with no rows has no tile: it costs
+nothing and its weights are never read. Segments need no padding (align 1 works).
 """
 
 from typing import Optional
@@ -19,32 +22,34 @@ import triton.language as tl
 
 from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _kernel_dtype
-from .registration import INTERPRETED, custom_op, wrap_triton
+from .. import ops
+from .registration import INTERPRETED, custom_op, refuse, wrap_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_rows_ptr, tile_start_ptr,
-                         N, K, E, NUM_SEGS,
+                         N, K, E,
                          FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, DOT_FP32: tl.constexpr,
                          IEEE: tl.constexpr):
-    """c rows of segment s (s = 0: head, 1..E: expert s-1, E+1: tail) = a rows @ b[s-1].T.
+    """c rows of expert e's segment = a rows @ b[e].T.
 
     a [M, K] bf16 or e4m3 (as [M, K/128] fp32), b [E, N, K] (bs [E, ceil(N/128), K/128] fp32),
-    c [M, N]; float32 a and b (the fp32 fused_moe) multiply in IEEE fp32 (IEEE), not TF32; seg_lo/seg_rows int32 [NUM_SEGS], tile_start int32 [NUM_SEGS + 1] (exclusive prefix
+    c [M, N]; float32 a and b (the fp32 fused_moe) multiply in IEEE fp32 (IEEE), not TF32; seg_lo/seg_rows int32 [E], tile_start int32 [E + 1] (exclusive prefix
     of the segments' M tiles). With FP8 each 128-wide K block's product is scaled into the fp32
     total (DeepSeek-V3's promotion).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     idx = tl.arange(0, BLOCK_S)
-    starts = tl.load(tile_start_ptr + idx, mask=idx <= NUM_SEGS, other=2147483647)
+    starts = tl.load(tile_start_ptr + idx, mask=idx <= E, other=2147483647)
     # No branches around the K loop (Triton pipelines only a loop it sees whole): a program past
-    # the last tile lands past the tail segment's rows, so all its rows are masked; a zero
-    # segment (head, tail) runs the loop zero times and stores zeros.
-    seg = tl.minimum(tl.sum((starts <= pid_m).to(tl.int32), 0) - 1, NUM_SEGS - 1)
+    # the last tile lands past the last segment's rows, so all its rows are masked, and runs the
+    # loop zero times.
+    live = pid_m < tl.load(tile_start_ptr + E)
+    seg = tl.minimum(tl.sum((starts <= pid_m).to(tl.int32), 0) - 1, E - 1)
     lo = tl.load(seg_lo_ptr + seg)
     rows = tl.load(seg_rows_ptr + seg)
     local = (pid_m - tl.load(tile_start_ptr + seg)) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,8 +57,7 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_ro
     rm = (lo + local).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    is_expert = (seg >= 1) & (seg <= E)
-    expert = tl.minimum(tl.maximum(seg - 1, 0), E - 1).to(tl.int64)
+    expert = seg.to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None] * K + rk[None, :]
     b_ptrs = b_ptr + expert * N * K + rn.to(tl.int64)[:, None] * K + rk[None, :]
@@ -62,7 +66,7 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_ro
         KB = K // BLOCK_K
         as_ptrs = as_ptr + rm * KB
         bs_row = bs_ptr + (expert * tl.cdiv(N, BLOCK_K) + pid_n * BLOCK_N // BLOCK_K) * KB
-        for kb in range(0, tl.where(is_expert, KB, 0)):
+        for kb in range(0, tl.where(live, KB, 0)):
             a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_mask[:, None], other=0.0)
             b = tl.load(b_ptrs + kb * BLOCK_K, mask=n_mask[:, None], other=0.0)
             a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
@@ -70,7 +74,7 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_lo_ptr, seg_ro
             # b stays K-major through the transposed view (fp8 wgmma needs both K-major).
             acc += tl.dot(a, tl.trans(b)) * (a_s * b_s)[:, None]
     else:
-        for k0 in range(0, tl.where(is_expert, K, 0), BLOCK_K):
+        for k0 in range(0, tl.where(live, K, 0), BLOCK_K):
             k_mask = (k0 + rk) < K
             a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -109,14 +113,12 @@ def gemm_config(m, num_experts):
 
 
 def _segments(expert_offsets, m, block_m):
-    """(seg_lo, seg_rows, tile_start) int32 on the device: head, the E experts, tail."""
+    """(seg_lo, seg_rows, tile_start) int32 on the device, one segment per expert."""
     off = expert_offsets.to(torch.int64).clamp(0, m)
-    zero = off.new_zeros(1)
-    lo = torch.cat([zero, off[:-1], off[-1:]])
-    hi = torch.cat([off[:1], off[1:], off.new_full((1,), m)])
-    rows = (hi - lo).clamp_min(0)
+    lo = off[:-1]
+    rows = (off[1:] - lo).clamp_min(0)
     tiles = (rows + block_m - 1) // block_m
-    tile_start = torch.cat([zero, tiles.cumsum(0)])
+    tile_start = torch.cat([off.new_zeros(1), tiles.cumsum(0)])
     return lo.to(torch.int32), rows.to(torch.int32), tile_start.to(torch.int32)
 
 
@@ -125,15 +127,15 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
     e, n, _ = b.shape
     fp8, fp32 = a.dtype == FP8_DTYPE, a.dtype == torch.float32
     out_dtype = torch.float32 if fp32 else torch.bfloat16  # float32 only inside the fp32 fused_moe
-    c = torch.empty((m, n), dtype=_kernel_dtype(out_dtype), device=a.device)
-    if m > 0:
+    c = torch.zeros((m, n), dtype=_kernel_dtype(out_dtype), device=a.device)
+    if m > 0 and e > 0:
         block_m, block_n, num_warps, num_stages = gemm_config(m, e)
         seg_lo, seg_rows, tile_start = _segments(expert_offsets, m, block_m)
-        grid = (cdiv(m, block_m) + e + 2, cdiv(n, block_n))
+        grid = (cdiv(m, block_m) + e, cdiv(n, block_n))
         wrap_triton(_grouped_gemm_kernel)[grid](
             a, a_scale if fp8 else a, b, b_scale_inv if fp8 else b, c, seg_lo, seg_rows, tile_start,
-            n, k, e, e + 2, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=GEMM_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 3),
+            n, k, e, FP8=fp8, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=GEMM_BLOCK if fp8 else 64, BLOCK_S=triton.next_power_of_2(e + 1),
             DOT_FP32=INTERPRETED, IEEE=fp32, num_warps=num_warps, num_stages=num_stages)
     return c.to(out_dtype)
 
@@ -141,4 +143,5 @@ def grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv):
 @custom_op("dsv3_kernels::grouped_gemm_triton")
 def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor,
                      a_scale: Optional[torch.Tensor], b_scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    refuse("grouped_gemm_triton", ops.check_grouped_gemm, a, b, expert_offsets, a_scale, b_scale_inv)
     return grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv)

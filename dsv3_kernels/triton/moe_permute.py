@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _amax, _block_scale, _kernel_dtype
-from .registration import custom_op, wrap_triton
+from .registration import custom_op, refuse, wrap_triton
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,4 +175,5 @@ def moe_permute(hidden, topk_ids, num_experts, align, quant):
 @custom_op("dsv3_kernels::moe_permute_triton")
 def _moe_permute_op(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int,
                     quant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    refuse("moe_permute_triton", ops.check_moe_permute, hidden, topk_ids, num_experts, align, quant)
     return moe_permute(hidden, topk_ids, num_experts, align, quant)

@@ -6,9 +6,11 @@ top-2-sum group scores, ties to the lower index). Importing this module register
 triton/registration.py (triton_op on a GPU, an opaque custom op under TRITON_INTERPRET=1).
 
 One program routes BLOCK_T tokens, each a row of BLOCK_E >= E expert columns held in registers.
-Every top-k (top-2 within a group, the kept groups, the chosen experts) is an iterative argmax:
-k is small (<= 8 in DeepSeek-V3), and "max, then the lowest index attaining it" breaks ties
-toward the lower index exactly, which a sort-based top-k on a GPU would not guarantee.
+Every top-k (top-2 within a group, the kept groups, the chosen experts) is an iterative argmax
+over the columns not taken yet: k is small (<= 8 in DeepSeek-V3), and "max, then the lowest index
+attaining it" breaks ties toward the lower index exactly, which a sort-based top-k on a GPU would
+not guarantee. NaN ranks above every number, as in the reference's descending sort, so a token's
+picks are distinct existing experts whatever its scores.
 """
 
 from typing import Optional
@@ -17,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ..utils import cdiv
-from .registration import custom_op, wrap_triton
+from .registration import custom_op, refuse, wrap_triton
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,10 +29,15 @@ from .registration import custom_op, wrap_triton
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _argmax_low(x, cols, BLOCK_E: tl.constexpr):
-    """(max of each row of x [BLOCK_T, BLOCK_E], the lowest column attaining it)."""
-    m = tl.max(x, 1)
-    return m, tl.min(tl.where(x == m[:, None], cols[None, :], BLOCK_E), 1)
+def _argmax_low(x, cand, cols, BLOCK_E: tl.constexpr):
+    """(the best of each row of x [BLOCK_T, BLOCK_E] among its candidate columns `cand`, the lowest
+    column attaining it), NaN above every number. Rows need a candidate. NaN is handled apart:
+    x == max never holds for it, and tl.max may skip it (the interpreter does)."""
+    nan_col = tl.min(tl.where(cand & (x != x), cols[None, :], BLOCK_E), 1)
+    m = tl.max(tl.where(cand & (x == x), x, float("-inf")), 1)
+    col = tl.min(tl.where(cand & (x == m[:, None]), cols[None, :], BLOCK_E), 1)
+    has_nan = nan_col < BLOCK_E
+    return tl.where(has_nan, float("nan"), m), tl.where(has_nan, nan_col, col)
 
 
 @triton.jit
@@ -55,8 +63,8 @@ def _moe_route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, scale,
     biased = scores
     if HAS_BIAS:
         biased += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    # Padding columns are never chosen: the op checks that topk experts (finite scores) are eligible.
-    biased = tl.where(col_ok[None, :], biased, float("-inf"))
+    # Padding columns are never candidates; the op checks that there are topk experts.
+    real = col_ok[None, :]
 
     if N_GROUP > 1:
         GROUP_SIZE: tl.constexpr = E // N_GROUP
@@ -67,30 +75,30 @@ def _moe_route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, scale,
         group_score = tl.full(biased.shape, float("-inf"), tl.float32)
         for g in tl.static_range(N_GROUP):
             in_g = (group == g)[None, :]
-            top1, top1_col = _argmax_low(tl.where(in_g, biased, float("-inf")), cols, BLOCK_E)
+            top1, top1_col = _argmax_low(biased, in_g, cols, BLOCK_E)
             s = top1
-            if HAS_BIAS:
-                s += tl.max(tl.where(in_g & (cols[None, :] != top1_col[:, None]), biased, float("-inf")), 1)
+            if HAS_BIAS:  # the op checks that a group has a second expert
+                s += _argmax_low(biased, in_g & (cols[None, :] != top1_col[:, None]), cols, BLOCK_E)[0]
             group_score = tl.where(in_g, s[:, None], group_score)
         kept = tl.zeros(biased.shape, tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
-            _, best_col = _argmax_low(group_score, cols, BLOCK_E)
-            chosen = group[None, :] == (best_col // GROUP_SIZE)[:, None]
-            kept |= chosen
-            group_score = tl.where(chosen, float("-inf"), group_score)
+            _, best_col = _argmax_low(group_score, real & ~kept, cols, BLOCK_E)
+            kept |= group[None, :] == (best_col // GROUP_SIZE)[:, None]
+        # The reference's mask: the other groups' experts stay candidates at -inf.
         biased = tl.where(kept, biased, float("-inf"))
 
     k_cols = tl.arange(0, BLOCK_K)
     w = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
+    taken = tl.zeros(biased.shape, tl.int1)
     for k in tl.static_range(TOPK):
-        _, best = _argmax_low(biased, cols, BLOCK_E)
+        _, best = _argmax_low(biased, real & ~taken, cols, BLOCK_E)
         hit = cols[None, :] == best[:, None]
         # The chosen expert's unbiased score: one term plus zeros, exact.
         score = tl.sum(tl.where(hit, scores, 0.0), 1)
         w = tl.where(k_cols[None, :] == k, score[:, None], w)
         ids = tl.where(k_cols[None, :] == k, best[:, None], ids)
-        biased = tl.where(hit, float("-inf"), biased)
+        taken |= hit
     if RENORMALIZE:
         w = tl.div_rn(w, tl.sum(w, 1)[:, None] + 1e-20)  # padding columns of w are 0
     out = rows.to(tl.int64)[:, None] * TOPK + k_cols[None, :]
@@ -121,6 +129,8 @@ def route_config(e, topk):
 def _moe_route_op(router_logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor], n_group: int,
                   topk_group: int, topk: int, routed_scaling_factor: float, score_func: str,
                   renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse("moe_route_triton", ops.check_moe_route, router_logits, e_score_correction_bias, n_group, topk_group,
+           topk, score_func)
     t, e = router_logits.shape
     weights = torch.empty((t, topk), dtype=torch.float32, device=router_logits.device)
     ids = torch.empty((t, topk), dtype=torch.int32, device=router_logits.device)

@@ -12,7 +12,8 @@ import triton.language as tl
 
 from ..utils import cdiv
 from .fp8 import _kernel_dtype
-from .registration import custom_op, wrap_triton
+from .. import ops
+from .registration import custom_op, refuse, wrap_triton
 
 
 @triton.jit
@@ -32,6 +33,7 @@ def _moe_unpermute_kernel(x_ptr, w_ptr, inv_ptr, out_ptr, T, P, D, TOPK,
         w = tl.load(w_ptr + rows * TOPK + j, mask=row_ok, other=0.0)
         ok = (inv >= 0) & (inv < P)
         n_bad += ((~ok) & (inv != -1)).to(tl.int32)
+        w = tl.where(ok, w, 0.0)  # a choice with no row adds nothing, whatever its weight (NaN too)
         x = tl.load(x_ptr + inv.to(tl.int64)[:, None] * D + cols[None, :],
                     mask=(row_ok & ok)[:, None] & col_ok[None, :], other=0.0)
         acc += w[:, None] * x.to(tl.float32)
@@ -60,4 +62,5 @@ def moe_unpermute(expert_out, topk_weights, inverse):
 
 @custom_op("dsv3_kernels::moe_unpermute_triton")
 def _moe_unpermute_op(expert_out: torch.Tensor, topk_weights: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    refuse("moe_unpermute_triton", ops.check_moe_unpermute, expert_out, topk_weights, inverse)
     return moe_unpermute(expert_out, topk_weights, inverse)

@@ -12,7 +12,8 @@ import triton.language as tl
 
 from ..utils import GEMM_BLOCK, cdiv
 from .fp8 import _amax, _block_scale, _kernel_dtype
-from .registration import custom_op, wrap_triton
+from .. import ops
+from .registration import custom_op, refuse, wrap_triton
 
 
 @triton.jit
@@ -60,4 +61,5 @@ def silu_mul(x, quant):
 
 @custom_op("dsv3_kernels::silu_mul_triton")
 def _silu_mul_op(x: torch.Tensor, quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    refuse("silu_mul_triton", ops.check_silu_mul, x, quant)
     return silu_mul(x, quant)
