@@ -124,12 +124,18 @@ def problems(args) -> list:
                        f"this package can hold (DeepSeek-V3: 6.9e11); most of them ({most:.2e}) in {what}")
     return out
 
+def _optional_object(args, name, bad):
+    """The config's field `name` when it is an object (a dict), else None; anything but an object
+    or null is reported."""
+    value = getattr(args, name)
+    if value is not None and not isinstance(value, dict):
+        bad(name, "must be an object or null")
+        return None
+    return value
+
 def _rope_problems(args, bad, number):
-    rs = args.rope_scaling
+    rs = _optional_object(args, "rope_scaling", bad)
     if rs is None:
-        return
-    if not isinstance(rs, dict):
-        bad("rope_scaling", "must be an object or null")
         return
     kind = rs.get("rope_type", rs.get("type"))
     if kind not in ("yarn", "default", None):
@@ -153,11 +159,8 @@ def _rope_problems(args, bad, number):
         bad("rope_scaling.truncate", "must be true or false", rs["truncate"])
 
 def _quantization_problems(args, bad):
-    q = args.quantization_config
+    q = _optional_object(args, "quantization_config", bad)
     if q is None:
-        return
-    if not isinstance(q, dict):
-        bad("quantization_config", "must be an object or null")
         return
     if q.get("quant_method", "fp8") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
         bad("quantization_config", "only quant_method 'fp8' with fmt 'e4m3' is supported")

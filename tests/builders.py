@@ -8,8 +8,10 @@ A builder that one module alone uses stays in that module.
 
 import math
 
+import pytest
 import torch
 
+from dsv3_kernels import dispatch
 from dsv3_kernels.reference import fp8 as ref_fp8
 from dsv3_kernels.reference import mla as ref_mla
 from helpers import native_only
@@ -97,6 +99,41 @@ HUGE_BLOCK = 2 ** 30
 # softmax in vectors of 8 (avx2) or 16 rows; the GPU kernels in tiles of 64.
 ROW_SHAPES = [(1, 1), (2, 1), (3, 1), (4, 1), (1, 5), (2, 3), (1, 7), (4, 2), (3, 3), (2, 5), (1, 11), (4, 3),
               (1, 13), (2, 7), (3, 5), (4, 4), (1, 17), (2, 9), (3, 11)]
+# The row-count tests' keys, in blocks of ROW_BLOCK_SIZE: tiny and odd lengths (the tails of key
+# tiles and blocks; causal rows that see no key).
+ROW_SEQLENS, ROW_BLOCK_SIZE = [0, 1, 2, 3, 9, 17, 70], 16
+
+
+def row_dtype(s_q, h):
+    """The q dtype of a ROW_SHAPES case: it cycles with the row count, so each dtype meets many."""
+    return (torch.bfloat16, torch.float16, torch.float32)[(s_q * h) % 3]
+
+
+def cache_write_cases(test):
+    """Parametrizes an mla_cache_write test (of the bf16 or the FP8 cache) with token counts, input
+    dtypes and the fused norm + rope."""
+    test = pytest.mark.parametrize("t", [1, 37])(test)
+    test = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])(test)
+    test = pytest.mark.parametrize("fused", [False, True], ids=["plain", "norm+rope"])(test)
+    return pytest.mark.ops("mla_cache_write")(test)
+
+
+def cache_write_results(backend, args):
+    """(got, want) of a cache-write case: the cache (args[2]) as `backend`'s mla_cache_write leaves
+    it, and as the reference leaves a CPU copy of it."""
+    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    want = cpu_args[2].clone()
+    ref_mla.mla_cache_write(*cpu_args[:2], want, *cpu_args[3:])
+    dispatch.implementation("mla_cache_write", backend)(*args)
+    return args[2].cpu(), want
+
+
+def row_count_cases(test):
+    """Parametrizes an mla_decode row-count test (over the bf16 or the FP8 cache) with every
+    ROW_SHAPES (s_q, h) and causal."""
+    test = pytest.mark.parametrize("s_q, h", [native_only(*shape) for shape in ROW_SHAPES])(test)
+    test = pytest.mark.parametrize("causal", [False, True])(test)
+    return pytest.mark.ops("mla_decode")(test)
 
 
 def make_cache(seqlens, block_size, dtype, device, s_q=1, h=16, extra_blocks=3, extra_table=2):

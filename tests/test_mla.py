@@ -12,7 +12,8 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
-from builders import ROW_SHAPES, SCALE, make_cache
+from builders import (ROW_BLOCK_SIZE, ROW_SEQLENS, SCALE, cache_write_cases, cache_write_results, make_cache,
+                      row_count_cases, row_dtype)
 from builders import make_cache_write_case as _write_case
 from helpers import native_only, poison_allocator
 
@@ -79,16 +80,13 @@ def test_mla_decode(device, backend, case, dtype, causal):
     check_against_reference(out, lse, args, causal)
 
 
-@pytest.mark.ops("mla_decode")
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("s_q, h", [native_only(*shape) for shape in ROW_SHAPES])
+@row_count_cases
 def test_mla_decode_row_counts(device, backend, s_q, h, causal):
-    """Every row count against the reference, on tiny and odd lengths (the tails of key tiles and
-    blocks; causal rows that see no key) with NaN in every unused slot; the dtype cycles with the
-    row count, and causal cases also split the keys."""
-    dtype = [torch.bfloat16, torch.float16, torch.float32][(s_q * h) % 3]
-    _skip_unsupported(backend, 16, dtype)
-    args = make_cache([0, 1, 2, 3, 9, 17, 70], 16, dtype, device, s_q=s_q, h=h)
+    """Every row count against the reference, on tiny and odd lengths with NaN in every unused
+    slot; causal cases also split the keys."""
+    dtype = row_dtype(s_q, h)
+    _skip_unsupported(backend, ROW_BLOCK_SIZE, dtype)
+    args = make_cache(ROW_SEQLENS, ROW_BLOCK_SIZE, dtype, device, s_q=s_q, h=h)
     poison_allocator(device)
     out, lse = _run(backend, args, causal, 2 if causal else 0)
     check_against_reference(out, lse, args, causal)
@@ -156,17 +154,10 @@ def test_absorbed_equals_naive_mla(device, backend):
 
 # ---- mla_cache_write ----
 
-@pytest.mark.ops("mla_cache_write")
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "norm+rope"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("t", [1, 37])
+@cache_write_cases
 def test_mla_cache_write(device, backend, t, dtype, fused):
     args = _write_case(t, dtype, device, fused)
-    want = args[2].cpu().clone()
-    ref.mla_cache_write(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:2]], want,
-                        *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[3:]])
-    dispatch.implementation("mla_cache_write", backend)(*args)
-    got = args[2].cpu()
+    got, want = cache_write_results(backend, args)
     if not fused:
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     else:  # fp32 math may fuse multiply-adds differently: one rounding step of the cache dtype

@@ -14,8 +14,9 @@ import dsv3_kernels as dk
 from dsv3_kernels import dispatch
 from dsv3_kernels.reference import mla as ref
 
-from helpers import native_only, poison_allocator
-from builders import ROW_SHAPES, SCALE, make_fp8_cache
+from helpers import poison_allocator
+from builders import (ROW_BLOCK_SIZE, ROW_SEQLENS, SCALE, cache_write_cases, cache_write_results, make_fp8_cache,
+                      row_count_cases, row_dtype)
 from builders import make_fp8_cache_write_case as _write_case
 
 FP8_BYTES = ref.FP8_TOKEN_BYTES
@@ -87,14 +88,12 @@ def test_fp8_decode(device, backend, case, causal):
     check_against_reference(out, lse, args, causal)
 
 
-@pytest.mark.ops("mla_decode")
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("s_q, h", [native_only(*shape) for shape in ROW_SHAPES])
+@row_count_cases
 def test_fp8_decode_row_counts(device, backend, s_q, h, causal):
-    """test_mla.py's row counts over the FP8 cache (q's dtype cycles with the row count)."""
-    dtype = [torch.bfloat16, torch.float16, torch.float32][(s_q * h) % 3]
-    _skip_unsupported(backend, 16, dtype)
-    *args, _ = make_fp8_cache([0, 1, 2, 3, 9, 17, 70], 16, dtype, device, s_q=s_q, h=h)
+    """test_mla.py's row counts over the FP8 cache."""
+    dtype = row_dtype(s_q, h)
+    _skip_unsupported(backend, ROW_BLOCK_SIZE, dtype)
+    *args, _ = make_fp8_cache(ROW_SEQLENS, ROW_BLOCK_SIZE, dtype, device, s_q=s_q, h=h)
     out, lse = _decode(backend, args, causal, 2 if causal else 0)
     check_against_reference(out, lse, args, causal)
 
@@ -181,17 +180,10 @@ def test_reference_layout_is_flashmla():
         torch.arange(512) != 384, torch.tensor(0.0)))  # 1e-9 / 2^-13 rounds to e4m3 zero
 
 
-@pytest.mark.ops("mla_cache_write")
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "norm+rope"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("t", [1, 37])
+@cache_write_cases
 def test_fp8_cache_write(device, backend, t, dtype, fused):
     args = _write_case(t, dtype, device, fused)
-    cpu_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-    want = cpu_args[2].clone()
-    ref.mla_cache_write(*cpu_args[:2], want, *cpu_args[3:])
-    dispatch.implementation("mla_cache_write", backend)(*args)
-    got = args[2].cpu()
+    got, want = cache_write_results(backend, args)
     written = (want != 0xFF).any(-1)
     assert torch.equal(written, (got != 0xFF).any(-1))  # the same slots, nothing else
     if not fused:

@@ -24,8 +24,9 @@ import pytest
 import dsv3_kernels
 from dsv3_kernels import _native
 
-# The CUTLASS GEMMs are wrapped in dsv3::fp8::Sm90aOnly<...> (see fp8_gemm_cutlass.cu).
-GEMM_PATTERN = re.compile(r"Sm90aOnly")
+# The CUTLASS GEMMs are wrapped in dsv3::Sm90aOnly<...> (common/sm90a_only.cuh); fp8_gemm_cutlass.cu's
+# are the ones that are not grouped, i.e. whose kernel does not take a cutlass::gemm::GroupProblemShape.
+GEMM_PATTERN = re.compile(r"^(?!.*GroupProblemShape).*Sm90aOnly")
 GEMM_INSTANTIATIONS = 4  # {bf16, fp32} x {128x128 direct, 128x64 swap-AB}
 QUANT_KERNELS = ("act_quant_vec_kernel", "act_quant_scalar_kernel", "weight_quant_kernel",
                  "weight_dequant_kernel", "transpose_scales_kernel")
@@ -36,16 +37,26 @@ _USAGE_FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
 _USAGE_FIELDS = re.compile(r"\b([A-Z]+(?:\[\d+\])?):(\d+)")
 
 
-def parse_sass(text, mnemonic="QGMMA"):
-    """{(arch, function): number of `mnemonic` instructions} from `cuobjdump -sass`."""
-    counts, arch, function = {}, None, None
+def _function_lines(text, function_header):
+    """(arch, function, line) for each function of cuobjdump output: once with line None at its
+    header (matched by `function_header`, the name in group 1), then once per line that follows."""
+    arch, key = None, None
     for line in text.splitlines():
         if m := _ARCH.match(line):
             arch = m.group(1)
-        elif m := _SASS_FUNCTION.match(line):
-            function = m.group(1)
-            counts.setdefault((arch, function), 0)
-        elif function is not None and mnemonic in line:
+        elif m := function_header.match(line):
+            key = (arch, m.group(1))
+            yield *key, None
+        elif key is not None:
+            yield *key, line
+
+
+def parse_sass(text, mnemonic="QGMMA"):
+    """{(arch, function): number of `mnemonic` instructions} from `cuobjdump -sass`."""
+    counts = {}
+    for arch, function, line in _function_lines(text, _SASS_FUNCTION):
+        counts.setdefault((arch, function), 0)
+        if line is not None and mnemonic in line:
             counts[(arch, function)] += 1
     return counts
 
@@ -55,30 +66,23 @@ _GMMA_SHAPE = re.compile(r"\b([HQ]GMMA\.\d+x\d+x\d+)")
 
 def gmma_shapes(text, pattern):
     """{function: Counter of "HGMMA.MxNxK" shapes} of the sm_90a functions whose name matches."""
-    shapes, arch, function = {}, None, None
-    for line in text.splitlines():
-        if m := _ARCH.match(line):
-            arch = m.group(1)
-        elif m := _SASS_FUNCTION.match(line):
-            function = m.group(1) if arch == "sm_90a" and pattern.search(m.group(1)) else None
-            if function is not None:
-                shapes.setdefault(function, collections.Counter())
-        elif function is not None and (m := _GMMA_SHAPE.search(line)):
-            shapes[function][m.group(1)] += 1
+    shapes = {}
+    for arch, function, line in _function_lines(text, _SASS_FUNCTION):
+        if arch != "sm_90a" or not pattern.search(function):
+            continue
+        counts = shapes.setdefault(function, collections.Counter())
+        if line is not None and (m := _GMMA_SHAPE.search(line)):
+            counts[m.group(1)] += 1
     return shapes
 
 
 def parse_resource_usage(text):
     """{(arch, function): {"REG": n, "STACK": n, "LOCAL": n, ...}} from `cuobjdump --dump-resource-usage`."""
-    usage, arch, function = {}, None, None
-    for line in text.splitlines():
-        if m := _ARCH.match(line):
-            arch = m.group(1)
-        elif m := _USAGE_FUNCTION.match(line):
-            function = m.group(1)
-        elif function is not None and (fields := _USAGE_FIELDS.findall(line)):
+    usage = {}
+    for arch, function, line in _function_lines(text, _USAGE_FUNCTION):
+        # A function's first line of fields is its own; later ones (a "Common:" block) are not.
+        if line is not None and (arch, function) not in usage and (fields := _USAGE_FIELDS.findall(line)):
             usage[(arch, function)] = {k: int(v) for k, v in fields}
-            function = None
     return usage
 
 
@@ -119,24 +123,26 @@ Resource usage:
   REG:255 STACK:16 SHARED:0 LOCAL:16 CONSTANT[0]:584 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
 
-_FAKE_SASS = """
-\tcode for sm_90a
-\t\tFunction : _Z9Sm90aOnlyA
-        /*0100*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24, gsb0 ;
-\t\tFunction : _Z9Sm90aOnlyB
-        /*0100*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
-"""
+
+def _fake_sass(functions):
+    """`cuobjdump -sass` text of sm_90a functions given as {mangled name: [instruction, ...]}."""
+    lines = ["\tcode for sm_90a"]
+    for name, instructions in functions.items():
+        lines.append(f"\t\tFunction : {name}")
+        lines += [f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate(instructions)]
+    return "\n".join(lines) + "\n"
 
 
-_FAKE_MLA_SASS = """
-\tcode for sm_90a
-\t\tFunction : _Z17mla_decode_kernelIN7cutlass10bfloat16_tEEvv
-        /*0100*/                   HGMMA.64x32x16.F32.BF16 R152, gdesc[UR8], R152, UP0, gsb0 ;
-        /*0110*/                   HGMMA.64x8x16.F16 RZ, gdesc[URZ], RZ, !UPT, gsb0 ;
-        /*0200*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
-\t\tFunction : _Z17mla_decode_kernelIN7cutlass6half_tEEvv
-        /*0100*/                   HGMMA.64x32x16.F32 R152, gdesc[UR8], R152, UP0, gsb0 ;
-"""
+_QGMMA = "QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24, gsb0"
+_HGMMA = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0"
+_FAKE_SASS = _fake_sass({"_Z9Sm90aOnlyA": [_QGMMA], "_Z9Sm90aOnlyB": [_HGMMA]})
+_FAKE_MLA_SASS = _fake_sass({
+    "_Z17mla_decode_kernelIN7cutlass10bfloat16_tEEvv": [
+        "HGMMA.64x32x16.F32.BF16 R152, gdesc[UR8], R152, UP0, gsb0",
+        "HGMMA.64x8x16.F16 RZ, gdesc[URZ], RZ, !UPT, gsb0",
+        "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24"],
+    "_Z17mla_decode_kernelIN7cutlass6half_tEEvv": ["HGMMA.64x32x16.F32 R152, gdesc[UR8], R152, UP0, gsb0"],
+})
 
 
 def test_gmma_shape_parser():
@@ -157,6 +163,9 @@ def test_checks_detect_spills_and_missing_qgmma():
     gemms = gemm_functions(parse_sass(_FAKE_SASS))
     assert gemms == {("sm_90a", "_Z9Sm90aOnlyA"): 1, ("sm_90a", "_Z9Sm90aOnlyB"): 0}
     assert gemm_functions(parse_sass(_FAKE_SASS), re.compile("NoSuchKernel")) == {}
+    # The two GEMM families share the wrapper: each pattern must leave the other's kernels out.
+    assert gemm_functions(parse_sass(_FAKE_GROUPED_SASS)) == {}
+    assert gmma_shapes(_FAKE_SASS, GROUPED_GEMM_PATTERN) == {}
 
 
 # ---- the real module ----
@@ -271,11 +280,11 @@ def test_moe_route_kernel_present_without_local_memory(sass, resource_usage):
         assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0 and u["REG"] <= 128, (fn, u)
 
 
-# The expert layers. grouped_gemm_cutlass.cu: CUTLASS ptr-array GEMMs wrapped in
-# dsv3::moe::Sm90aGrouped<...>, one bf16 (tile 128x256x64: HGMMA 64x256x16 per consumer warpgroup)
+# The expert layers. grouped_gemm_cutlass.cu: CUTLASS ptr-array GEMMs over a GroupProblemShape, wrapped
+# in dsv3::Sm90aOnly<...> like fp8_gemm_cutlass.cu's, one bf16 (tile 128x256x64: HGMMA 64x256x16 per consumer warpgroup)
 # and one FP8 blockwise-scaled (tile 128x128x128: QGMMA 64x128x32); the FP8 one is the instantiation
 # whose name has float_e4m3_t operands.
-GROUPED_GEMM_PATTERN = re.compile(r"Sm90aGrouped")
+GROUPED_GEMM_PATTERN = re.compile(r"Sm90aOnly.*GroupProblemShape")
 GROUPED_GEMM_SHAPES = {True: "QGMMA.64x128x32", False: "HGMMA.64x256x16"}  # keyed by "is FP8"
 # The other expert-layer kernels (ep_dispatch's too), by the file that holds them.
 MOE_EXPERT_KERNELS = {
@@ -302,18 +311,14 @@ def grouped_gemm_problems(shapes):
     return problems
 
 
-_FAKE_GROUPED_SASS = """
-\tcode for sm_90a
-\t\tFunction : _Z12Sm90aGroupedIN7cutlass12float_e4m3_tEEvv
-        /*0100*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24, gsb0 ;
-\t\tFunction : _Z12Sm90aGroupedIN7cutlass10bfloat16_tEEvv
-        /*0100*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
-"""
+_GROUPED_FP8 = "_Z9Sm90aOnlyIN7cutlass4gemm17GroupProblemShapeENS0_12float_e4m3_tEEvv"
+_GROUPED_BF16 = "_Z9Sm90aOnlyIN7cutlass4gemm17GroupProblemShapeENS0_10bfloat16_tEEvv"
+_FAKE_GROUPED_SASS = _fake_sass({_GROUPED_FP8: [_QGMMA], _GROUPED_BF16: [_HGMMA]})
 
 
 def test_grouped_gemm_check_detects_wrong_instructions():
     shapes = gmma_shapes(_FAKE_GROUPED_SASS, GROUPED_GEMM_PATTERN)
-    assert grouped_gemm_problems(shapes) == ["_Z12Sm90aGroupedIN7cutlass10bfloat16_tEEvv: no HGMMA.64x256x16"]
+    assert grouped_gemm_problems(shapes) == [f"{_GROUPED_BF16}: no HGMMA.64x256x16"]
     assert grouped_gemm_problems({}) == ["expected one bf16 and one FP8 grouped GEMM, got []"]
 
 

@@ -29,4 +29,8 @@ constexpr FloatType float_type_of() {
   else return FloatType::kFloat16;
 }
 
+// The torch-free launchers (the .cu side) report a failure as a message, nullptr on success; the
+// glue turns it into a torch error named after the op.
+inline void check_launch(const char* error, const char* op) { TORCH_CHECK(error == nullptr, op, ": ", error); }
+
 }  // namespace dsv3

@@ -7,16 +7,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/torch_glue.h"
 #include "fp8/fp8_checks.h"
 #include "fp8/fp8_gemm_cutlass.h"
 #include "fp8/quant_kernels.cuh"
 
 namespace dsv3::fp8 {
 namespace {
-
-void check_launch(const char* error, const char* op) {
-  TORCH_CHECK(error == nullptr, op, ": CUDA kernel launch failed: ", error);
-}
 
 std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t block_size, bool ue8m0) {
   check_act_quant(x, block_size);
@@ -85,8 +82,7 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a_in, const at::Tensor& a_scale, cons
                    out.data_ptr(), m, n, k, ldo,
                    bf16 ? GemmOutType::kBFloat16 : GemmOutType::kFloat32, prop->multiProcessorCount};
   auto workspace = at::empty({static_cast<int64_t>(fp8_gemm_workspace_size(p))}, a.options().dtype(at::kByte));
-  const char* error = fp8_gemm_run(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "fp8_gemm: ", error);
+  check_launch(fp8_gemm_run(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream()), "fp8_gemm");
 
   if (out_dtype == at::kHalf) return out.narrow(1, 0, n).to(at::kHalf);
   return ldo == n ? out : out.narrow(1, 0, n).contiguous();

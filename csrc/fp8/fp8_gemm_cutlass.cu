@@ -24,11 +24,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
-// The wgmma kernels exist only for sm_90a; plain sm_90 cannot encode them, so refuse that build
-// rather than ship a GEMM that traps.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "fp8_gemm_cutlass.cu must be compiled for sm_90a: use 9.0a (not 9.0) in the CUDA arch list"
-#endif
+#include "common/sm90a_only.cuh"
 
 namespace dsv3::fp8 {
 namespace {
@@ -37,20 +33,6 @@ using namespace cute;
 
 constexpr int kBlock = 128;   // the scale block along K (and along N for b_scale_inv)
 constexpr int64_t kSwapMaxM = 64;
-
-// Compiles the kernel body only for sm_90a, so adding other archs to the build costs nothing and
-// cannot produce a silently wrong kernel: anywhere else (e.g. PTX JIT-compiled on an sm_90
-// device) it traps. The host glue also refuses devices other than sm_90.
-template <class Kernel>
-struct Sm90aOnly : Kernel {
-  CUTLASS_DEVICE void operator()(typename Kernel::Params const& params, char* smem) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    Kernel::operator()(params, smem);
-#else
-    __trap();
-#endif
-  }
-};
 
 template <class ElementD, bool kSwapAB>
 struct GemmConfig {

@@ -295,7 +295,4 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q, const at:
 }  // namespace
 }  // namespace dsv3::mla::cpu
 
-TORCH_LIBRARY_IMPL(dsv3_kernels, CPU, m) {
-  using namespace dsv3::mla::cpu;
-  m.impl("mla_decode", &mla_decode_cpu);
-}
+TORCH_LIBRARY_IMPL(dsv3_kernels, CPU, m) { m.impl("mla_decode", &dsv3::mla::cpu::mla_decode_cpu); }

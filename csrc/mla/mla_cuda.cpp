@@ -80,8 +80,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   p.causal = causal;
   p.fp8_cache = fp8;
   p.dtype = float_type(q.scalar_type());
-  const char* error = mla_decode_sm90_launch(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "mla_decode: ", error);
+  check_launch(mla_decode_sm90_launch(p, at::cuda::getCurrentCUDAStream()), "mla_decode");
   return {out, lse};
 }
 
@@ -111,8 +110,7 @@ void mla_cache_write_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const 
   p.cache_fp8 = is_fp8_cache(kv_cache);
   p.cache_dtype = p.cache_fp8 ? FloatType::kBFloat16 : float_type(kv_cache.scalar_type());
   p.w_dtype = kv_norm_weight ? float_type(kv_norm_weight->scalar_type()) : p.x_dtype;
-  const char* error = mla_cache_write_launch(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "mla_cache_write: CUDA kernel launch failed: ", error);
+  check_launch(mla_cache_write_launch(p, at::cuda::getCurrentCUDAStream()), "mla_cache_write");
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "common/torch_glue.h"
 #include "moe/ep_dispatch_common.h"
 #include "moe/moe_checks.h"
 #include "moe/moe_kernels.cuh"
@@ -25,16 +26,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t t = topk_ids.size(0), k = topk_ids.size(1), slots = std::min(k, world_size);
   const int per_rank = static_cast<int>(num_experts / world_size);
   at::Tensor dest = at::empty({t, slots}, topk_ids.options());
-  const char* error = ep_dest_launch(topk_ids.data_ptr<int>(), t, static_cast<int>(k), static_cast<int>(slots),
-                                     static_cast<int>(num_experts), per_rank, dest.data_ptr<int>(), stream);
-  TORCH_CHECK(error == nullptr, "ep_dispatch: ", error);
+  check_launch(ep_dest_launch(topk_ids.data_ptr<int>(), t, static_cast<int>(k), static_cast<int>(slots),
+                              static_cast<int>(num_experts), per_rank, dest.data_ptr<int>(), stream),
+               "ep_dispatch");
   auto [send, scale, rank_offsets, inverse] = permute_by_rank(hidden, dest, world_size, quant);
   at::Tensor send_ids = at::full({send.size(0), k}, -1, topk_ids.options());
   at::Tensor send_weights = at::zeros({send.size(0), k}, topk_weights.options());
-  error = ep_meta_launch(topk_ids.data_ptr<int>(), topk_weights.data_ptr<float>(), dest.data_ptr<int>(),
-                         inverse.data_ptr<int>(), t, static_cast<int>(k), static_cast<int>(slots), per_rank,
-                         send_ids.data_ptr<int>(), send_weights.data_ptr<float>(), stream);
-  TORCH_CHECK(error == nullptr, "ep_dispatch: ", error);
+  check_launch(ep_meta_launch(topk_ids.data_ptr<int>(), topk_weights.data_ptr<float>(), dest.data_ptr<int>(),
+                              inverse.data_ptr<int>(), t, static_cast<int>(k), static_cast<int>(slots), per_rank,
+                              send_ids.data_ptr<int>(), send_weights.data_ptr<float>(), stream),
+               "ep_dispatch");
   return {send, scale, send_ids, send_weights, rank_offsets, inverse};
 }
 

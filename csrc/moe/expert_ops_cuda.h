@@ -7,9 +7,9 @@
 #include <optional>
 #include <tuple>
 
-namespace dsv3::moe {
+#include "common/torch_glue.h"
 
-inline void check_launch(const char* error, const char* op) { TORCH_CHECK(error == nullptr, op, ": ", error); }
+namespace dsv3::moe {
 
 // The vectorised kernels and TMA need 16-byte aligned bases; a view at an odd offset gets an
 // aligned copy.

@@ -41,10 +41,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
-// The wgmma kernels exist only for sm_90a; plain sm_90 cannot encode them.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "grouped_gemm_cutlass.cu must be compiled for sm_90a: use 9.0a (not 9.0) in the CUDA arch list"
-#endif
+#include "common/sm90a_only.cuh"
 
 namespace dsv3::moe {
 namespace {
@@ -52,20 +49,6 @@ namespace {
 using namespace cute;
 
 constexpr int kBlock = 128;  // the FP8 scale block along K (and along N for the weights)
-
-// The kernel body exists only in sm_90a code; anywhere else (e.g. PTX JIT-compiled for another
-// arch) it traps rather than computing garbage. The glue also refuses devices other than sm_90.
-// (Named apart from fp8_gemm_cutlass.cu's Sm90aOnly so tests/test_sass.py can tell them apart.)
-template <class Kernel>
-struct Sm90aGrouped : Kernel {
-  CUTLASS_DEVICE void operator()(typename Kernel::Params const& params, char* smem) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    Kernel::operator()(params, smem);
-#else
-    __trap();
-#endif
-  }
-};
 
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M_e, N, K) per group
 using GroupShape = ProblemShape::UnderlyingProblemShape;
@@ -124,7 +107,7 @@ struct GroupedConfig {
                                                 LayoutSFA, LayoutSFB>::type;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Sm90aGrouped<Kernel>>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Sm90aOnly<Kernel>>;
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;

@@ -44,8 +44,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logit
   p.softmax = func == "softmax";
   p.renormalize = renormalize;
   p.dtype = float_type(router_logits.scalar_type());
-  const char* error = moe_route_launch(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "moe_route: ", error);
+  check_launch(moe_route_launch(p, at::cuda::getCurrentCUDAStream()), "moe_route");
   return {weights, ids};
 }
 

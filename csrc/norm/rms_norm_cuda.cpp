@@ -26,8 +26,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
                         residual ? residual_out.data_ptr() : nullptr,
                         x.numel() / d,  d,
                         static_cast<float>(eps), float_type(x.scalar_type())};
-  const char* error = rms_norm_launch(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "rms_norm: ", error);
+  check_launch(rms_norm_launch(p, at::cuda::getCurrentCUDAStream()), "rms_norm");
   return {out, residual_out};
 }
 
