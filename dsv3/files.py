@@ -1,5 +1,6 @@
 """Output files that appear whole or not at all: written under temporary names beside their final
-paths, renamed into place once everything is written (dsv3.quantize, dsv3.evaluate --expert-load).
+paths, renamed into place once everything is written (dsv3.quantize, dsv3.evaluate --expert-load,
+training's resumable state).
 An error before that leaves the final paths as they were."""
 
 import contextlib

@@ -69,7 +69,7 @@ def _triton_importable():
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # part of _decide's cache key
+    return _getenv("TRITON_INTERPRET", "0") == "1"  # part of _decide's cache key
 
 
 def _why_not(op: _Op, backend: str, device_type):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dsv3.config import ModelArgs
 from dsv3.evaluate import token_bytes
+from dsv3.files import Staged
 from dsv3.load import load, load_tokenizer
 
 from . import corpus
@@ -133,10 +134,10 @@ def _settings(a):
 
 
 def _save_state(path, model, opt, step, a, history, seconds):
-    tmp = path + ".tmp"
-    torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, settings=_settings(a),
-                    history=history, seconds=seconds), tmp)  # no expert loads: update_bias just zeroed them
-    os.replace(tmp, path)  # a run killed while saving keeps the previous state
+    # No expert loads: update_bias just zeroed them. Staged: a run killed while saving keeps the previous state.
+    with Staged() as staged:
+        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, settings=_settings(a),
+                        history=history, seconds=seconds), staged.add(path))
 
 
 def _check(a, margs: ModelArgs):
