@@ -57,7 +57,8 @@ def pytest_generate_tests(metafunc):
     if "shipped_provider" in metafunc.fixturenames:
         levels = native.host_cpu_isa_levels() if native.loaded() else ()
         providers = [] if device != "cpu" else (
-            [f"cpu-fp8-{level}" for level in levels] + (["cpu-bf16"] if levels else []) + ["torch-fp32"])
+            [f"cpu-fp8-{level}" for level in levels] + (["cpu-fp8-python", "cpu-bf16"] if levels else [])
+            + ["torch-fp32"])
         metafunc.parametrize("shipped_provider", providers)
 
 
@@ -157,17 +158,23 @@ def _shipped_step(backend, precision):
 
 
 def test_shipped_decode_cpu(bench, shipped_provider):
+    """cpu-fp8-LEVEL: the C++ decode step (dsv3/cpu_decode.py) at that CPU level; cpu-fp8-python:
+    the Python forward over the same kernels at the host's level (what the C++ step saves)."""
     backend, precision, *level = shipped_provider.split("-")
+    python = level == ["python"]
+    level = [] if python else level
     model, step = _shipped_step(backend, precision)
     flops, nbytes = roofline.model_step_cost(model.args, 1, 1, CONTEXT, {"fp8": 1, "bf16": 2, "fp32": 4}[precision])
     before = native.cpu_isa()
     if level:
         native.set_cpu_isa(level[0])
+    model.cpu_decode_step = not python
     try:
         row = bench(step, lambda: (), op="shipped-decode", shape=f"B=1 ctx={CONTEXT}", provider=shipped_provider,
                     flops=flops, nbytes=nbytes, precision="bf16" if precision == "fp32" else precision,
                     baseline="torch-fp32")
     finally:
+        model.cpu_decode_step = True
         if level:
             native.set_cpu_isa(before)
     row["tokens_per_s"] = 1 / (row["us"] * 1e-6)

@@ -15,7 +15,8 @@ Where things are:
 - checkpoints: load.py (safetensors -> Transformer), quantize.py (python -m dsv3.quantize), files.py
   (output files that appear whole or not at all);
 - generation: sampling.py (SamplingParams, sample, speculative verify), generator.py (Generator),
-  cuda_graph.py (decode steps as CUDA graphs), generate.py (python -m dsv3.generate);
+  cuda_graph.py (decode steps as CUDA graphs), cpu_decode.py (CPU decode steps in one C++ call),
+  generate.py (python -m dsv3.generate);
 - evaluate.py (held-out loss, expert load), demo.py (python -m dsv3.demo), testing.py (random
   weights), default_model/ (the shipped checkpoint). Training it: training/ at the repository root.
 """

@@ -19,6 +19,7 @@ from torch import nn
 from .attention import MLA
 from .cache import Batch, LatentCache
 from .config import ModelArgs
+from .cpu_decode import DecodeStep
 from .layers import MLP, Linear, LMHead, Module, RMSNorm, VocabEmbedding
 from .moe import MoE
 from .parallel import Parallel
@@ -106,6 +107,10 @@ class Transformer(Module):
                                  for k in range(args.num_nextn_predict_layers))
         self.rope = Rope(args, device)
         self.set_backend(backend)
+        # CPU decode steps in one C++ call (dsv3/cpu_decode.py) where the model and batch allow;
+        # False: always the Python forward below (the reference the tests compare it with)
+        self.cpu_decode_step = True
+        self._decode_step = None  # built on first use; False: this model cannot use it
 
     def checkpoint_name(self, name: str) -> str:
         """A parameter or module name -> the checkpoint's (mtp.K.X -> model.layers.{N + K}.X)."""
@@ -136,6 +141,10 @@ class Transformer(Module):
         """input_ids int64 [N] -> logits float32 [len(batch.logits_index) or N, vocab_size]; with
         hidden, also the final normalized hidden states of all N tokens [N, hidden_size] (the
         activations' dtype: what mtp_forward takes)."""
+        step = self._cpu_decode(batch, cache)
+        if step is not None:
+            logits, h = step(input_ids, batch, cache)
+            return (logits, h) if hidden else logits
         x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rope(batch.positions)  # once per step: every layer rotates the same positions
         for i, layer in enumerate(self.model.layers):
@@ -174,7 +183,17 @@ class Transformer(Module):
         out = x if batch.logits_index is None else x[batch.logits_index]
         return layer.shared_head(out).float(), x
 
+    def _cpu_decode(self, batch: Batch, cache: LatentCache):
+        """The C++ decode step for this batch, or None (the Python forward runs it)."""
+        if not self.cpu_decode_step or self._decode_step is False or not DecodeStep.takes(self, batch, cache):
+            return None
+        if self._decode_step is None:
+            self._decode_step = DecodeStep.of(self) or False
+        return self._decode_step or None
+
     def reset_absorbed(self):
-        """Drop the attention's absorbed-weight copies (after loading new kv_b_proj weights)."""
+        """Drop the attention's absorbed-weight copies and the C++ decode step that holds them
+        (after loading new kv_b_proj weights, or replacing weights)."""
+        self._decode_step = None
         for layer in [*self.model.layers, *self.mtp]:
             layer.self_attn.reset_absorbed()

@@ -130,6 +130,18 @@ def resolve(op: str, device: torch.device, backend=None, args=()) -> str:
     return _resolve(op, device.type, device.index, backend, cuda_ok)
 
 
+def all_resolve_to(ops: tuple, device: torch.device, backend, target: str) -> bool:
+    """Whether the rule picks `target` for every op of `ops` on `device` tensors (ops without
+    cuda_takes): what a fused path that calls those ops' kernels itself asks before each call
+    (dsv3/cpu_decode.py), in one cached lookup per environment."""
+    return _all_resolve_to(tuple(ops), device.type, device.index, backend, _getenv(ENV_VAR), target)
+
+
+@functools.lru_cache(maxsize=None)
+def _all_resolve_to(ops, device_type, device_index, backend, env, target):
+    return all(_decide(op, device_type, device_index, backend, env, None, True) == target for op in ops)
+
+
 def run(op: str, device: torch.device, backend, *args):
     """Run a non-composite `op` on `args` (its schema's arguments) with the backend the rule picks."""
     return implementation(op, resolve(op, device, backend, args))(*args)
@@ -195,6 +207,7 @@ def _decide(op: str, device_type: str, device_index, backend, env: str, interpre
 def clear_cache():
     """Forget the backends chosen so far (after verified.json or the registered kernels changed)."""
     _decide.cache_clear()
+    _all_resolve_to.cache_clear()
 
 
 def _verified(spec: _Op, arch_name: str) -> bool:

@@ -136,8 +136,12 @@ void mla_cache_write_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe, const a
   std::vector<float> weight;
   bool product_is_input = true;  // else float32
   if (kv_norm_weight) {
-    const at::Tensor w = kv_norm_weight->to(at::kFloat);
-    weight.assign(w.const_data_ptr<float>(), w.const_data_ptr<float>() + kLoraRank);
+    weight.resize(kLoraRank);  // converted here: an ATen .to() costs more than a decode token's write
+    const int64_t stride = kv_norm_weight->stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_norm_weight->scalar_type(), "kv_norm_weight", [&] {
+      const scalar_t* w = kv_norm_weight->const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < kLoraRank; ++i) weight[i] = static_cast<float>(w[i * stride]);
+    });
     product_is_input = at::promoteTypes(kv_norm_weight->scalar_type(), kv_c.scalar_type()) == kv_c.scalar_type();
   }
   const float* pcos = rope_cos ? rope_cos->const_data_ptr<float>() : nullptr;

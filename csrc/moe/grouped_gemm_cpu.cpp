@@ -19,7 +19,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
                             const std::optional<at::Tensor>& a_scale, const std::optional<at::Tensor>& b_scale_inv) {
   const bool fp8 = check_grouped_gemm(a, b, expert_offsets, a_scale, b_scale_inv);
   const int64_t m = a.size(0), k = a.size(1), experts = b.size(0), n = b.size(1);
-  at::Tensor out = at::zeros({m, n}, a.options().dtype(at::kBFloat16));
+  at::Tensor out = at::empty({m, n}, a.options().dtype(at::kBFloat16));
   if (m == 0 || n == 0) return out;
 
   // The expert of each row: the last segment covering it (the reference's loop overwrites), so
@@ -31,10 +31,15 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
     std::fill(owner.begin() + lo, owner.begin() + std::max(lo, hi), e);
   }
   std::vector<RowRun> runs;
+  auto* po = out.data_ptr<at::BFloat16>();
   for (int64_t r = 0; r < m;) {
     int64_t end = r + 1;
     while (end < m && owner[end] == owner[r]) ++end;
-    if (owner[r] >= 0) add_runs(runs, owner[r], r, end);
+    if (owner[r] >= 0) {
+      add_runs(runs, owner[r], r, end);
+    } else {  // rows no expert covers are 0 (zeroed here only: a decode step's GEMMs cover every row)
+      std::fill(po + r * n, po + end * n, at::BFloat16(0.0f));
+    }
     r = end;
   }
   if (runs.empty()) return out;
@@ -58,7 +63,6 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   const auto* pb = static_cast<const uint8_t*>(b.const_data_ptr());
   const int64_t b_bytes = n * k * (fp8 ? 1 : 2), bs_stride = cdiv(n, kBlock) * (k / kBlock);
   const float* bs = fp8 ? b_scale_inv->const_data_ptr<float>() : nullptr;
-  auto* po = out.data_ptr<at::BFloat16>();
   const int64_t tiles = cdiv(n, kBlock);
   // The first B row of an item (the weight rows it streams).
   const auto b_rows = [&](int64_t item) { return pb + runs[item / tiles].expert * b_bytes + (item % tiles) * kBlock * k * (fp8 ? 1 : 2); };
