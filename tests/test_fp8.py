@@ -223,12 +223,13 @@ def test_fp8_gemm_tile_edges(device, backend, m, n, k):
 
 
 @pytest.mark.ops("fp8_gemm")
-@pytest.mark.parametrize("m", [1, 2, 5, 20])
-def test_fp8_gemm_nan_codes(device, backend, m):
+@pytest.mark.parametrize("m,k", [(1, 384), (1, 640), (2, 384), (5, 384), (20, 384)])
+def test_fp8_gemm_nan_codes(device, backend, m, k):
     """NaN codes (0x7F / 0xFF) in a make their rows of out NaN, in b their columns (reference/fp8.py),
     on every backend and CPU level: the few-rows loops (m <= 16, whose fast decode reads NaN codes
-    as +-480) and the panel path (m = 20). Every other output matches the reference."""
-    n, k = 200, 384
+    as +-480; with one row and 512 <= K <= 2048 the avx2 level's row-by-row loop) and the panel
+    path (m = 20). Every other output matches the reference."""
+    n = 200
     _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
     where_b = [(3, 5), (77, 130), (130, 200), (199, 383)]
     b = with_nan_codes(b, where_b)
