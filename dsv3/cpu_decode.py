@@ -55,11 +55,21 @@ def _layer_weights(layer) -> list:
     return out
 
 
+def _registered() -> bool:
+    try:
+        torch.classes.dsv3_model.DecodeStep  # raises where _C did not register it
+    except RuntimeError:
+        return False
+    return True
+
+
 def _why_not(model) -> str | None:
     """None where DecodeStep can run `model`'s decode steps, else why not."""
     args = model.args
-    if not hasattr(torch.classes, "dsv3_model") or not dk._native.has_kernel("fp8_gemm", "CPU"):
+    if not dk._native.has_kernel("fp8_gemm", "CPU"):
         return "the C++ CPU kernels were not built"
+    if not _registered():
+        return "_C has no dsv3_model::DecodeStep (built from older sources: rebuild it)"
     if model.device.type != "cpu" or model.dtype != torch.bfloat16:
         return "it runs bfloat16 models on the CPU"
     if model.parallel.world != 1:

@@ -21,10 +21,10 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <map>
 #include <utility>
 #include <vector>
 
