@@ -27,15 +27,24 @@ OPS = ("rms_norm", "act_quant", "fp8_gemm", "grouped_gemm", "mla_cache_write", "
 _NONE = torch.empty(0)  # an absent weight or scale (the C++ side tests numel() > 0)
 
 
+def _given(t):
+    return _NONE if t is None else t
+
+
 def _linear(w, scale):
-    return [w, _NONE if scale is None else scale]
+    return [w, _given(scale)]
+
+
+def _dense(mlp):
+    """The layer's SwiGLU MLP: the dense one, or a MoE layer's shared experts (None: none)."""
+    return mlp.shared_experts if isinstance(mlp, MoE) else mlp
 
 
 def _layer_weights(layer) -> list:
     """The 22 tensors of one decoder layer, in DecodeStep's order (decode_step_cpu.cpp Layer)."""
     attn, mlp = layer.self_attn, layer.mlp
     w_uk_t, w_uv = attn.absorbed_weights()
-    dense = mlp if not isinstance(mlp, MoE) else mlp.shared_experts
+    dense = _dense(mlp)
     out = [layer.input_layernorm.weight, *_linear(attn.qkv_a.weight, attn.qkv_a.weight_scale_inv),
            attn.q_a_layernorm.weight, *_linear(attn.q_b_proj.weight, attn.q_b_proj.weight_scale_inv),
            attn.kv_a_layernorm.weight, w_uk_t, w_uv, *_linear(attn.o_proj.weight, attn.o_proj.weight_scale_inv),
@@ -47,9 +56,8 @@ def _layer_weights(layer) -> list:
                 *_linear(dense.down_proj.weight, dense.down_proj.weight_scale_inv)]
     if isinstance(mlp, MoE):
         e = mlp.experts
-        out += [mlp.gate.weight, mlp.gate.e_score_correction_bias, e.w13,
-                _NONE if e.w13_scale_inv is None else e.w13_scale_inv, e.w2,
-                _NONE if e.w2_scale_inv is None else e.w2_scale_inv]
+        out += [mlp.gate.weight, mlp.gate.e_score_correction_bias, e.w13, _given(e.w13_scale_inv), e.w2,
+                _given(e.w2_scale_inv)]
     else:
         out += [_NONE] * 6
     return out
@@ -78,7 +86,7 @@ def _why_not(model) -> str | None:
         return "it needs q_lora_rank and 64 RoPE dims"
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        dense = mlp if not isinstance(mlp, MoE) else mlp.shared_experts
+        dense = _dense(mlp)
         if attn.qkv_a is None or (dense is not None and dense.gate_up is None):
             return "q_a/kv_a and gate/up must each run as one GEMM (layers.FusedLinear)"
         if isinstance(mlp, MoE) and mlp.experts.w13.dtype not in (torch.bfloat16, torch.float8_e4m3fn):

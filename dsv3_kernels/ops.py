@@ -50,7 +50,6 @@ dispatch.register_op("rms_norm", _ref_norm.rms_norm, "dsv3_kernels.triton.norm")
 available_backends = dispatch.available_backends
 
 
-
 def _check_tensor(name, t, dtypes, ndim=None, min_ndim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

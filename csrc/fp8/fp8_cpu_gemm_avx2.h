@@ -178,6 +178,7 @@ template <int NR, bool Detect>
 DSV3_TARGET_AVX2 bool gemm_rows_fp8b_avx2(const float* a, const uint8_t* b, int64_t ldb, int64_t len, float* c,
                                           bool accumulate, const uint8_t* pf) {
   __m256i nan = _mm256_setzero_si256();
+  __m256 rows[1][NR];  // per row of B: its 8 accumulators added, lanes summed by store_tile_avx2
   for (int j = 0; j < NR; ++j) {
     const uint8_t* row = b + j * ldb;
     __m256 acc[8];
@@ -195,14 +196,10 @@ DSV3_TARGET_AVX2 bool gemm_rows_fp8b_avx2(const float* a, const uint8_t* b, int6
       asm volatile("" : : "r"(&h[0]) : "memory");  // widened from memory (see gemm_tile_fp8b_avx2)
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(load_a8(a + kk + 8 * u), load_b8(h + 8 * u), acc[u]);
     }
-    const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
-                                   _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])));
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    const float v = _mm_cvtss_f32(x);
-    c[j] = accumulate ? c[j] + v : v;
+    rows[0][j] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
+                               _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])));
   }
+  store_tile_avx2<1, NR>(rows, c, 0, accumulate);
   return Detect && has_nan_code_avx2(nan);
 }
 

@@ -28,6 +28,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/float_type.h"
+
 namespace dsv3::model {
 namespace {
 
@@ -91,8 +93,8 @@ struct Layer {
   Tensor w_uk_t, w_uv;  // MLA's absorbed kv_b_proj: [H, 512, nope] and [H, v, 512], bf16
   // the dense MLP, or a MoE layer's shared experts (gate_up.weight empty: none)
   Linear gate_up, down;
-  // MoE only (gate_weight empty: a dense layer)
-  Tensor gate_weight, gate_weight_t, gate_bias;  // fp32 [E, D], its transpose [D, E] (a view), [E]
+  // MoE only (gate_weight_t empty: a dense layer)
+  Tensor gate_weight_t, gate_bias;  // fp32: mlp.gate.weight transposed [D, E] (a view), [E]
   Tensor w13, w13_scale, w2, w2_scale;  // scales empty for bf16 experts
 };
 
@@ -135,12 +137,7 @@ uint16_t bf16_bits(float f) {  // round to nearest even, as torch's float -> bfl
   return c10::BFloat16(f).x;
 }
 
-float bf16_float(uint16_t bits) {
-  uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+float bf16_float(uint16_t bits) { return bits_f32(static_cast<uint32_t>(bits) << 16); }
 
 Linear make_linear(const Tensor& weight, const Tensor& scale) {
   return {weight, scale, scale.numel() > 0 ? Tensor() : weight.unsqueeze(0)};
@@ -211,7 +208,6 @@ class DecodeStep : public torch::CustomClassHolder {
       l.post_norm = {w[11], eps};
       l.gate_up = make_linear(w[12], w[13]);
       l.down = make_linear(w[14], w[15]);
-      l.gate_weight = w[16];
       l.gate_weight_t = w[16].t();
       l.gate_bias = w[17];
       l.w13 = w[18];
@@ -262,7 +258,7 @@ class DecodeStep : public torch::CustomClassHolder {
       }
       Tensor attn = attention(l, h, cos, sin, caches[i], slot_mapping, block_table, cache_seqlens, b);
       std::tie(h, residual) = k_.rms_norm.call(attn, l.post_norm.weight, l.post_norm.eps, residual);
-      x = l.gate_weight.numel() > 0 ? moe(l, h) : mlp(l, h);
+      x = l.gate_weight_t.numel() > 0 ? moe(l, h) : mlp(l, h);
     }
     Tensor h = std::get<0>(k_.rms_norm.call(x, final_norm_.weight, final_norm_.eps, residual));
     Tensor rows = all_rows(logits_index, n) ? h : rows_of(h, logits_index, "logits_index");
