@@ -232,10 +232,17 @@ class Generator:
             if not requests.running:
                 model.idle()
                 continue
-            tokens = torch.tensor(requests.last_tokens(), dtype=torch.int64)
-            logits = self._decode_logits(tokens, requests.cached())
+            step = None if self.cuda_graph else model.cpu_decoder(self.cache)
+            if step is not None:  # the C++ step builds the batch and picks the greedy tokens itself
+                logits, new = step.decode(requests.last_tokens(), requests.cached(), self.cache)
+                if params.temperature > 0:
+                    new = sample(logits, params.temperature, params.top_p, rng).tolist()
+            else:
+                tokens = torch.tensor(requests.last_tokens(), dtype=torch.int64)
+                logits = self._decode_logits(tokens, requests.cached())
+                new = sample(logits, params.temperature, params.top_p, rng).tolist()
             decoded += len(requests.running)
-            requests.accept([[t] for t in sample(logits, params.temperature, params.top_p, rng).tolist()])
+            requests.accept([[t] for t in new])
         return GenerationStats(requests.prompt_tokens, first - start, decoded, time.perf_counter() - first)
 
     def _decode_logits(self, tokens, cached):

@@ -185,7 +185,12 @@ class Transformer(Module):
 
     def _cpu_decode(self, batch: Batch, cache: LatentCache):
         """The C++ decode step for this batch, or None (the Python forward runs it)."""
-        if not self.cpu_decode_step or self._decode_step is False or not DecodeStep.takes(self, batch, cache):
+        return self.cpu_decoder(cache) if not batch.prefill and batch.query_rows is None else None
+
+    def cpu_decoder(self, cache: LatentCache):
+        """The C++ decode step (dsv3.cpu_decode.DecodeStep) that runs this model's decode batches
+        (no query_rows) over `cache` now, or None: the Python forward runs them."""
+        if not self.cpu_decode_step or self._decode_step is False or not DecodeStep.runs(self, cache):
             return None
         if self._decode_step is None:
             self._decode_step = DecodeStep.of(self) or False

@@ -20,6 +20,8 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -152,6 +154,20 @@ Tensor to_float(const Tensor& x) {
   return out;
 }
 
+// Each row's argmax of fp32 [B, V] as torch.argmax gives it: the first maximum, and a NaN counts as
+// the maximum (the first NaN).
+std::vector<int64_t> argmax_rows(const Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float* p = x.const_data_ptr<float>();
+  std::vector<int64_t> out(rows, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = p + r * cols;
+    for (int64_t j = 1; j < cols && !std::isnan(row[out[r]]); ++j)
+      if (std::isnan(row[j]) || row[j] > row[out[r]]) out[r] = j;
+  }
+  return out;
+}
+
 // The shapes DecodeStep's own loops rely on (the kernels check their arguments themselves).
 void check_2d(const Tensor& t, const char* what, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == dtype, "DecodeStep: ",
@@ -263,6 +279,54 @@ class DecodeStep : public torch::CustomClassHolder {
     Tensor h = std::get<0>(k_.rms_norm.call(x, final_norm_.weight, final_norm_.eps, residual));
     Tensor rows = all_rows(logits_index, n) ? h : rows_of(h, logits_index, "logits_index");
     return {to_float(linear(lm_head_, rows)), h};
+  }
+
+  // A plain decode step from the host's numbers, as Generator's loop holds them: request i's newest
+  // token input_ids[i] at position cached[i] (the tokens before it are cached), in the blocks
+  // block_ids[sum(block_counts[:i]) ...][:block_counts[i]]. Builds the batch dsv3/cache.py
+  // decode_batch builds (s_q = 1, every row's logits) and runs forward on it: the ~10 small tensor
+  // calls of building it in Python cost ~0.1 ms a step next to a ~0.6 ms step of the shipped model.
+  //   -> (logits fp32 [B, vocab], each row's argmax: the greedy tokens, as torch.argmax picks them)
+  std::tuple<Tensor, std::vector<int64_t>> decode(const std::vector<int64_t>& input_ids,
+                                                  const std::vector<int64_t>& cached,
+                                                  const std::vector<int64_t>& block_ids,
+                                                  const std::vector<int64_t>& block_counts, const Tensor& kv) {
+    const int64_t b = static_cast<int64_t>(input_ids.size());
+    TORCH_CHECK(b > 0 && cached.size() == input_ids.size() && block_counts.size() == input_ids.size(),
+                "DecodeStep.decode: input_ids, cached and block_counts must have one entry per request, got ", b, ", ",
+                cached.size(), " and ", block_counts.size());
+    TORCH_CHECK(kv.dim() == 4, "DecodeStep.decode: kv must be [num_layers, num_blocks, block_size, width], got ",
+                kv.sizes());
+    const int64_t block_size = kv.size(2);
+    int64_t width = 0, total = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      TORCH_CHECK(block_counts[i] >= 0, "DecodeStep.decode: block_counts[", i, "] = ", block_counts[i], " < 0");
+      TORCH_CHECK(cached[i] >= 0 && cached[i] / block_size < block_counts[i], "DecodeStep.decode: request ", i,
+                  "'s new token at position ", cached[i], " needs block ", cached[i] / block_size, " of ",
+                  block_size, " slots, and the request has ", block_counts[i], " blocks");
+      width = std::max(width, block_counts[i]);
+      total += block_counts[i];
+    }
+    TORCH_CHECK(total == static_cast<int64_t>(block_ids.size()), "DecodeStep.decode: block_counts add up to ", total,
+                " blocks, block_ids has ", block_ids.size());
+    const auto i64 = at::TensorOptions().dtype(at::kLong), i32 = at::TensorOptions().dtype(at::kInt);
+    Tensor ids = at::empty({b}, i64), pos = at::empty({b}, i64), slots = at::empty({b}, i64);
+    Tensor table = at::zeros({b, width}, i32), seqlens = at::empty({b}, i32);
+    int64_t* pid = ids.data_ptr<int64_t>();
+    int64_t* ppos = pos.data_ptr<int64_t>();
+    int64_t* pslot = slots.data_ptr<int64_t>();
+    int32_t* ptab = table.data_ptr<int32_t>();
+    int32_t* plen = seqlens.data_ptr<int32_t>();
+    for (int64_t i = 0, first = 0; i < b; first += block_counts[i], ++i) {
+      const int64_t* blocks = block_ids.data() + first;
+      pid[i] = input_ids[i];
+      ppos[i] = cached[i];
+      pslot[i] = blocks[cached[i] / block_size] * block_size + cached[i] % block_size;
+      for (int64_t j = 0; j < block_counts[i]; ++j) ptab[i * width + j] = static_cast<int32_t>(blocks[j]);
+      plen[i] = static_cast<int32_t>(cached[i] + 1);
+    }
+    Tensor logits = forward(ids, pos, kv, slots, table, seqlens, at::empty({0}, i64))[0];
+    return {logits, argmax_rows(logits)};
   }
 
  private:
@@ -398,5 +462,6 @@ TORCH_LIBRARY(dsv3_model, m) {
   m.class_<dsv3::model::DecodeStep>("DecodeStep")
       .def(torch::init<std::vector<at::Tensor>, at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<double>,
                        std::string>())
-      .def("forward", &dsv3::model::DecodeStep::forward);
+      .def("forward", &dsv3::model::DecodeStep::forward)
+      .def("decode", &dsv3::model::DecodeStep::decode);
 }

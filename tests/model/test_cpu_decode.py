@@ -116,3 +116,76 @@ def test_bad_token_and_position_raise():
     batch.positions[0] = model.args.max_position_embeddings
     with pytest.raises(RuntimeError, match="positions"):
         model(torch.tensor([3]), batch, cache)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_from_lists_is_forward_on_decode_batch(fp8):
+    """DecodeStep.decode builds decode_batch's tensors in C++: the same logits bit for bit, the
+    same cache bytes written, and torch.argmax's choice of each row."""
+    model = _model(fp8)
+    cache, requests = _prefilled(model, "fp8" if fp8 else None)
+    step = model.cpu_decoder(cache)
+    tokens = [7, 300, 41]
+    kv = cache.kv.clone()
+    want = model(torch.tensor(tokens), decode_batch(requests, cache), cache)
+    want_kv, cache.kv = cache.kv, kv
+    logits, greedy = step.decode(tokens, requests, cache)
+    assert torch.equal(logits, want) and greedy == want.argmax(-1).tolist()
+    assert torch.equal(cache.kv.view(torch.uint8), want_kv.view(torch.uint8))
+
+
+def test_decode_greedy_takes_torch_argmax_ties_and_nan():
+    model = _model(False)
+    cache, requests = _prefilled(model, None)
+    logits, _ = model.cpu_decoder(cache).decode([3], requests[:1], cache)
+    assert logits.max() > 0
+    w = model.lm_head.weight
+    w[5] = w[9] = 4 * w[logits.argmax()]  # two rows tied for the largest logit
+    logits, greedy = model.cpu_decoder(cache).decode([3], requests[:1], cache)
+    assert logits[0, 5] == logits[0, 9] == logits.max() and greedy == [5] == logits.argmax(-1).tolist()
+    w[200] = float("nan")
+    logits, greedy = model.cpu_decoder(cache).decode([3], requests[:1], cache)
+    assert greedy == [200] == logits.argmax(-1).tolist()
+
+
+def test_decode_from_lists_bad_requests_raise():
+    model = _model(False)
+    cache, requests = _prefilled(model, None)
+    step = model.cpu_decoder(cache)
+    n, blocks = requests[0]
+    msg = r"request 0's new token at position 64 needs block 1 of 64 slots, and the request has 1 blocks"
+    with pytest.raises(RuntimeError, match=msg):
+        step.decode([3], [(64, blocks[:1])], cache)
+    with pytest.raises(RuntimeError, match="one entry per request"):
+        step._step.decode([3, 4], [n], blocks, [len(blocks)], cache.kv)
+    with pytest.raises(RuntimeError, match="block_ids has"):
+        step._step.decode([3], [n], blocks, [len(blocks) + 1], cache.kv)
+    with pytest.raises(RuntimeError, match=r"input_ids\[0\] = 384 is out of range"):
+        step.decode([model.args.vocab_size], requests[:1], cache)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_generator_plain_loop_runs_decode(monkeypatch, temperature):
+    """Generator's plain loop takes DecodeStep.decode; its tokens are those of decode_batch + the C++
+    forward + sample, the loop's other path."""
+    from dsv3.cpu_decode import DecodeStep
+    from dsv3.generator import Generator
+
+    model = _model(True)
+    prompts = [[5, 9, 17], list(range(2, 70))]
+
+    def run():
+        return Generator(model, num_blocks=8, speculative="none").generate(prompts, 6, temperature=temperature, seed=1)
+
+    calls = []
+    decode = DecodeStep.decode
+    monkeypatch.setattr(DecodeStep, "decode", lambda self, *a: calls.append(1) or decode(self, *a))
+    fast = run()
+    assert len(calls) == 5  # the 5 steps after the prefill's token
+
+    def via_batch(self, tokens, cached, cache):
+        logits = self(torch.tensor(tokens), decode_batch(cached, cache), cache)[0]
+        return logits, logits.argmax(-1).tolist()
+
+    monkeypatch.setattr(DecodeStep, "decode", via_batch)
+    assert run() == fast
