@@ -133,6 +133,12 @@ class DecodeStep:
         return self._step.forward(input_ids, batch.positions, cache.kv, batch.slot_mapping, batch.block_table,
                                   batch.cache_seqlens, index)
 
+    @staticmethod
+    def runs_model(model) -> bool:
+        """Whether `model`'s decode steps (with its backend) run in this step, over a cache of its
+        activations' dtype or FP8."""
+        return _why_not(model) is None and dispatch.all_resolve_to(OPS, model.device, model.backend, "cpu")
+
     def decode(self, tokens: list, cached: list, cache: LatentCache):
         """A plain decode step from the host's numbers: tokens [B] ints (each request's newest token),
         cached [(cached_tokens, block_ids)] (as dsv3.cache.decode_batch takes them) -> (logits

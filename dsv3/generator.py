@@ -133,7 +133,9 @@ class Generator:
     for up to cuda_graph.GRAPH_BATCH_SIZES[-1] running requests (larger steps run eagerly). kv_cache_dtype:
     the cache's (model.new_cache: default the activations' dtype, or "fp8"). speculative: "mtp"
     (draft with the model's MTP module, see the module's doc; eager steps, no CUDA graph), "none",
-    or None: "mtp" when the model has an MTP module.
+    or None: "mtp" when the model has an MTP module, except where its decode steps run in the C++
+    CPU step (Transformer.decodes_in_cpp): the draft pass runs the Python forward, and a
+    speculative token costs more than two plain ones there.
     After each generate, last_stats holds its GenerationStats.
     With expert parallelism (model.parallel) each rank generates its own prompts (maybe none) and
     steps until every rank is done (a finished rank runs Transformer.idle steps), eagerly and
@@ -145,8 +147,8 @@ class Generator:
         self.model, self.tokenizer = model, tokenizer
         self.max_len = model.args.max_position_embeddings
         ep = model.parallel.expert_parallel
-        if speculative is None:
-            speculative = "mtp" if len(model.mtp) and not ep else "none"
+        if speculative is None:  # not beside the C++ CPU step: a speculative token costs two plain ones there
+            speculative = "mtp" if len(model.mtp) and not ep and not model.decodes_in_cpp() else "none"
         if speculative not in ("none", "mtp"):
             raise ValueError(f"speculative must be 'none', 'mtp' or None, got {speculative!r}")
         # a speculative step also runs the MTP layer's MoE: an idle rank's steps would have to match it

@@ -187,6 +187,11 @@ class Transformer(Module):
         """The C++ decode step for this batch, or None (the Python forward runs it)."""
         return self.cpu_decoder(cache) if not batch.prefill and batch.query_rows is None else None
 
+    def decodes_in_cpp(self) -> bool:
+        """Whether this model's decode steps (no query_rows) run in the C++ CPU step now, over a
+        cache of the activations' dtype or FP8."""
+        return self.cpu_decode_step and self._decode_step is not False and DecodeStep.runs_model(self)
+
     def cpu_decoder(self, cache: LatentCache):
         """The C++ decode step (dsv3.cpu_decode.DecodeStep) that runs this model's decode batches
         (no query_rows) over `cache` now, or None: the Python forward runs them."""

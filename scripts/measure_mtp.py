@@ -74,7 +74,7 @@ def step_costs(model_dir, depth, rounds, new_tokens=64):
                                num_nextn_predict_layers=1, eos_token_id=None)
     model = init_random_(Transformer(args, torch.bfloat16, fp8=True, backend="cpu"), seed=depth)
     prompt = [[args.bos_token_id] + list(range(10, 26))]
-    plain, spec = Generator(model, num_blocks=4, speculative="none"), Generator(model, num_blocks=4)
+    plain, spec = Generator(model, num_blocks=4, speculative="none"), Generator(model, num_blocks=4, speculative="mtp")
     best = {"none": float("inf"), "mtp": float("inf")}
     for _ in range(rounds + 1):  # the first round warms up
         for name, g in (("none", plain), ("mtp", spec)):
@@ -105,7 +105,8 @@ def main():
     print(f"teacher-forced on the sample: draft = main greedy {agree:.1%}; MTP head {nats:.4f} nats/token, "
           f"{npb:.4f} nats/byte", flush=True)
 
-    spec, plain = Generator(model, tok, num_blocks=128), Generator(model, tok, num_blocks=128, speculative="none")
+    spec = Generator(model, tok, num_blocks=128, speculative="mtp")
+    plain = Generator(model, tok, num_blocks=128, speculative="none")
     lines = [i for i, c in enumerate(text) if c == "\n" and i + 1 < len(text) and text[i + 1] != "\n"]
     starts = [lines[k * len(lines) // 16] + 1 for k in range(16)]
     bos = model.args.bos_token_id

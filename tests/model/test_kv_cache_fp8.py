@@ -59,7 +59,8 @@ def test_default_model_heldout_loss_within_half_percent(sample):  # noqa: F811
 def test_commands_take_kv_cache_dtype(capsys):
     model = load(DEFAULT_MODEL, dtype=torch.bfloat16, device="cpu", backend="cpu", progress=False)
     layers = model.args.num_hidden_layers + len(model.mtp)  # generate and evaluate run the MTP layer too
-    assert main(["--prompt", "import os\n", "--max-new-tokens", "8", "--backend", "cpu", "--kv-cache-dtype", "fp8"]) == 0
+    assert main(["--prompt", "import os\n", "--max-new-tokens", "8", "--backend", "cpu", "--kv-cache-dtype", "fp8",
+                 "--speculative", "mtp"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("import os\n")
     assert f"KV cache {layers * 656} bytes per token" in captured.err

@@ -270,8 +270,20 @@ def test_speculative_argument_errors(ckpt):
 
 
 def test_command_line_stats(shipped, capsys):
-    assert main(["--prompt", "def f(x):", "--max-new-tokens", "8"]) == 0
+    assert main(["--prompt", "def f(x):", "--max-new-tokens", "8", "--speculative", "mtp"]) == 0
     err = capsys.readouterr().err
     assert "MTP drafts accepted" in err and "tokens per step" in err
     assert main(["--prompt", "def f(x):", "--max-new-tokens", "8", "--speculative", "none"]) == 0
     assert "MTP drafts accepted" not in capsys.readouterr().err
+
+
+def test_default_is_plain_beside_the_cpu_decode_step():
+    """Where decode steps run in C++ (bf16 on the cpu backend), the MTP draft pass (Python forward)
+    costs more than it saves: speculative=None picks "none" there, "mtp" elsewhere."""
+    m = load(DEFAULT_MODEL, dtype=torch.bfloat16, backend="cpu", progress=False)
+    if not m.decodes_in_cpp():
+        pytest.skip("no C++ decode step in this build")
+    assert Generator(m).speculative == "none" and Generator(m, speculative="mtp").speculative == "mtp"
+    m.cpu_decode_step = False
+    assert Generator(m).speculative == "mtp"
+    assert Generator(m.set_backend("torch")).speculative == "mtp"
