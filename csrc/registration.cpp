@@ -36,9 +36,21 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   }
 }
 
+// _C.set_cpu_bf16_gemm(choice) -> whether the avx512_bf16 level's GEMMs now use vdpbf16ps
+// (choice 1 / 0; -1: the host's rule, common/cpu_isa.h).
+PyObject* set_cpu_bf16_gemm(PyObject*, PyObject* arg) {
+  const long choice = PyLong_Check(arg) ? PyLong_AsLong(arg) : -2;
+  if (choice < -1 || choice > 1) {
+    PyErr_SetString(PyExc_ValueError, "set_cpu_bf16_gemm takes 1, 0 or -1");
+    return nullptr;
+  }
+  return PyBool_FromLong(dsv3::set_cpu_bf16_gemm(static_cast<int>(choice)));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "(level in use, host's best level) of the C++ CPU kernels"},
     {"set_cpu_isa", set_cpu_isa, METH_O, "use this level of the C++ CPU kernels (capped at the host's)"},
+    {"set_cpu_bf16_gemm", set_cpu_bf16_gemm, METH_O, "1 / 0 / -1 (the host's rule): vdpbf16ps in compute-bound GEMMs"},
     {nullptr, nullptr, 0, nullptr},
 };
 

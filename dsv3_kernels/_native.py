@@ -51,6 +51,16 @@ def set_cpu_isa(level: str) -> str:
     return _C.set_cpu_isa(level)
 
 
+def set_cpu_bf16_gemm(choice) -> bool:
+    """Whether the avx512_bf16 level's compute-bound GEMMs (fp8_gemm above its few-rows path)
+    multiply with vdpbf16ps (True) or in fp32: choice True / False, or None for the host's rule
+    (fp32 on Intel cores, where vdpbf16ps has half the FMA's product rate; csrc/common/cpu_isa.h).
+    Returns the setting now in effect. Tests run both paths this way."""
+    if choice not in (True, False, None):
+        raise TypeError(f"choice must be True, False or None, got {choice!r}")
+    return _C.set_cpu_bf16_gemm(-1 if choice is None else int(choice))
+
+
 def status() -> str:
     if not loaded():
         return f"dsv3_kernels._C not loaded: {_ERROR}"

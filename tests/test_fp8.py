@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsv3_kernels as dk
+from dsv3_kernels import _native
 from dsv3_kernels.reference import fp8 as ref
 from helpers import native_only, poison_allocator
 
@@ -220,6 +221,31 @@ def test_fp8_gemm_tile_edges(device, backend, m, n, k):
     got = dk.fp8_gemm(a.to(device), a_s.to(device), b.to(device), b_s.to(device), torch.float32, backend=backend)
     err = (got.cpu() - want).abs().max() / want.abs().max()
     assert err < _gemm_tol(device), f"max error {err:.2e} relative to max |out|"
+
+
+@pytest.mark.ops("fp8_gemm")
+def test_fp8_gemm_avx512_bf16_many_rows_both_paths():
+    """Above its few-rows path (48 rows) the avx512_bf16 level multiplies with vdpbf16ps or in fp32,
+    by the host's rule (fp32 on Intel cores: csrc/common/cpu_isa.h). Both against the reference on
+    any host that has the level, and they are different arithmetic (the switch switches)."""
+    if "avx512_bf16" not in _native.host_cpu_isa_levels():
+        pytest.skip("the host has no avx512_bf16 level")
+    before = _native.cpu_isa()
+    _native.set_cpu_isa("avx512_bf16")
+    try:
+        for m, n, k in [(49, 131, 384), (67, 256, 1536), (300, 129, 512)]:
+            _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
+            want = ref.fp8_gemm(a, a_s, b, b_s, torch.float32)
+            got = {}
+            for bf16 in (True, False):
+                assert _native.set_cpu_bf16_gemm(bf16) == bf16
+                got[bf16] = dk.fp8_gemm(a, a_s, b, b_s, torch.float32, backend="cpu")
+                err = (got[bf16] - want).abs().max() / want.abs().max()
+                assert err < _gemm_tol("cpu"), f"{m}x{n}x{k} vdpbf16ps={bf16}: max error {err:.2e}"
+            assert not torch.equal(got[True], got[False])
+    finally:
+        _native.set_cpu_bf16_gemm(None)
+        _native.set_cpu_isa(before)
 
 
 @pytest.mark.ops("fp8_gemm")

@@ -40,6 +40,19 @@ CpuIsa capped(const char* name, const char* what) {
 // calls; every kernel reads it when it is called, never caches it.
 std::atomic<int> g_level{-1};
 
+// set_cpu_bf16_gemm's choice: -1 the host's, else 0 / 1.
+std::atomic<int> g_bf16_gemm{-1};
+
+bool host_bf16_gemm() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  static const bool pays = !__builtin_cpu_is("intel");
+  return pays;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 CpuIsa host_cpu_isa() {
@@ -65,5 +78,15 @@ CpuIsa set_cpu_isa(const char* name) {
 }
 
 const char* cpu_isa_name(CpuIsa isa) { return kNames[static_cast<int>(isa)]; }
+
+bool cpu_bf16_gemm() {
+  const int choice = g_bf16_gemm.load(std::memory_order_relaxed);
+  return choice < 0 ? host_bf16_gemm() : choice != 0;
+}
+
+bool set_cpu_bf16_gemm(int choice) {
+  g_bf16_gemm.store(choice < 0 ? -1 : choice != 0, std::memory_order_relaxed);
+  return cpu_bf16_gemm();
+}
 
 }  // namespace dsv3

@@ -28,6 +28,17 @@ const char* cpu_isa_name(CpuIsa isa);
 
 inline bool cpu_isa_at_least(CpuIsa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
 
+// Whether the avx512_bf16 level's compute-bound GEMMs (fp8_gemm above its few-rows path) multiply
+// with vdpbf16ps rather than in fp32. vdpbf16ps pays on AMD Zen 4, where the avx512_bf16 paths
+// were measured faster, not on Intel cores: on the Xeon of benchmarks/README.md a zmm vdpbf16ps
+// issues at 1.6 G/s against 6.4 G/s for a zmm FMA, half the products a second, and fp8_linear at
+// M = 128 runs 1.1-1.45x faster in fp32. So: false on Intel hosts, true elsewhere, unless
+// set_cpu_bf16_gemm chose (tests run both paths on one host).
+bool cpu_bf16_gemm();
+
+// 1: vdpbf16ps, 0: fp32, -1: the host's choice (cpu_bf16_gemm). Returns cpu_bf16_gemm() after it.
+bool set_cpu_bf16_gemm(int choice);
+
 }  // namespace dsv3
 
 // The target attribute of the avx2 level's functions. Lambdas do not inherit target attributes:

@@ -344,7 +344,8 @@ at::Tensor fp8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at
   const auto* pb = reinterpret_cast<const uint8_t*>(b.const_data_ptr());
   const float* ps = b_scale_inv.const_data_ptr<float>();
 #if defined(__x86_64__)
-  if (cpu_isa_at_least(CpuIsa::kAvx512Bf16)) {
+  // Above the few-rows path the GEMM is compute-bound: fp32 where vdpbf16ps does not pay (cpu_isa.h).
+  if (cpu_isa_at_least(CpuIsa::kAvx512Bf16) && (m <= kSmallMaxRows || cpu_bf16_gemm())) {
     return gemm_avx512bf16(reinterpret_cast<const uint8_t*>(a.const_data_ptr()), a_scale.const_data_ptr<float>(), m,
                            pb, ps, k, n, c, out_dtype);
   }
