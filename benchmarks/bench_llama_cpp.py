@@ -262,9 +262,10 @@ def read_gbps():
 # ---- the two sides ----
 
 def _dsv3_rates(gen, prompt, steps):
-    """(prefill tokens/s, decode tokens/s) of one round: a prefill of `prompt`, then `steps` decode
-    steps from a one-token context."""
-    gen.generate([prompt], max_new_tokens=1)
+    """(prefill tokens/s, decode tokens/s) of one round: a prefill of `prompt` after an untimed one
+    (llama-bench runs a warm-up first too), then `steps` decode steps from a one-token context."""
+    for _ in range(2):
+        gen.generate([prompt], max_new_tokens=1)
     prefill = len(prompt) / gen.last_stats["ttft_s"]
     gen.generate([prompt[:1]], max_new_tokens=steps + 1)
     assert gen.last_stats["decode_tokens"] == steps
