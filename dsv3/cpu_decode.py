@@ -124,20 +124,19 @@ class DecodeStep:
     @staticmethod
     def runs(model, cache: LatentCache) -> bool:
         """Whether this step (with `model`'s backend) runs decode batches over `cache`."""
-        return (cache.kv.dtype in (torch.bfloat16, torch.uint8) and not torch.compiler.is_compiling()
-                and dispatch.all_resolve_to(OPS, cache.kv.device, model.backend, "cpu"))
+        return cache.kv.dtype in (torch.bfloat16, torch.uint8) and DecodeStep.dispatches(model, cache.kv.device)
+
+    @staticmethod
+    def dispatches(model, device) -> bool:
+        """Whether dispatch's rule, with `model`'s backend, picks the C++ CPU kernel of every op the
+        step calls on `device`."""
+        return not torch.compiler.is_compiling() and dispatch.all_resolve_to(OPS, device, model.backend, "cpu")
 
     def __call__(self, input_ids, batch: Batch, cache: LatentCache):
         """-> (logits fp32 [len(batch.logits_index) or N, vocab], final normed hidden [N, hidden])."""
         index = _NONE if batch.logits_index is None else batch.logits_index
         return self._step.forward(input_ids, batch.positions, cache.kv, batch.slot_mapping, batch.block_table,
                                   batch.cache_seqlens, index)
-
-    @staticmethod
-    def runs_model(model) -> bool:
-        """Whether `model`'s decode steps (with its backend) run in this step, over a cache of its
-        activations' dtype or FP8."""
-        return _why_not(model) is None and dispatch.all_resolve_to(OPS, model.device, model.backend, "cpu")
 
     def decode(self, tokens: list, cached: list, cache: LatentCache):
         """A plain decode step from the host's numbers: tokens [B] ints (each request's newest token),

@@ -190,13 +190,15 @@ class Transformer(Module):
     def decodes_in_cpp(self) -> bool:
         """Whether this model's decode steps (no query_rows) run in the C++ CPU step now, over a
         cache of the activations' dtype or FP8."""
-        return self.cpu_decode_step and self._decode_step is not False and DecodeStep.runs_model(self)
+        return self.cpu_decode_step and DecodeStep.dispatches(self, self.device) and self._built_step() is not None
 
     def cpu_decoder(self, cache: LatentCache):
         """The C++ decode step (dsv3.cpu_decode.DecodeStep) that runs this model's decode batches
         (no query_rows) over `cache` now, or None: the Python forward runs them."""
-        if not self.cpu_decode_step or self._decode_step is False or not DecodeStep.runs(self, cache):
-            return None
+        return self._built_step() if self.cpu_decode_step and DecodeStep.runs(self, cache) else None
+
+    def _built_step(self):
+        """This model's DecodeStep, built on first use; None where it cannot run the model."""
         if self._decode_step is None:
             self._decode_step = DecodeStep.of(self) or False
         return self._decode_step or None

@@ -310,17 +310,13 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(total == static_cast<int64_t>(block_ids.size()), "DecodeStep.decode: block_counts add up to ", total,
                 " blocks, block_ids has ", block_ids.size());
     const auto i64 = at::TensorOptions().dtype(at::kLong), i32 = at::TensorOptions().dtype(at::kInt);
-    Tensor ids = at::empty({b}, i64), pos = at::empty({b}, i64), slots = at::empty({b}, i64);
+    Tensor ids = at::tensor(input_ids, i64), pos = at::tensor(cached, i64), slots = at::empty({b}, i64);
     Tensor table = at::zeros({b, width}, i32), seqlens = at::empty({b}, i32);
-    int64_t* pid = ids.data_ptr<int64_t>();
-    int64_t* ppos = pos.data_ptr<int64_t>();
     int64_t* pslot = slots.data_ptr<int64_t>();
     int32_t* ptab = table.data_ptr<int32_t>();
     int32_t* plen = seqlens.data_ptr<int32_t>();
     for (int64_t i = 0, first = 0; i < b; first += block_counts[i], ++i) {
       const int64_t* blocks = block_ids.data() + first;
-      pid[i] = input_ids[i];
-      ppos[i] = cached[i];
       pslot[i] = blocks[cached[i] / block_size] * block_size + cached[i] % block_size;
       for (int64_t j = 0; j < block_counts[i]; ++j) ptab[i * width + j] = static_cast<int32_t>(blocks[j]);
       plen[i] = static_cast<int32_t>(cached[i] + 1);
