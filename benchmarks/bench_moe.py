@@ -15,8 +15,10 @@ shapes (D=7168, I=2048); on the CPU a reduced layer (E=64, D=1024, I=256, the is
                 loop in bf16 ("loop", the baseline) and the fp32 reference ("torch"); the roofline
                 is the time to read the touched experts' weights once (the decode goal). On the CPU
                 top-6 (the CPU goal's case: T=1..64 at >= 70% of the measured copy bandwidth, the
-                "of copy" column), with the last-level cache flushed before every call so that the
-                weights come from DRAM, as in a model whose other layers run between two calls
+                "of copy" column), the calls rotating through copies of the whole layer that add up
+                to twice the last-level cache, so that the weights come from DRAM as in a model whose
+                other layers run between two calls (a flush by writing a buffer instead left dirty
+                lines whose write-back the timed call paid, and made code and page tables cold)
   ep_dispatch   expert parallelism's packing by destination rank (E=256 over W=8 ranks, top-8,
                 D=7168; bf16 rows or FP8 quantized as packed), GB/s of hidden read + rows,
                 scales and local choices written; ep_combine, the per-token sum of the rows that
@@ -46,7 +48,6 @@ LAYER = {"cuda": (256, 7168, 2048), "cpu": (64, 1024, 256)}
 EXPERT_TOKENS = {"cuda": [1, 16, 64, 128, 1024, 8192], "cpu": [1, 16, 64, 1024]}
 FUSED_TOKENS = {"cuda": EXPERT_TOKENS["cuda"], "cpu": [1, 8, 64, 1024]}
 FUSED_TOPK = {"cuda": TOPK, "cpu": 6}
-CPU_FLUSH_BYTES = 64 << 20  # twice the 32 MiB L3 of the AMD EPYC in benchmarks/README.md
 PERMUTE_TOKENS = {"cuda": [1, 128, 1024, 16384], "cpu": [1, 128, 1024]}
 EP_TOKENS = {"cuda": [1, 128, 1024, 8192], "cpu": [1, 128, 1024]}
 EP_WORLD, EP_D = 8, 7168
@@ -227,16 +228,18 @@ def test_fused_moe(bench, device, fused_case):
     flops, nbytes = roofline.fused_moe_cost(tokens, topk, e, d, i, 1 if fp8 else 2)
 
     def make_args():
-        return (torch.randn(tokens, d, device=device, dtype=torch.bfloat16), *_routes(tokens, e, device, topk))
+        # On the CPU every copy has its own weights (DeepSeek-V3's layer on a GPU is 11 GB in FP8).
+        layer = [w13, w2, s13, s2] if device == "cuda" else [None if w is None else w.clone() for w in (w13, w2, s13, s2)]
+        return (torch.randn(tokens, d, device=device, dtype=torch.bfloat16), *_routes(tokens, e, device, topk), *layer)
 
-    def fn(hidden, weights, ids):
+    def fn(hidden, weights, ids, w13, w2, s13, s2):
         if provider == "loop":
             return ref_moe.naive_fused_moe(hidden, w13, w2, weights, ids, s13, s2)
         return dk.fused_moe(hidden, w13, w2, weights, ids, s13, s2, backend=provider)
 
     bench(fn, make_args, op="fused_moe", shape=f"T={tokens} E={e} k={topk} D={d} I={i} {'fp8' if fp8 else 'bf16'}",
           provider=_label(provider, device), flops=flops, nbytes=nbytes, precision="fp8" if fp8 else "bf16", baseline="loop",
-          flush_bytes=CPU_FLUSH_BYTES if device == "cpu" else 0)
+          rotate_bytes=max(128 << 20, 2 * roofline.last_level_cache_bytes()) if device == "cpu" else None)
 
 
 def _ep_routes(tokens, device):

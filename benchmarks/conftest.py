@@ -46,6 +46,17 @@ def device(request):
     return device_of(request.config)
 
 
+def _read_all(obj):
+    """Reads every byte of obj's tensors. Making the copies wrote them, so much of the last-level cache
+    is left dirty; read once in the order they were made, copies that add up to twice that cache
+    write those lines back now and leave it clean, instead of during the timed calls."""
+    if isinstance(obj, torch.Tensor):
+        obj.reshape(-1).view(torch.uint8).max()
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _read_all(o)
+
+
 def _nbytes(obj):
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -56,13 +67,20 @@ def _nbytes(obj):
 
 @pytest.fixture
 def bench(benchmark, device):
-    def run(fn, make_args, *, op, shape, provider, flops, nbytes, precision="fp8", baseline=None, flush_bytes=0):
+    def run(fn, make_args, *, op, shape, provider, flops, nbytes, precision="fp8", baseline=None, rotate_bytes=None):
         """fn(*make_args()) is timed. `baseline` names the provider this one is compared with.
-        flush_bytes > 0 (CPU): before every round, untimed, that many bytes are written, so that data
-        an op keeps across calls (weights) comes from DRAM rather than from the last call's cache."""
+        Calls rotate through copies of the arguments: up to 16 copies of 256 MB (CUDA) / 128 MB (CPU)
+        in all, or, with rotate_bytes, as many copies as that many bytes take (an op that must read
+        its inputs from DRAM on a host with a last-level cache larger than 128 MB)."""
         args = make_args()
-        cache_bytes = (256 << 20) if device == "cuda" else (128 << 20)
-        copies = [args] + [make_args() for _ in range(min(15, cache_bytes // max(1, _nbytes(args))))]
+        size = max(1, _nbytes(args))
+        if rotate_bytes is None:
+            extra = min(15, ((256 << 20) if device == "cuda" else (128 << 20)) // size)
+        else:
+            extra = -(-rotate_bytes // size) - 1
+        copies = [args] + [make_args() for _ in range(extra)]
+        if rotate_bytes is not None and device == "cpu":
+            _read_all(copies)
         cycle = itertools.cycle(copies)
         if device == "cuda":
             calls = 20
@@ -75,14 +93,7 @@ def bench(benchmark, device):
             benchmark.pedantic(target, rounds=10, warmup_rounds=2)
         else:
             calls = 1
-            setup = None
-            if flush_bytes:
-                flush = torch.zeros(flush_bytes, dtype=torch.uint8)
-
-                def setup():
-                    flush.add_(1)
-
-            benchmark.pedantic(lambda: fn(*next(cycle)), setup=setup, rounds=10, warmup_rounds=2)
+            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=10, warmup_rounds=2)
         seconds = benchmark.stats.stats.median / calls
         row = {
             "op": op, "shape": shape, "provider": provider, "device": device, "us": seconds * 1e6,

@@ -8,6 +8,7 @@ bf16 and use bf16 dot products, so their compute ceiling is the bf16 rate.
 """
 
 import functools
+import os
 import time
 
 import torch
@@ -51,6 +52,19 @@ def hardware(device_type: str) -> dict:
     return {"name": _cpu_name(), "peak_gbps": _copy_gbps("cpu", 256 << 20), "peak_tflops_fp8": bf16,
             "peak_tflops_bf16": bf16, "peak_tflops_fp32": rates[torch.float32],
             "ceilings": f"measured: 256 MB copy, 2048^3 fp32/bf16 matmuls, {torch.get_num_threads()} threads"}
+
+
+def last_level_cache_bytes(default=64 << 20):
+    """The largest CPU cache of this host (Linux sysfs), or `default` where it cannot be read."""
+    root, sizes = "/sys/devices/system/cpu/cpu0/cache", []
+    for index in os.listdir(root) if os.path.isdir(root) else []:
+        try:
+            with open(os.path.join(root, index, "size")) as f:
+                text = f.read().strip()  # "491520K"
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=default)
 
 
 def _cpu_name():
