@@ -22,6 +22,7 @@ import roofline
 from dsv3_kernels import _native
 
 _ROWS = []
+_CPU_CAPS = ("DSV3_KERNELS_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # Callables returning a markdown summary of the rows, printed after the table (bench_llama_cpp.py).
 SUMMARIES = []
 
@@ -125,7 +126,9 @@ def pytest_sessionfinish(session, exitstatus):
     hw = roofline.hardware(device)
     meta = {"hardware": hw, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_isa": _native.cpu_isa()}
+            "cpu_isa": _native.cpu_isa(),
+            # what caps the CPU code torch's own peers run (an "avx2 path" run caps them as well)
+            "cpu_caps": {k: os.environ[k] for k in _CPU_CAPS if k in os.environ}}
     try:
         import triton
 
@@ -155,7 +158,8 @@ def _fmt(v, spec):
 def _print_table(meta, stem):
     hw = meta["hardware"]
     lines = [f"\n{hw['name']}, torch {meta['torch']}, {meta['date']}, {meta['threads']} threads, CPU kernels "
-             f"{meta['cpu_isa']}; ceilings: {hw['peak_gbps']:.0f} GB/s, {hw['ceilings']}",
+             f"{meta['cpu_isa']}{''.join(f' {k}={v}' for k, v in meta['cpu_caps'].items())}; "
+             f"ceilings: {hw['peak_gbps']:.0f} GB/s, {hw['ceilings']}",
              f"{'op':15s} {'shape':28s} {'provider':14s} {'time us':>10s} {'TFLOP/s':>8s} {'MB':>8s} {'GB/s':>8s} "
              f"{'of copy':>8s} {'roofline':>8s} {'vs baseline':>14s}"]
     for r in _ROWS:
