@@ -48,9 +48,9 @@ def device(request):
 
 
 def _read_all(obj):
-    """Reads every byte of obj's tensors. Making the copies wrote them, so much of the last-level cache
-    is left dirty; read once in the order they were made, copies that add up to twice that cache
-    write those lines back now and leave it clean, instead of during the timed calls."""
+    """Reads every byte of obj's tensors once. Making the copies left their last lines dirty in the
+    last-level cache; reading copies that add up to twice that cache, in the order they were made,
+    writes those lines back now instead of during the timed calls."""
     if isinstance(obj, torch.Tensor):
         obj.reshape(-1).view(torch.uint8).max()
     elif isinstance(obj, (tuple, list)):
