@@ -43,11 +43,11 @@ std::atomic<int> g_level{-1};
 // set_cpu_bf16_gemm's choice: -1 the host's, else 0 / 1.
 std::atomic<int> g_bf16_gemm{-1};
 
-bool host_bf16_gemm() {
+// The host's rule of cpu_bf16_gemm (cpu_isa.h): vdpbf16ps does not pay on Intel cores.
+bool detect_bf16_gemm() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  static const bool pays = !__builtin_cpu_is("intel");
-  return pays;
+  return !__builtin_cpu_is("intel");
 #else
   return false;
 #endif
@@ -80,8 +80,9 @@ CpuIsa set_cpu_isa(const char* name) {
 const char* cpu_isa_name(CpuIsa isa) { return kNames[static_cast<int>(isa)]; }
 
 bool cpu_bf16_gemm() {
+  static const bool host = detect_bf16_gemm();
   const int choice = g_bf16_gemm.load(std::memory_order_relaxed);
-  return choice < 0 ? host_bf16_gemm() : choice != 0;
+  return choice < 0 ? host : choice != 0;
 }
 
 bool set_cpu_bf16_gemm(int choice) {
