@@ -253,8 +253,9 @@ def test_fp8_gemm_avx512_bf16_many_rows_both_paths():
 def test_fp8_gemm_nan_codes(device, backend, m, k):
     """NaN codes (0x7F / 0xFF) in a make their rows of out NaN, in b their columns (reference/fp8.py),
     on every backend and CPU level: the few-rows loops (m <= 16, whose fast decode reads NaN codes
-    as +-480; with one row and 512 <= K <= 2048 the avx2 level's row-by-row loop) and the panel
-    path (m = 20). Every other output matches the reference."""
+    as +-480; at the avx2 level columns 3 and 77 lie in a span of tiles whose B rows are pages
+    apart, 130 and 199 in tiles of consecutive rows) and the panel path (m = 20). Every other
+    output matches the reference."""
     n = 200
     _, _, a, a_s, b, b_s = quantized_operands(m, n, k, "cpu")
     where_b = [(3, 5), (77, 130), (130, 200), (199, 383)]

@@ -19,9 +19,9 @@
 // denormals: each FMA that reads one takes a microcode assist (and under DAZ they would read 0);
 // vcvtph2ps widens them exactly whatever MXCSR says.
 //
-// Few rows (decode): NR rows of B at a time are decoded 32 bytes at a step and applied to up to 4
-// rows of A in registers; further groups of rows of A find those B rows in L1, and B is read
-// from memory once, prefetched into L2 ahead. The b_scale_inv of the current 128-row block of B
+// Few rows (decode): NR rows of B at a time, each in its own 4 KiB page (page_stride_rows), are
+// decoded 32 bytes at a step and applied to up to 4 rows of A in registers; further groups of rows
+// of A find those B rows in L1, and B is read from memory once, prefetched into L2 ahead. The b_scale_inv of the current 128-row block of B
 // (and the 2^8 of the decode) are folded into an fp32 copy of A (a few rows: cheap), so the inner
 // loop is the decode and FMAs. Many rows: a 64-row panel of B is converted to scaled fp32 (L2)
 // and reused by all rows, as the AVX-512 panel path.
@@ -69,13 +69,17 @@ DSV3_TARGET_AVX2 inline void tile_sums_avx2(__m256 (&acc)[MR][NR], float* v) {
   }
 }
 
-// c[i * ldc + j] (+)= the lane sum of acc[i][j] (compile-time indices keep acc in registers).
+// c[i * ldc + j * cs] (+)= the lane sum of acc[i][j] (compile-time indices keep acc in registers).
 template <int MR, int NR>
-DSV3_TARGET_AVX2 inline void store_tile_avx2(__m256 (&acc)[MR][NR], float* c, int64_t ldc, bool accumulate) {
+DSV3_TARGET_AVX2 inline void store_tile_avx2(__m256 (&acc)[MR][NR], float* c, int64_t ldc, bool accumulate,
+                                             int64_t cs = 1) {
   float v[(MR * NR + 3) / 4 * 4];
   tile_sums_avx2<0, MR, NR>(acc, v);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + v[i * NR + j] : v[i * NR + j];
+    for (int j = 0; j < NR; ++j) {
+      float& out = c[i * ldc + j * cs];
+      out = accumulate ? out + v[i * NR + j] : v[i * NR + j];
+    }
 }
 
 // 8 fp16 bit patterns (the few-rows tile's buffer) widened to fp32.
@@ -118,10 +122,10 @@ DSV3_TARGET_AVX2 void gemm_tile_f32_avx2(const float* a, int64_t lda, const floa
 // the same offsets (stride ldb). Where MR x NR accumulators, NR B vectors and an A vector do not
 // fit the 16 registers (3 x 4), or with one row of A, the A vectors are loaded first and each B
 // vector right before its FMAs. Detect: returns whether the tile's B bytes hold a NaN code (else
-// false).
+// false). cs: the stride of the tile's columns in c (its B rows may be ldb = cs rows apart).
 template <int MR, int NR, bool Detect>
 DSV3_TARGET_AVX2 bool gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, int64_t len,
-                                          float* c, int64_t ldc, bool accumulate, const uint8_t* pf) {
+                                          float* c, int64_t ldc, bool accumulate, const uint8_t* pf, int64_t cs) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -158,64 +162,23 @@ DSV3_TARGET_AVX2 bool gemm_tile_fp8b_avx2(const float* a, int64_t lda, const uin
       }
     }
   }
-  store_tile_avx2<MR, NR>(acc, c, ldc, accumulate);
+  store_tile_avx2<MR, NR>(acc, c, ldc, accumulate, cs);
   return Detect && has_nan_code_avx2(nan);
 }
 
 constexpr int kMRavx2 = 4;  // rows of A per tile (4 x 2 accumulators + 2 B + 1 A registers)
 
-// One row of A with kRowsMinK <= K <= kRowsMaxK: gemm_tile_fp8b_avx2<1, NR>'s result with the B
-// rows read one after the other, each with 8 accumulators along K, so that B streams through
-// memory in order. The tile interleaves its NR rows, which with short rows puts several streams
-// in each 4 KiB page, and the L2 streamer follows one per page. Measured against the tile, builds
-// alternated on one machine (1 thread, B from DRAM, fp8_linear incl. act_quant, ms, 2 runs each):
-// 32768 x 512 2.29-2.37 -> 2.00-2.01, 24576 x 1536 4.87-5.34 -> 4.48-4.49, 7168 x 2048 2.13-2.29
-// -> 1.81-1.94. With longer rows the tile is faster (2112 x 7168: 1.86 vs 1.60), and with shorter
-// ones (cache-resident decode weights, K 128-256) reloading A per row costs more than it saves.
-constexpr int64_t kRowsMinK = 512, kRowsMaxK = 2048;
-
-template <int NR, bool Detect>
-DSV3_TARGET_AVX2 bool gemm_rows_fp8b_avx2(const float* a, const uint8_t* b, int64_t ldb, int64_t len, float* c,
-                                          bool accumulate, const uint8_t* pf) {
-  __m256i nan = _mm256_setzero_si256();
-  __m256 rows[1][NR];  // per row of B: its 8 accumulators added, lanes summed by store_tile_avx2
-  for (int j = 0; j < NR; ++j) {
-    const uint8_t* row = b + j * ldb;
-    __m256 acc[8];
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-    for (int64_t kk = 0; kk < len; kk += 64) {
-      if (pf != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldb + kk), _MM_HINT_T1);
-      alignas(32) uint16_t h[64];
-      for (int q = 0; q < 64; q += 16) {
-        if constexpr (Detect) {
-          if ((q & 16) == 0) nan = nan_code_max_avx2(nan, row + kk + q);
-        }
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kk + q));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(h + q), e4m3_to_f16_bits(bytes));
-      }
-      asm volatile("" : : "r"(&h[0]) : "memory");  // widened from memory (see gemm_tile_fp8b_avx2)
-      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(load_a8(a + kk + 8 * u), load_b8(h + 8 * u), acc[u]);
-    }
-    rows[0][j] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])),
-                               _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])));
-  }
-  store_tile_avx2<1, NR>(rows, c, 0, accumulate);
-  return Detect && has_nan_code_avx2(nan);
-}
-
 // Runtime row count (1..kMRavx2) -> tile instantiation.
 template <int NR, bool Detect>
 DSV3_TARGET_AVX2 inline bool gemm_tile_fp8b_avx2_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
                                                     int64_t ldb, int64_t len, float* c, int64_t ldc, bool accumulate,
-                                                    const uint8_t* pf) {
+                                                    const uint8_t* pf, int64_t cs) {
   static_assert(kMRavx2 == 4, "one case per row count");
   switch (mr) {
-    case 1:
-      if (ldb >= kRowsMinK && ldb <= kRowsMaxK) return gemm_rows_fp8b_avx2<NR, Detect>(a, b, ldb, len, c, accumulate, pf);
-      return gemm_tile_fp8b_avx2<1, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    case 2: return gemm_tile_fp8b_avx2<2, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    case 3: return gemm_tile_fp8b_avx2<3, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
-    default: return gemm_tile_fp8b_avx2<4, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf);
+    case 1: return gemm_tile_fp8b_avx2<1, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf, cs);
+    case 2: return gemm_tile_fp8b_avx2<2, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf, cs);
+    case 3: return gemm_tile_fp8b_avx2<3, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf, cs);
+    default: return gemm_tile_fp8b_avx2<4, NR, Detect>(a, lda, b, ldb, len, c, ldc, accumulate, pf, cs);
   }
 }
 
@@ -272,10 +235,25 @@ inline const T* prefetch_row(const T* b, int64_t k, int64_t k0, int64_t len, int
 // Scratch floats of gemm_small_avx2 (the scaled A chunk).
 inline int64_t small_scratch_avx2(int64_t m, int64_t k) { return m * small_chunk_avx2(m, k); }
 
+// How many rows of B apart the few-rows tile takes its NR rows: far enough for each to lie in its
+// own 4 KiB page, so that the L2 streamer, which follows one stream per page, runs NR streams at
+// once; a power of two with 2 x NR x that <= kGemmBlk, so that a span of NR x that rows lies in
+// one block of b_scale_inv. One row of A, B from DRAM, 1 thread, GB/s (avx2 code on a Sapphire
+// Rapids core, 1 GiB of B streamed, 3 runs): K = 512 7.4 -> 11.4, K = 1024 9.2 -> 11.7, K = 2048
+// 9.2 -> 11.6 (the rows one after the other, 8 accumulators each, before), against 11.7 at K = 7168,
+// whose consecutive rows are already pages apart; two rows of A at K = 2048 7.6 -> 11.1. With four
+// rows of A the FMAs bound the tile (6.2-6.8 either way).
+inline int64_t page_stride_rows(int64_t k, int nr) {
+  int64_t s = 1;
+  while (s * k < 4096 && 2 * s * nr <= kGemmBlk) s *= 2;
+  return s;
+}
+
 // Columns [n_begin, n_end) (n_begin a multiple of NR) of c[m, n] = A' B'^T, a = A' [m, k] fp32.
-// next (or null): the B rows (of the same k) this thread reads after these, prefetched as the
-// sweep nears its end: a new stream would start with demand misses. a_blk:
-// small_scratch_avx2(m, k) floats.
+// An aligned span of NR x page_stride_rows rows goes as that many tiles, each of NR rows that
+// far apart; other rows as tiles of NR (or 1) consecutive rows. next (or null): the B rows (of
+// the same k) this thread reads after these, prefetched as the sweep nears its end: a new stream
+// would start with demand misses. a_blk: small_scratch_avx2(m, k) floats.
 template <int NR>
 DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* b, const float* b_scale, int64_t k,
                                       int64_t n, int64_t n_begin, int64_t n_end, const uint8_t* next, float* c,
@@ -283,11 +261,15 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
   static_assert(kGemmBlk % NR == 0, "a tile must not straddle a block of b_scale_inv");
   const int64_t kblocks = k / kGemmBlk, kc = small_chunk_avx2(m, k);
   const int64_t groups = (m + kMRavx2 - 1) / kMRavx2;
+  const int64_t stride = page_stride_rows(k, NR), span = NR * stride;
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
-    const int64_t len = std::min(kc, k - k0), ahead = (kPrefetchBytesAvx2 + len - 1) / len;
+    const int64_t len = std::min(kc, k - k0);
+    const int64_t ahead = (kPrefetchBytesAvx2 + span * len - 1) / (span * len) * span;  // rows, whole spans
     int64_t cached_nb = -1;
     for (int64_t n0 = n_begin; n0 < n_end;) {
-      const int nr = n_end - n0 >= NR ? NR : 1;
+      const bool spread = stride > 1 && n0 % span == 0 && n_end - n0 >= span;
+      const int64_t step = spread ? stride : 1;  // rows between a tile's rows = columns between its outputs
+      const int nr = spread || n_end - n0 >= NR ? NR : 1;
       const int64_t nb = n0 / kGemmBlk;
       if (nb != cached_nb) {
         for (int64_t i = 0; i < m; ++i) {
@@ -299,27 +281,31 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
         }
         cached_nb = nb;
       }
-      const uint8_t* pb = b + n0 * k + k0;
-      bool nan = false;
-      for (int64_t g = 0, i = 0; g < groups; ++g) {
-        const int mr = static_cast<int>((m - i) / (groups - g));  // balanced: 5 rows are 3 + 2
-        // The first group streams B from memory (and prefetches, and looks for NaN codes); the
-        // others find it in L1.
-        const float* pa = a_blk + i * len;
-        float* pc = c + i * n + n0;
-        if (g == 0) {
-          const uint8_t* pf = prefetch_row(b, k, k0, len, n_begin, n_end, next, n0 + ahead);
-          nan = nr == NR ? gemm_tile_fp8b_avx2_mr<NR, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf)
-                         : gemm_tile_fp8b_avx2_mr<1, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf);
-        } else if (nr == NR) {
-          gemm_tile_fp8b_avx2_mr<NR, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, nullptr);
-        } else {
-          gemm_tile_fp8b_avx2_mr<1, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, nullptr);
+      for (int64_t col = n0; col < n0 + step; ++col) {
+        const uint8_t* pb = b + col * k + k0;
+        bool nan = false;
+        for (int64_t g = 0, i = 0; g < groups; ++g) {
+          const int mr = static_cast<int>((m - i) / (groups - g));  // balanced: 5 rows are 3 + 2
+          // The first group streams B from memory (and prefetches, and looks for NaN codes); the
+          // others find it in L1.
+          const float* pa = a_blk + i * len;
+          float* pc = c + i * n + col;
+          const bool first = g == 0;
+          const uint8_t* pf = first ? prefetch_row(b, k, k0, len, n_begin, n_end, next, col + ahead) : nullptr;
+          if (nr == NR) {
+            const bool found = first ? gemm_tile_fp8b_avx2_mr<NR, true>(mr, pa, len, pb, step * k, len, pc, n, k0 > 0, pf, step)
+                                     : gemm_tile_fp8b_avx2_mr<NR, false>(mr, pa, len, pb, step * k, len, pc, n, k0 > 0, pf, step);
+            nan = nan || found;
+          } else {
+            const bool found = first ? gemm_tile_fp8b_avx2_mr<1, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf, 1)
+                                     : gemm_tile_fp8b_avx2_mr<1, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf, 1);
+            nan = nan || found;
+          }
+          i += mr;
         }
-        i += mr;
+        if (nan) mark_nan_columns(pb, step * k, len, nr, c + col, m, n, step);
       }
-      if (nan) mark_nan_columns(pb, k, len, nr, c + n0, m, n);
-      n0 += nr;
+      n0 += spread ? span : nr;
     }
   }
 }

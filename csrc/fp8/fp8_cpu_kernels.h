@@ -56,14 +56,14 @@ inline bool has_nan_code(const uint8_t* p, int64_t len) {
   return false;
 }
 
-// The reference's NaN for the fast decode's +-480: c[i * ldc + j] = NaN for all m rows and every
-// j < nr whose row of b (stride ldb, len bytes from b) holds a NaN code. After the few-rows
+// The reference's NaN for the fast decode's +-480: c[i * ldc + j * cs] = NaN for all m rows and
+// every j < nr whose row of b (stride ldb, len bytes from b) holds a NaN code. After the few-rows
 // loops' stores (and before later K chunks add to c, which keep the NaN).
 inline void mark_nan_columns(const uint8_t* b, int64_t ldb, int64_t len, int nr, float* c, int64_t m,
-                             int64_t ldc) {
+                             int64_t ldc, int64_t cs = 1) {
   for (int j = 0; j < nr; ++j) {
     if (!has_nan_code(b + j * ldb, len)) continue;
-    for (int64_t i = 0; i < m; ++i) c[i * ldc + j] = bits_f32(0x7FC00000u);
+    for (int64_t i = 0; i < m; ++i) c[i * ldc + j * cs] = bits_f32(0x7FC00000u);
   }
 }
 
