@@ -9,6 +9,8 @@ C++ kernels use, e.g. cpu-avx2: DSV3_KERNELS_CPU_ISA picks it), plus peers:
   dequant_linear  weight_dequant + F.linear on every call (what a naive FP8 path does)
   scaled_mm       torch._scaled_mm with DeepSeek's blockwise scales (CUDA, where supported)
 The CPU decode goal: M = 1..4 at every shape, the "of copy" column (one thread: OMP_NUM_THREADS=1).
+There the calls rotate through copies of the weights that add up to twice the last-level cache
+(as bench_moe's fused_moe), so that they come from DRAM as a model's do between two layers.
 Run: pytest benchmarks/bench_fp8.py [--device cpu|cuda] (the CPU suite takes a few minutes).
 """
 
@@ -107,8 +109,10 @@ def test_fp8_linear(bench, device, case):
             return dk.fp8_linear(x, b, b_s, backend=provider)
 
     precision = {"bf16_linear": "bf16", "dequant_linear": "bf16", "fp32_linear": "fp32"}.get(provider, "fp8")
+    decode = device == "cpu" and m <= 4 and provider != "torch"
     bench(fn, make_args, op="fp8_linear", shape=f"M={m} N={n} K={k}", provider=_label(provider, device), flops=flops,
-          nbytes=nbytes, precision=precision, baseline="bf16_linear")
+          nbytes=nbytes, precision=precision, baseline="bf16_linear",
+          rotate_bytes=max(128 << 20, 2 * roofline.last_level_cache_bytes()) if decode else None)
 
 
 QUANT_SHAPES = {  # act_quant: [M, K] bf16 activations; weight ops: [N, K] weights

@@ -235,20 +235,6 @@ inline const T* prefetch_row(const T* b, int64_t k, int64_t k0, int64_t len, int
 // Scratch floats of gemm_small_avx2 (the scaled A chunk).
 inline int64_t small_scratch_avx2(int64_t m, int64_t k) { return m * small_chunk_avx2(m, k); }
 
-// How many rows of B apart the few-rows tile takes its NR rows: far enough for each to lie in its
-// own 4 KiB page, so that the L2 streamer, which follows one stream per page, runs NR streams at
-// once; a power of two with 2 x NR x that <= kGemmBlk, so that a span of NR x that rows lies in
-// one block of b_scale_inv. One row of A, B from DRAM, 1 thread, GB/s (avx2 code on a Sapphire
-// Rapids core, 1 GiB of B streamed, 3 runs): K = 512 7.4 -> 11.4, K = 1024 9.2 -> 11.7, K = 2048
-// 9.2 -> 11.6 (the rows one after the other, 8 accumulators each, before), against 11.7 at K = 7168,
-// whose consecutive rows are already pages apart; two rows of A at K = 2048 7.6 -> 11.1. With four
-// rows of A the FMAs bound the tile (6.2-6.8 either way).
-inline int64_t page_stride_rows(int64_t k, int nr) {
-  int64_t s = 1;
-  while (s * k < 4096 && 2 * s * nr <= kGemmBlk) s *= 2;
-  return s;
-}
-
 // Columns [n_begin, n_end) (n_begin a multiple of NR) of c[m, n] = A' B'^T, a = A' [m, k] fp32.
 // An aligned span of NR x page_stride_rows rows goes as that many tiles, each of NR rows that
 // far apart; other rows as tiles of NR (or 1) consecutive rows. next (or null): the B rows (of
