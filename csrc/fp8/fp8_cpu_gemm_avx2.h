@@ -21,10 +21,11 @@
 //
 // Few rows (decode): NR rows of B at a time, each in its own 4 KiB page (page_stride_rows), are
 // decoded 32 bytes at a step and applied to up to 4 rows of A in registers; further groups of rows
-// of A find those B rows in L1, and B is read from memory once, prefetched into L2 ahead. The b_scale_inv of the current 128-row block of B
-// (and the 2^8 of the decode) are folded into an fp32 copy of A (a few rows: cheap), so the inner
-// loop is the decode and FMAs. Many rows: a 64-row panel of B is converted to scaled fp32 (L2)
-// and reused by all rows, as the AVX-512 panel path.
+// of A find those B rows in L1, and B is read from memory once, prefetched into L2 ahead. The
+// b_scale_inv of the current 128-row block of B (and the 2^8 of the decode) are folded into an
+// fp32 copy of A (a few rows: cheap), so the inner loop is the decode and FMAs. Many rows: a
+// 64-row panel of B is converted to scaled fp32 (L2) and reused by all rows, as the AVX-512 panel
+// path.
 //
 // Results differ from the reference (and the other ISAs) only by the fp32 summation order and by
 // where the scales are multiplied in (one more rounding per product). NaN codes give the
@@ -278,15 +279,13 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
           float* pc = c + i * n + col;
           const bool first = g == 0;
           const uint8_t* pf = first ? prefetch_row(b, k, k0, len, n_begin, n_end, next, col + ahead) : nullptr;
-          if (nr == NR) {
-            const bool found = first ? gemm_tile_fp8b_avx2_mr<NR, true>(mr, pa, len, pb, step * k, len, pc, n, k0 > 0, pf, step)
-                                     : gemm_tile_fp8b_avx2_mr<NR, false>(mr, pa, len, pb, step * k, len, pc, n, k0 > 0, pf, step);
-            nan = nan || found;
-          } else {
-            const bool found = first ? gemm_tile_fp8b_avx2_mr<1, true>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf, 1)
-                                     : gemm_tile_fp8b_avx2_mr<1, false>(mr, pa, len, pb, k, len, pc, n, k0 > 0, pf, 1);
-            nan = nan || found;
-          }
+          const int64_t ldb = step * k;
+          const bool add = k0 > 0;
+          if (nr == NR && first)
+            nan = gemm_tile_fp8b_avx2_mr<NR, true>(mr, pa, len, pb, ldb, len, pc, n, add, pf, step);
+          else if (nr == NR) gemm_tile_fp8b_avx2_mr<NR, false>(mr, pa, len, pb, ldb, len, pc, n, add, nullptr, step);
+          else if (first) nan = gemm_tile_fp8b_avx2_mr<1, true>(mr, pa, len, pb, k, len, pc, n, add, pf, 1);
+          else gemm_tile_fp8b_avx2_mr<1, false>(mr, pa, len, pb, k, len, pc, n, add, nullptr, 1);
           i += mr;
         }
         if (nan) mark_nan_columns(pb, step * k, len, nr, c + col, m, n, step);

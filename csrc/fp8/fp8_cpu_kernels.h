@@ -70,12 +70,12 @@ inline void mark_nan_columns(const uint8_t* b, int64_t ldb, int64_t len, int nr,
 // How many rows of B apart the few-rows tiles take their NR rows: far enough for each to lie in
 // its own 4 KiB page, so that the L2 streamer, which follows one stream per page, runs NR streams
 // at once; a power of two with 2 x NR x that <= kGemmBlk, so that a span of NR x that rows lies in
-// one block of b_scale_inv. One row of A, B from DRAM (1 GiB streamed), 1 thread, on a Sapphire
-// Rapids core, GB/s, the rows one after the other before -> pages apart: avx2 tile of 8 rows (before:
-// the row-by-row loop this replaced) K = 512 7.4 -> 11.4, K = 1024 9.2 -> 11.7, K = 2048 9.2 ->
-// 11.6, against 11.7 at K = 7168, whose consecutive rows are already pages apart; two rows of A
-// (4-row tile) at K = 2048 7.6 -> 11.1; four rows stay bound by the FMAs (6.2-6.8). avx512_bf16
-// pairs: K = 512 7.4 -> 10.9, K = 2048 7.5 -> 10.2.
+// one block of b_scale_inv. Measured with one row of A, B from DRAM (1 GiB streamed), 1 thread,
+// on a Sapphire Rapids core, GB/s, rows read one after the other -> rows pages apart: the avx2 tile
+// of 8 rows at K = 512 7.4 -> 11.4, K = 1024 9.2 -> 11.7, K = 2048 9.2 -> 11.6 (11.7 at K = 7168,
+// whose consecutive rows are pages apart already); two rows of A (tile of 4) at K = 2048 7.6 ->
+// 11.1; with four rows the FMAs bound the tile (6.2-6.8 either way); the avx512_bf16 pairs at K =
+// 512 7.4 -> 10.9, K = 2048 7.5 -> 10.2.
 inline int64_t page_stride_rows(int64_t k, int nr) {
   int64_t s = 1;
   while (s * k < 4096 && 2 * s * nr <= kGemmBlk) s *= 2;
@@ -312,12 +312,13 @@ DSV3_AVX512 inline void store_tile(__m512 (&acc)[MR][NR], float* c, int64_t ldc,
 
 // Decode micro-kernel (few rows of A, CPUs without avx512_bf16): B is read as fp8 straight from memory and converted
 // on the fly, each of its 128-blocks scaled by b_scale_inv, so B is streamed exactly once.
-// a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride k), bscale[j]: row of
-// b_scale_inv for B row j. Writes c[i * ldc + j]. Detect: returns whether the NR rows of B hold
-// an e4m3 NaN code (read as +-480 here; the caller marks their columns NaN), else false.
+// a: MR rows of A' (stride lda), b: NR rows of fp8 B (stride ldb, K = k), bscale[j]: row of
+// b_scale_inv for B row j. Writes c[i * ldc + j * cs]. pf (or null): B rows to prefetch into L2
+// alongside, at the same offsets (stride ldb). Detect: returns whether the NR rows of B hold an
+// e4m3 NaN code (read as +-480 here; the caller marks their columns NaN), else false.
 template <int MR, int NR, bool Detect>
-DSV3_AVX512 bool gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, const float* const* bscale,
-                                int64_t k, float* c, int64_t ldc) {
+DSV3_AVX512 bool gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, int64_t ldb, const float* const* bscale,
+                                int64_t k, float* c, int64_t ldc, int64_t cs, const uint8_t* pf) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -327,20 +328,22 @@ DSV3_AVX512 bool gemm_tile_fp8b(const float* a, int64_t lda, const uint8_t* b, c
     for (int j = 0; j < NR; ++j) {
       s[j] = _mm512_set1_ps(bscale[j][kb] * kDecodeUnscale);
       if constexpr (Detect) {
-        nan = nan_code_max_avx512(nan, b + j * k + kb * kGemmBlk);
-        nan = nan_code_max_avx512(nan, b + j * k + kb * kGemmBlk + 64);
+        nan = nan_code_max_avx512(nan, b + j * ldb + kb * kGemmBlk);
+        nan = nan_code_max_avx512(nan, b + j * ldb + kb * kGemmBlk + 64);
       }
     }
     for (int64_t kk = kb * kGemmBlk; kk < (kb + 1) * kGemmBlk; kk += 16) {
+      if (pf != nullptr && (kk & 63) == 0)
+        for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * ldb + kk), _MM_HINT_T1);
       __m512 bv[NR];
-      for (int j = 0; j < NR; ++j) bv[j] = _mm512_mul_ps(load_e4m3_div256(b + j * k + kk), s[j]);
+      for (int j = 0; j < NR; ++j) bv[j] = _mm512_mul_ps(load_e4m3_div256(b + j * ldb + kk), s[j]);
       for (int i = 0; i < MR; ++i) {
         const __m512 av = _mm512_loadu_ps(a + i * lda + kk);
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
       }
     }
   }
-  store_tile<MR, NR>(acc, c, ldc, false);
+  store_tile<MR, NR>(acc, c, ldc, false, cs);
   return Detect && has_nan_code_avx512(nan);
 }
 
@@ -385,14 +388,15 @@ DSV3_AVX512 inline void dequant_b_panel_avx512(const uint8_t* b, const float* b_
 
 // Runtime mr (edges of M) -> micro-kernel instantiation.
 template <int NR, bool Detect>
-DSV3_AVX512 inline bool gemm_tile_fp8b_mr(int mr, const float* a, int64_t lda, const uint8_t* b,
-                                          const float* const* bscale, int64_t k, float* c, int64_t ldc) {
+DSV3_AVX512 inline bool gemm_tile_fp8b_mr(int mr, const float* a, int64_t lda, const uint8_t* b, int64_t ldb,
+                                          const float* const* bscale, int64_t k, float* c, int64_t ldc, int64_t cs,
+                                          const uint8_t* pf) {
   static_assert(kMR == 4, "one case per row count");
   switch (mr) {
-    case 1: return gemm_tile_fp8b<1, NR, Detect>(a, lda, b, bscale, k, c, ldc);
-    case 2: return gemm_tile_fp8b<2, NR, Detect>(a, lda, b, bscale, k, c, ldc);
-    case 3: return gemm_tile_fp8b<3, NR, Detect>(a, lda, b, bscale, k, c, ldc);
-    default: return gemm_tile_fp8b<4, NR, Detect>(a, lda, b, bscale, k, c, ldc);
+    case 1: return gemm_tile_fp8b<1, NR, Detect>(a, lda, b, ldb, bscale, k, c, ldc, cs, pf);
+    case 2: return gemm_tile_fp8b<2, NR, Detect>(a, lda, b, ldb, bscale, k, c, ldc, cs, pf);
+    case 3: return gemm_tile_fp8b<3, NR, Detect>(a, lda, b, ldb, bscale, k, c, ldc, cs, pf);
+    default: return gemm_tile_fp8b<4, NR, Detect>(a, lda, b, ldb, bscale, k, c, ldc, cs, pf);
   }
 }
 
@@ -407,31 +411,45 @@ DSV3_AVX512 inline void gemm_tile_f32_mr(int mr, const float* a, int64_t lda, co
   }
 }
 
+// Software prefetch distance along B, into L2 (the AVX2 and avx512_bf16 few-rows loops' too).
+constexpr int64_t kPrefetchBytes = 16384;
+
 // Decode path: c[0..m) x columns [n_begin, n_end) of out = A' B'^T, B converted on the fly.
 // All rows of A' are swept per group of kNR rows of B, which stays in L1/L2 meanwhile; the first
-// group, which streams B from memory, also looks for NaN codes in it (mark_nan_columns).
+// group, which streams B from memory, prefetches ahead and looks for NaN codes in it
+// (mark_nan_columns). An aligned span of kNR x page_stride_rows rows goes as that many groups
+// whose rows are that far apart. Against consecutive rows without prefetch, builds alternated, 1
+// thread, B from DRAM (1 GiB rotation), fp8_gemm op, ms: one row of A 2112 x 7168 2.16-2.27 ->
+// 1.61-1.69, 7168 x 2048 2.64-2.69 -> 1.54-1.56, 32768 x 512 3.83-3.88 -> 2.09-2.15; four rows
+// 2.53 -> 2.13, 3.00 -> 2.03, 4.48 -> 3.27.
 DSV3_AVX512 inline void gemm_decode_avx512(const float* a, int64_t m, const uint8_t* b, const float* b_scale,
                                            int64_t k, int64_t n, int64_t n_begin, int64_t n_end, float* c) {
   const int64_t kblocks = k / kGemmBlk;
+  const int64_t stride = page_stride_rows(k, kNR), span = kNR * stride;
+  const int64_t ahead = (kPrefetchBytes + span * k - 1) / (span * k) * span;  // rows, whole spans
   for (int64_t n0 = n_begin; n0 < n_end;) {
-    const int nr = n_end - n0 >= kNR ? kNR : 1;
-    const float* bscale[kNR];
-    for (int j = 0; j < nr; ++j) bscale[j] = b_scale + ((n0 + j) / kGemmBlk) * kblocks;
-    bool nan = false;
-    for (int64_t m0 = 0; m0 < m; m0 += kMR) {
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, m - m0));
-      const uint8_t* pb = b + n0 * k;
-      float* pc = c + m0 * n + n0;
-      if (nr == kNR) {
-        nan |= m0 == 0 ? gemm_tile_fp8b_mr<kNR, true>(mr, a + m0 * k, k, pb, bscale, k, pc, n)
-                       : gemm_tile_fp8b_mr<kNR, false>(mr, a + m0 * k, k, pb, bscale, k, pc, n);
-      } else {
-        nan |= m0 == 0 ? gemm_tile_fp8b_mr<1, true>(mr, a + m0 * k, k, pb, bscale, k, pc, n)
-                       : gemm_tile_fp8b_mr<1, false>(mr, a + m0 * k, k, pb, bscale, k, pc, n);
+    const bool spread = stride > 1 && n0 % span == 0 && n_end - n0 >= span;
+    const int64_t step = spread ? stride : 1;  // rows between a group's rows = columns between its outputs
+    const int nr = spread || n_end - n0 >= kNR ? kNR : 1;
+    for (int64_t col = n0; col < n0 + step; ++col) {
+      const float* bscale[kNR];
+      for (int j = 0; j < nr; ++j) bscale[j] = b_scale + ((col + j * step) / kGemmBlk) * kblocks;
+      const uint8_t* pb = b + col * k;
+      const uint8_t* pf = col + ahead < n_end ? b + (col + ahead) * k : nullptr;
+      bool nan = false;
+      for (int64_t m0 = 0; m0 < m; m0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m - m0));
+        const float* pa = a + m0 * k;
+        float* pc = c + m0 * n + col;
+        if (nr == kNR && m0 == 0)
+          nan = gemm_tile_fp8b_mr<kNR, true>(mr, pa, k, pb, step * k, bscale, k, pc, n, step, pf);
+        else if (nr == kNR) gemm_tile_fp8b_mr<kNR, false>(mr, pa, k, pb, step * k, bscale, k, pc, n, step, nullptr);
+        else if (m0 == 0) nan = gemm_tile_fp8b_mr<1, true>(mr, pa, k, pb, k, bscale, k, pc, n, 1, pf);
+        else gemm_tile_fp8b_mr<1, false>(mr, pa, k, pb, k, bscale, k, pc, n, 1, nullptr);
       }
+      if (nan) mark_nan_columns(pb, step * k, k, nr, c + col, m, n, step);
     }
-    if (nan) mark_nan_columns(b + n0 * k, k, k, nr, c + n0, m, n);
-    n0 += nr;
+    n0 += spread ? span : nr;
   }
 }
 
@@ -621,12 +639,11 @@ DSV3_AVX512BF16 inline void gemm_panel_avx512bf16(const uint16_t* a, const float
 constexpr int kMRsmall = 8;
 constexpr int kNRsmall = 2;
 constexpr int kMRfold = 12;
-// Software prefetch distance along B (its rows are contiguous, so near a row's end this runs
-// into the next rows), into L2, which tracks more outstanding misses than L1. 1 thread, weights
-// from DRAM: fp8_linear 2112 x 7168 at M = 1 1.42 -> 0.83-0.92 ms, M = 8 2.5 -> 2.0-2.1 ms, and
-// fused_moe FP8 at T = 8 (E = 64, D = 1024, I = 256, top-6) 3.0 -> 1.8 ms, against the previous
-// 4 KiB into L1 (itself faster than 512 B - 2 KiB, notably for short rows); 8 KiB does as well.
-constexpr int64_t kPrefetchBytes = 16384;
+// kPrefetchBytes along each B row (near a row's end this runs into the next rows), into L2, which
+// tracks more outstanding misses than L1. 1 thread, weights from DRAM: fp8_linear 2112 x 7168 at
+// M = 1 1.42 -> 0.83-0.92 ms, M = 8 2.5 -> 2.0-2.1 ms, and fused_moe FP8 at T = 8 (E = 64, D =
+// 1024, I = 256, top-6) 3.0 -> 1.8 ms, against the previous 4 KiB into L1 (itself faster than
+// 512 B - 2 KiB, notably for short rows); 8 KiB does as well.
 
 // One B row's 128-wide K slice at src -> 4 x 32 bf16, prefetching the row kPrefetchBytes ahead.
 DSV3_AVX512BF16 inline void widen_b_slice(const Bf16Tables& t, const uint8_t* src, __m512bh out[4]) {
