@@ -201,10 +201,6 @@ DSV3_TARGET_AVX2 inline void gemm_tile_f32_avx2_mr(int mr, const float* a, int64
 // 2112, K = 7168: M = 1 10.2 vs 11.9 GB/s, M = 4 5.3 vs 6.3 (the B rows are cut into pieces
 // that the prefetchers follow less well, and c is summed once per piece).
 constexpr int64_t kChunkBytesAvx2 = 131072;
-// Software prefetch distance along B, into L2. 16-64 KiB are equal within the noise of the
-// shared machine (M = 1..4, K = 512..16384), 4 KiB is slower, and without any prefetch the loop
-// is 7-40% slower.
-constexpr int64_t kPrefetchBytesAvx2 = 16384;
 
 // Up to this many rows of A the few-rows path runs, above it the panel path (1 thread, N = 2112,
 // K = 7168, B from DRAM, GB/s of B: 16 rows 1.4 vs 1.3, 32 rows 0.8 vs 0.9).
@@ -251,11 +247,11 @@ DSV3_TARGET_AVX2 void gemm_small_avx2(const float* a, int64_t m, const uint8_t* 
   const int64_t stride = page_stride_rows(k, NR), span = NR * stride;
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
     const int64_t len = std::min(kc, k - k0);
-    const int64_t ahead = (kPrefetchBytesAvx2 + span * len - 1) / (span * len) * span;  // rows, whole spans
+    const int64_t ahead = prefetch_rows(len, span);
     int64_t cached_nb = -1;
     for (int64_t n0 = n_begin; n0 < n_end;) {
-      const bool spread = stride > 1 && n0 % span == 0 && n_end - n0 >= span;
-      const int64_t step = spread ? stride : 1;  // rows between a tile's rows = columns between its outputs
+      const int64_t step = tile_row_step(n0, n_end, stride, NR);  // = columns between a tile's outputs
+      const bool spread = step > 1;
       const int nr = spread || n_end - n0 >= NR ? NR : 1;
       const int64_t nb = n0 / kGemmBlk;
       if (nb != cached_nb) {

@@ -82,6 +82,25 @@ inline int64_t page_stride_rows(int64_t k, int nr) {
   return s;
 }
 
+// The rows between the NR rows of a few-rows tile starting at row n0: `stride` (page_stride_rows)
+// where an aligned span of NR x stride rows starts there and ends by n_end, so that it stays in
+// one block of b_scale_inv; else 1, consecutive rows.
+inline int64_t tile_row_step(int64_t n0, int64_t n_end, int64_t stride, int nr) {
+  const int64_t span = nr * stride;
+  return stride > 1 && n0 % span == 0 && n_end - n0 >= span ? stride : 1;
+}
+
+// Software prefetch distance along B, into L2, of every few-rows loop. On the avx2 loop 16-64 KiB
+// are equal within the noise of the shared machine (M = 1..4, K = 512..16384), 4 KiB is slower,
+// and without any prefetch the loop is 7-40% slower; the avx512_bf16 loop's measurements are at
+// widen_b_slice.
+constexpr int64_t kPrefetchBytes = 16384;
+
+// That distance in rows of len bytes, rounded up to whole spans of `span` rows.
+inline int64_t prefetch_rows(int64_t len, int64_t span) {
+  return (kPrefetchBytes + span * len - 1) / (span * len) * span;
+}
+
 #if defined(__x86_64__)
 
 #define DSV3_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
@@ -411,9 +430,6 @@ DSV3_AVX512 inline void gemm_tile_f32_mr(int mr, const float* a, int64_t lda, co
   }
 }
 
-// Software prefetch distance along B, into L2 (the AVX2 and avx512_bf16 few-rows loops' too).
-constexpr int64_t kPrefetchBytes = 16384;
-
 // Decode path: c[0..m) x columns [n_begin, n_end) of out = A' B'^T, B converted on the fly.
 // All rows of A' are swept per group of kNR rows of B, which stays in L1/L2 meanwhile; the first
 // group, which streams B from memory, prefetches ahead and looks for NaN codes in it
@@ -426,10 +442,10 @@ DSV3_AVX512 inline void gemm_decode_avx512(const float* a, int64_t m, const uint
                                            int64_t k, int64_t n, int64_t n_begin, int64_t n_end, float* c) {
   const int64_t kblocks = k / kGemmBlk;
   const int64_t stride = page_stride_rows(k, kNR), span = kNR * stride;
-  const int64_t ahead = (kPrefetchBytes + span * k - 1) / (span * k) * span;  // rows, whole spans
+  const int64_t ahead = prefetch_rows(k, span);
   for (int64_t n0 = n_begin; n0 < n_end;) {
-    const bool spread = stride > 1 && n0 % span == 0 && n_end - n0 >= span;
-    const int64_t step = spread ? stride : 1;  // rows between a group's rows = columns between its outputs
+    const int64_t step = tile_row_step(n0, n_end, stride, kNR);  // = columns between a group's outputs
+    const bool spread = step > 1;
     const int nr = spread || n_end - n0 >= kNR ? kNR : 1;
     for (int64_t col = n0; col < n0 + step; ++col) {
       const float* bscale[kNR];
@@ -783,7 +799,7 @@ DSV3_AVX512BF16 inline void gemm_small_avx512bf16(const uint16_t* a, const float
       // One group of rows: up to the end of this block of b_scale_inv in one call, as aligned
       // spans of pairs whose rows lie pages apart (page_stride_rows), else as consecutive pairs.
       const int64_t end = std::min(n_end, (nb + 1) * kGemmBlk);
-      if (stride > 1 && n0 % span == 0 && end - n0 >= span) {
+      if (tile_row_step(n0, end, stride, kNRsmall) > 1) {
         const int64_t spans = (end - n0) / span;
         for (int64_t q = 0; q < spans; ++q)
           gemm_small_bf16_mr<kNRsmall>(static_cast<int>(m), a, scales, m, b + (n0 + q * span) * k, k,

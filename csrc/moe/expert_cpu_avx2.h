@@ -144,7 +144,7 @@ DSV3_TARGET_AVX2 void gemm_bf16_avx2(const float* a, const uint16_t* b, int64_t 
   const int64_t kc = std::min(k, std::max<int64_t>(16, fp8k::kChunkBytesAvx2 / (m * 4) / 16 * 16));
   for (int64_t k0 = 0; k0 < k; k0 += kc) {
     const int64_t len = std::min(kc, k - k0);
-    const int64_t ahead = (fp8k::kPrefetchBytesAvx2 / 2 + len - 1) / len;  // rows
+    const int64_t ahead = (fp8k::kPrefetchBytes / 2 + len - 1) / len;  // rows
     // A run of tiles per call: about a prefetch distance of b (16 KiB), which stays in L1 for the
     // later groups of rows of A; the prefetch address steps along with the tiles.
     const int64_t run = (ahead + NR - 1) / NR;
